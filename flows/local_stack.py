@@ -1,0 +1,155 @@
+"""The embedded default stack: a Prefect server and an MLflow tracking server on loopback,
+both on SQLite files under the project data folder. Started when not running, reused when they are."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class LocalServer:
+    name: str
+    url: str  # what clients use (Prefect API URL / MLflow tracking URI)
+    ui_url: str
+    log_path: Path
+    pid: int | None  # None when an already-running server was reused
+    started: bool
+
+
+class LocalServerError(RuntimeError):
+    pass
+
+
+def _bin(name: str) -> str:
+    """The console script installed next to this interpreter (the project's virtual environment)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def is_healthy(health_url: str, expected: str | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(health_url, timeout=2) as response:
+            body = response.read().decode("utf-8", "replace")
+            return response.status == 200 and (expected is None or expected in body)
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return False
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _start(
+    name: str,
+    command: list[str],
+    env: dict[str, str],
+    health_url: str,
+    expected: str | None,
+    log_path: Path,
+    host: str,
+    port: int,
+) -> int:
+    if port_in_use(host, port):
+        raise LocalServerError(
+            f"Port {host}:{port} is taken by something that is not a healthy {name} server "
+            f"(no answer at {health_url}). Stop it, or pick another port with "
+            f"TEXTCLF_{name.upper()}_PORT."
+        )
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        # A new session: the server outlives the command that started it, and Ctrl-C there does not kill it.
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+    (log_path.parent / f"{name}.pid").write_text(str(process.pid))
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if is_healthy(health_url, expected):
+            return process.pid
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise LocalServerError(f"The {name} server exited with code {process.returncode}. Log {log_path}:\n{tail}")
+        time.sleep(0.5)
+    process.terminate()
+    raise LocalServerError(f"The {name} server did not answer at {health_url} within {STARTUP_TIMEOUT_S:.0f} s; see {log_path}.")
+
+
+def ensure_prefect_server(root: Path, host: str = "127.0.0.1", port: int = 4200) -> LocalServer:
+    api_url = f"http://{host}:{port}/api"
+    health_url = f"{api_url}/health"
+    log_path = root / "logs" / "prefect.log"
+    if is_healthy(health_url):
+        return LocalServer("prefect", api_url, f"http://{host}:{port}", log_path, None, started=False)
+    prefect_home = root / "prefect"
+    prefect_home.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(prefect_home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_API_HOST": host,
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": api_url,
+    }
+    env.pop("PREFECT_API_URL", None)
+    command = [_bin("prefect"), "server", "start", "--host", host, "--port", str(port)]
+    pid = _start("prefect", command, env, health_url, None, log_path, host, port)
+    return LocalServer("prefect", api_url, f"http://{host}:{port}", log_path, pid, started=True)
+
+
+def ensure_mlflow_server(root: Path, host: str = "127.0.0.1", port: int = 5000) -> LocalServer:
+    url = f"http://{host}:{port}"
+    health_url = f"{url}/health"
+    log_path = root / "logs" / "mlflow.log"
+    if is_healthy(health_url, "OK"):
+        return LocalServer("mlflow", url, url, log_path, None, started=False)
+    mlflow_home = root / "mlflow"
+    (mlflow_home / "artifacts").mkdir(parents=True, exist_ok=True)
+    command = [
+        _bin("mlflow"), "server",
+        "--host", host, "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{mlflow_home / 'mlflow.db'}",
+        "--artifacts-destination", str(mlflow_home / "artifacts"),
+        "--workers", "1",
+    ]
+    env = {**os.environ, "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    pid = _start("mlflow", command, env, health_url, "OK", log_path, host, port)
+    return LocalServer("mlflow", url, url, log_path, pid, started=True)
+
+
+def stop_local_servers(root: Path) -> list[str]:
+    """Stop the servers this folder's stack started (by their pid files)."""
+    stopped = []
+    for pid_file in sorted((root / "logs").glob("*.pid")):
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+            stopped.append(pid_file.stem)
+        except (ProcessLookupError, ValueError, PermissionError):
+            pass
+        pid_file.unlink(missing_ok=True)
+    return stopped

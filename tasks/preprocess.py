@@ -1,0 +1,207 @@
+"""Stage 2, preprocess: clean texts, drop exact duplicates, split train/validation/test (stratified, seeded,
+respecting the source's own splits), persist the label map and tokenize. The result is cached on disk under a
+key of (data version, tokenizer content, max length, split settings), so a re-run does not redo it."""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import re
+import shutil
+import tempfile
+import unicodedata
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field
+from sklearn.model_selection import train_test_split
+
+from tasks.ingest import DatasetSnapshot, DatasetValidationError
+
+# Bump when cleaning or splitting changes, so that old caches are not reused.
+PREPROCESS_VERSION = "1"
+SPLITS = ("train", "validation", "test")
+# When a text occurs in several splits, keep the copy in the split that matters most for honest scores.
+SPLIT_PRIORITY = {"test": 0, "validation": 1, "train": 2}
+_WHITESPACE = re.compile(r"\s+")
+
+
+class PreprocessConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    tokenizer: str = Field(description="Local model folder or hub id whose tokenizer is used.")
+    max_length: int = Field(default=128, ge=8, le=8192, description="Longer texts are truncated to this many tokens.")
+    validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    seed: int = Field(default=42, ge=0)
+
+
+class PreparedDataset(BaseModel):
+    """A reference to the preprocessed data: `path` holds splits.parquet, labels.json and tokenized/."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: Path
+    cache_key: str
+    data_version: str
+    label_names: list[str]
+    split_sizes: dict[str, int]
+    duplicates_removed: int
+    max_length: int
+    cache_hit: bool
+
+    @property
+    def splits_path(self) -> Path:
+        return self.path / "splits.parquet"
+
+    @property
+    def tokenized_path(self) -> Path:
+        return self.path / "tokenized"
+
+    def split(self, name: str) -> pd.DataFrame:
+        frame = pd.read_parquet(self.splits_path)
+        return frame[frame["split"] == name].reset_index(drop=True)
+
+
+def clean_text(text: str) -> str:
+    """Normalise without changing meaning: HTML entities (also double-escaped ones such as `&amp;#039;`),
+    Unicode NFKC, and runs of whitespace collapsed to one space."""
+    for _ in range(2):
+        unescaped = html.unescape(text)
+        if unescaped == text:
+            break
+        text = unescaped
+    text = unicodedata.normalize("NFKC", text)
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+def drop_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Keep one row per cleaned text, preferring the copy in test, then validation, so no text is in two splits."""
+    priority = frame["split"].map(SPLIT_PRIORITY).fillna(len(SPLIT_PRIORITY))
+    ordered = frame.assign(_priority=priority).sort_values("_priority", kind="stable")
+    kept = ordered.drop_duplicates("text", keep="first").drop(columns="_priority").sort_index()
+    return kept, len(frame) - len(kept)
+
+
+def split_dataset(frame: pd.DataFrame, config: PreprocessConfig) -> pd.DataFrame:
+    """Stratified, seeded train/validation/test split. Splits the source already has are kept as they are;
+    only the missing ones are carved out of train."""
+    has_splits = frame["split"].notna().any()
+    frame = frame.assign(split=frame["split"].fillna("train")) if has_splits else frame.assign(split="train")
+    for name, fraction in (("test", config.test_fraction), ("validation", config.validation_fraction)):
+        if frame["split"].eq(name).any():
+            continue
+        train = frame[frame["split"] == "train"]
+        # Fractions are of the whole dataset, so the two carved splits have comparable sizes.
+        size = max(int(round(fraction * len(frame))), train["label"].nunique())
+        try:
+            _, carved = train_test_split(
+                train.index, test_size=size, stratify=train["label"], random_state=config.seed
+            )
+        except ValueError as error:
+            raise DatasetValidationError(
+                f"Cannot carve a stratified {name} split out of {len(train)} training rows: {error}. "
+                f"Add examples to the smallest classes or lower the fraction."
+            ) from error
+        frame.loc[carved, "split"] = name
+    return frame
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what the tokenizer does (its vocabulary and rules), not of where it was loaded from."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    digest.update(json.dumps(tokenizer.all_special_tokens).encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(data_version: str, fingerprint: str, config: PreprocessConfig) -> str:
+    parts = [PREPROCESS_VERSION, data_version, fingerprint, config.model_dump_json(exclude={"tokenizer"})]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def _build(snapshot: DatasetSnapshot, config: PreprocessConfig, tokenizer, target: Path) -> dict:
+    import datasets
+
+    frame = pd.read_parquet(snapshot.path)
+    frame["text"] = frame["text"].map(clean_text)
+    frame = frame[frame["text"] != ""]
+    frame, duplicates = drop_duplicates(frame)
+    frame = split_dataset(frame.reset_index(drop=True), config)
+    assert not frame.groupby("text")["split"].nunique().gt(1).any(), "a text is in two splits"
+
+    label_names = sorted(frame["label"].unique())
+    missing_in_train = set(label_names) - set(frame.loc[frame["split"] == "train", "label"])
+    if missing_in_train:
+        raise DatasetValidationError(
+            f"Class(es) {sorted(missing_in_train)} appear only outside the train split; the model cannot learn them. "
+            f"Add training examples for them or drop them."
+        )
+    label_ids = {label: index for index, label in enumerate(label_names)}
+    frame["label_id"] = frame["label"].map(label_ids)
+    frame = frame.reset_index(drop=True)
+    frame.to_parquet(target / "splits.parquet", index=False)
+    (target / "labels.json").write_text(json.dumps(label_names, indent=2))
+
+    def tokenize(batch):
+        encoded = tokenizer(batch["text"], truncation=True, max_length=config.max_length)
+        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+        return encoded
+
+    dataset = datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_pandas(
+                frame.loc[frame["split"] == split, ["text", "label_id"]].rename(columns={"label_id": "labels"}),
+                preserve_index=False,
+            ).map(tokenize, batched=True, batch_size=1000)
+            for split in SPLITS
+        }
+    )
+    dataset.save_to_disk(str(target / "tokenized"))
+    return {
+        "label_names": label_names,
+        "split_sizes": {split: int(frame["split"].eq(split).sum()) for split in SPLITS},
+        "duplicates_removed": int(duplicates),
+    }
+
+
+def preprocess(snapshot: DatasetSnapshot, config: PreprocessConfig, cache_dir: Path) -> PreparedDataset:
+    tokenizer = load_tokenizer(config.tokenizer)
+    key = cache_key(snapshot.version, tokenizer_fingerprint(tokenizer), config)
+    target = cache_dir / key
+    summary_path = target / "summary.json"
+    cache_hit = summary_path.exists()
+    if not cache_hit:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}."))
+        try:
+            summary = _build(snapshot, config, tokenizer, building)
+            (building / "summary.json").write_text(json.dumps(summary, indent=2))
+            shutil.rmtree(target, ignore_errors=True)  # a stale folder without summary.json is incomplete
+            building.rename(target)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    summary = json.loads(summary_path.read_text())
+    return PreparedDataset(
+        path=target,
+        cache_key=key,
+        data_version=snapshot.version,
+        max_length=config.max_length,
+        cache_hit=cache_hit,
+        **summary,
+    )
+
+
+preprocess_task = task(preprocess, name="preprocess")
