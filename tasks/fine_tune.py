@@ -1,0 +1,267 @@
+"""Stage 3, fine-tune: a transformers sequence classifier on the preprocessed data.
+
+Dynamic padding with length-grouped batches, linear warmup and decay, optional class-weighted loss, early
+stopping on validation macro-F1, a fixed seed. CUDA with bf16/fp16 autocast when there is a GPU, otherwise
+every CPU core. A checkpoint each epoch; re-running the same fine-tune resumes from the last complete one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.classifier import LABELS_FILE
+from tasks.preprocess import PreparedDataset
+from tasks.tracking import TrackingRef
+
+logger = logging.getLogger(__name__)
+TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence means the checkpoint is complete
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class FineTuneConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    base_model: str = Field(description="Local model folder or hub id to fine-tune.")
+    epochs: int = Field(default=3, ge=1, le=100)
+    batch_size: int = Field(default=16, ge=1, le=1024)
+    learning_rate: float = Field(default=5e-5, gt=0, le=1)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    weight_decay: float = Field(default=0.01, ge=0, le=1)
+    class_weighted_loss: bool = Field(default=False, description="Weight the loss by inverse class frequency.")
+    early_stopping_patience: int = Field(
+        default=2, ge=0, le=100, description="Epochs without a better validation macro-F1 before stopping; 0: never."
+    )
+    seed: int = Field(default=42, ge=0)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+
+class FineTunedModel(BaseModel):
+    """A reference to the fine-tuned model folder (transformers format, plus labels.json and textclf.json)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_dir: Path
+    base_model: str
+    device: str
+    precision: str
+    epochs_completed: float
+    global_step: int
+    best_validation_macro_f1: float
+    train_samples_per_second: float
+    train_runtime_s: float
+    resumed_from_checkpoint: str | None
+    reused: bool = False
+
+
+def choose_device(requested: str) -> tuple[str, str]:
+    """(device, precision): CUDA with bf16 where supported, else fp16; CPU in fp32 on all cores."""
+    import torch
+
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested == "cuda":
+        logger.warning("CUDA was requested but no GPU is visible; fine-tuning on the CPU instead.")
+    torch.set_num_threads(os.cpu_count() or 1)
+    return "cpu", "fp32"
+
+
+def run_key(data: PreparedDataset, config: FineTuneConfig) -> str:
+    """Same data and same settings: same folder, so a re-run finds the checkpoints of an interrupted one."""
+    return hashlib.sha256(f"{data.cache_key}|{config.model_dump_json()}".encode()).hexdigest()[:16]
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest checkpoint with its trainer state written; incomplete ones (killed mid-save) are removed."""
+    if not checkpoint_dir.is_dir():
+        return None
+    checkpoints = sorted(
+        (p for p in checkpoint_dir.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)),
+        key=lambda p: int(_CHECKPOINT.match(p.name).group(1)),
+    )
+    complete = None
+    for checkpoint in checkpoints:
+        if (checkpoint / TRAINER_STATE).exists():
+            complete = checkpoint
+        else:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return complete
+
+
+def class_weights(labels: list[int], num_labels: int):
+    import torch
+
+    counts = torch.bincount(torch.tensor(labels), minlength=num_labels).float().clamp(min=1)
+    return counts.sum() / (num_labels * counts)
+
+
+def _macro_f1(eval_prediction) -> dict[str, float]:
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score
+
+    logits, labels = eval_prediction.predictions, eval_prediction.label_ids
+    predicted = np.asarray(logits).argmax(axis=-1)
+    return {
+        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+        "accuracy": float(accuracy_score(labels, predicted)),
+    }
+
+
+def _mlflow_callback(tracking: TrackingRef):
+    from transformers import TrainerCallback
+
+    class MlflowStepMetrics(TrainerCallback):
+        """Step metrics to MLflow while training runs. A tracking hiccup must not kill a long fine-tune."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            from tasks.tracking import log_metrics
+
+            numeric = {f"train/{k}" if not k.startswith("eval_") else f"validation/{k[5:]}": v
+                       for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            try:
+                log_metrics(tracking, numeric, step=state.global_step)
+            except Exception as error:  # noqa: BLE001
+                logger.warning("Could not log step metrics to MLflow: %s", error)
+
+    return MlflowStepMetrics()
+
+
+def build_trainer(
+    config: FineTuneConfig,
+    data: PreparedDataset,
+    checkpoint_dir: Path,
+    device: str,
+    precision: str,
+    tracking: TrackingRef | None = None,
+):
+    """The transformers Trainer for this fine-tune; also used by the benchmark."""
+    import datasets
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        EarlyStoppingCallback,
+        Trainer,
+        TrainingArguments,
+    )
+
+    tokenized = datasets.load_from_disk(str(data.tokenized_path))
+    num_labels = len(data.label_names)
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        config.base_model,
+        num_labels=num_labels,
+        id2label=dict(enumerate(data.label_names)),
+        label2id={name: i for i, name in enumerate(data.label_names)},
+        ignore_mismatched_sizes=True,  # a base model with another head: start a fresh one
+    )
+    steps_per_epoch = -(-len(tokenized["train"]) // config.batch_size)
+    arguments = TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=max(config.batch_size, 32),
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        warmup_steps=int(config.warmup_ratio * steps_per_epoch * config.epochs),
+        train_sampling_strategy="group_by_length",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="macro_f1",
+        greater_is_better=True,
+        logging_strategy="steps",
+        logging_steps=max(1, min(50, steps_per_epoch // 4)),
+        seed=config.seed,
+        use_cpu=device == "cpu",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        report_to=[],
+        dataloader_pin_memory=device == "cuda",
+        disable_tqdm=False,
+    )
+    weights = (
+        class_weights(tokenized["train"]["labels"], num_labels).to(device) if config.class_weighted_loss else None
+    )
+
+    def weighted_loss(outputs, labels, num_items_in_batch=None):
+        import torch.nn.functional as F
+
+        return F.cross_entropy(outputs.logits.float(), labels, weight=weights)
+
+    callbacks = []
+    if config.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    if tracking is not None:
+        callbacks.append(_mlflow_callback(tracking))
+    return Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=tokenized["train"],
+        eval_dataset=tokenized["validation"],
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=_macro_f1,
+        compute_loss_func=weighted_loss if weights is not None else None,
+        callbacks=callbacks,
+    )
+
+
+def fine_tune(
+    data: PreparedDataset, config: FineTuneConfig, output_root: Path, tracking: TrackingRef | None = None
+) -> FineTunedModel:
+    work_dir = output_root / run_key(data, config)
+    checkpoint_dir, model_dir, result_path = work_dir / "checkpoints", work_dir / "model", work_dir / "result.json"
+    if result_path.exists():  # the same fine-tune already finished: its model is the answer
+        return FineTunedModel.model_validate_json(result_path.read_text()).model_copy(update={"reused": True})
+
+    device, precision = choose_device(config.device)
+    resume_from = last_complete_checkpoint(checkpoint_dir)
+    if resume_from:
+        logger.info("Resuming fine-tune from %s", resume_from)
+    trainer = build_trainer(config, data, checkpoint_dir, device, precision, tracking)
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    runtime = time.perf_counter() - started
+
+    staging = work_dir / ".model.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))  # the best epoch's weights: load_best_model_at_end restored them
+    trainer.processing_class.save_pretrained(str(staging))
+    (staging / LABELS_FILE).write_text(json.dumps(data.label_names, indent=2))
+    (staging / "textclf.json").write_text(
+        json.dumps({"max_length": data.max_length, "base_model": config.base_model, "data_version": data.data_version})
+    )
+    shutil.rmtree(model_dir, ignore_errors=True)
+    staging.rename(model_dir)
+
+    state = trainer.state
+    result = FineTunedModel(
+        model_dir=model_dir,
+        base_model=config.base_model,
+        device=device,
+        precision=precision,
+        epochs_completed=float(state.epoch or 0),
+        global_step=int(state.global_step),
+        best_validation_macro_f1=float(state.best_metric or 0.0),
+        train_samples_per_second=float(output.metrics.get("train_samples_per_second", 0.0)),
+        train_runtime_s=runtime,
+        resumed_from_checkpoint=resume_from.name if resume_from else None,
+    )
+    result_path.write_text(result.model_dump_json(indent=2))
+    return result
+
+
+# No retries: a failed fine-tune is re-run deliberately, and then resumes from its last checkpoint.
+fine_tune_task = task(fine_tune, name="fine-tune", retries=0, timeout_seconds=6 * 3600)

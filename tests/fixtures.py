@@ -1,0 +1,56 @@
+"""Test data and a tiny randomly initialised BERT, made here so no test needs the network."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pandas as pd
+
+TOPICS = {
+    "sport": ["match", "goal", "team", "coach", "league", "striker", "season", "referee", "stadium", "cup"],
+    "tech": ["software", "chip", "laptop", "network", "cloud", "robot", "server", "startup", "app", "data"],
+    "food": ["recipe", "oven", "flour", "pasta", "sauce", "dinner", "chef", "garlic", "soup", "bread"],
+}
+FILLER = ["the", "a", "new", "big", "today", "after", "with", "and", "was", "very", "our", "late"]
+
+
+def make_texts(per_class: int = 40, seed: int = 0) -> pd.DataFrame:
+    """Short synthetic texts whose label follows from their topic words (so even a tiny model can learn it)."""
+    rng = random.Random(seed)
+    rows = []
+    for label, words in TOPICS.items():
+        seen = set()
+        while len(seen) < per_class:
+            n = rng.randint(4, 14)
+            tokens = [rng.choice(words) if rng.random() < 0.5 else rng.choice(FILLER) for _ in range(n)]
+            tokens[0] = rng.choice(words)
+            text = " ".join(tokens)
+            if text not in seen:
+                seen.add(text)
+                rows.append({"text": text, "label": label})
+    return pd.DataFrame(rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
+def make_tiny_bert(folder: Path, texts: list[str]) -> Path:
+    """A 2-layer BERT with a word-piece vocabulary trained on the fixture texts. Seconds on a CPU."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    word_piece = BertWordPieceTokenizer(lowercase=True)
+    word_piece.train_from_iterator(texts + [" ".join(FILLER)], vocab_size=300, min_frequency=1)
+    word_piece.save_model(str(folder))
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(str(folder))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(str(folder))
+    return folder
