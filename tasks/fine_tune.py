@@ -71,7 +71,7 @@ def choose_device(requested: str) -> tuple[str, str]:
         return "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if requested == "cuda":
         logger.warning("CUDA was requested but no GPU is visible; fine-tuning on the CPU instead.")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     return "cpu", "fp32"
 
 

@@ -3,6 +3,7 @@ immutable Parquet snapshot named by its content hash (the dataset version)."""
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import importlib.util
 import io
@@ -86,14 +87,19 @@ class DatasetSnapshot(BaseModel):
 
 
 def _decode(raw: bytes, path: Path, config: IngestConfig) -> str:
+    # A UTF-8 byte-order mark is skipped here (not with 'utf-8-sig', whose error offsets would then be relative
+    # to the text after the mark, so the reported line and byte would be wrong), for every spelling of UTF-8.
+    is_utf8 = codecs.lookup(config.encoding).name == "utf-8"
+    skipped = len(codecs.BOM_UTF8) if is_utf8 and raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        return raw.decode("utf-8-sig" if config.encoding.lower().replace("_", "-") == "utf-8" else config.encoding)
+        return raw[skipped:].decode(config.encoding)
     except UnicodeDecodeError as error:
         if config.fallback_encoding:
             return raw.decode(config.fallback_encoding, errors="strict")
-        line = raw[: error.start].count(b"\n") + 1
+        start = skipped + error.start
+        line = raw[:start].count(b"\n") + 1
         raise DatasetValidationError(
-            f"{path}: not valid {config.encoding} at line {line} (byte {error.start}: {raw[error.start:error.start + 1]!r}). "
+            f"{path}: not valid {config.encoding} at line {line} (byte {start}: {raw[start:start + 1]!r}). "
             f"Re-save the file as UTF-8 (e.g. `iconv -f cp1252 -t utf-8`), or set encoding / fallback_encoding "
             f"to the file's real encoding."
         ) from None
@@ -230,6 +236,10 @@ def _read_hub(name: str, config: IngestConfig) -> pd.DataFrame:
 
     try:
         loaded = datasets.load_dataset(name, config.hub_config, split=config.hub_split)
+    except FileNotFoundError as error:
+        # No such dataset (or no data files in it): wrong input, not an outage, so it must not be retried.
+        # Checked before OSError, of which FileNotFoundError (and datasets' DatasetNotFoundError) is a subclass.
+        raise DatasetValidationError(f"Hub dataset {name!r} not found: {error}") from error
     except (ConnectionError, TimeoutError, OSError) as error:
         raise RemoteSourceUnavailable(f"Hub dataset {name!r} could not be loaded: {error}") from error
     splits = {config.hub_split: loaded} if config.hub_split else dict(loaded)

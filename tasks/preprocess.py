@@ -165,7 +165,7 @@ def _build(snapshot: DatasetSnapshot, config: PreprocessConfig, tokenizer, targe
             split: datasets.Dataset.from_pandas(
                 frame.loc[frame["split"] == split, ["text", "label_id"]].rename(columns={"label_id": "labels"}),
                 preserve_index=False,
-            ).map(tokenize, batched=True, batch_size=1000)
+            ).map(tokenize, batched=True, batch_size=1000, new_fingerprint=f"{target.name}-{split}")
             for split in SPLITS
         }
     )

@@ -68,7 +68,8 @@ def save_pyfunc_model(model: FineTunedModel, examples: list[str], target: Path) 
     from tasks.classifier import TextClassifier
     from tasks.mlflow_model import MlflowTextClassifier
 
-    example_input = pd.DataFrame({"text": examples})
+    # An unnamed string column: both a plain list of texts and a one-column DataFrame satisfy it.
+    example_input = list(examples)
     example_output = TextClassifier(model.model_dir).predict(examples)
     mlflow.pyfunc.save_model(
         path=str(target),

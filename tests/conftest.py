@@ -33,3 +33,30 @@ def fixture_csv(tmp_path_factory, fixture_frame) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, fixture_frame) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), fixture_frame["text"].tolist())
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory):
+    """A real MLflow tracking server and a real Prefect server, each on a free loopback port and SQLite,
+    started with the same code that starts the embedded default stack."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.local_stack import ensure_mlflow_server, ensure_prefect_server, free_port, stop_local_servers
+
+    root = tmp_path_factory.mktemp("stack")
+    try:
+        mlflow = ensure_mlflow_server(root, port=free_port())
+        prefect = ensure_prefect_server(root, port=free_port())
+        with temporary_settings(updates={PREFECT_API_URL: prefect.url}):
+            yield {"mlflow": mlflow.url, "prefect": prefect.url, "root": root}
+    finally:
+        stop_local_servers(root)
+
+
+@pytest.fixture()
+def project_env(servers, tmp_path, monkeypatch):
+    """Environment for running a flow in-process against the test servers, with its own data folder."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers["mlflow"])
+    monkeypatch.setenv("PREFECT_API_URL", servers["prefect"])
+    monkeypatch.setenv("TEXTCLF_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"

@@ -41,7 +41,7 @@ def make_tiny_bert(folder: Path, texts: list[str]) -> Path:
     word_piece = BertWordPieceTokenizer(lowercase=True)
     word_piece.train_from_iterator(texts + [" ".join(FILLER)], vocab_size=300, min_frequency=1)
     word_piece.save_model(str(folder))
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True)
     tokenizer.save_pretrained(str(folder))
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
