@@ -135,6 +135,18 @@ def _mlflow_callback(tracking: TrackingRef):
     return MlflowStepMetrics()
 
 
+class _PaddingWithoutLength:
+    """Dynamic padding to the longest text in the batch; drops the sampler-only `length` field."""
+
+    def __init__(self, tokenizer):
+        from transformers import DataCollatorWithPadding
+
+        self.pad = DataCollatorWithPadding(tokenizer)
+
+    def __call__(self, features):
+        return self.pad([{k: v for k, v in f.items() if k != "length"} for f in features])
+
+
 def build_trainer(
     config: FineTuneConfig,
     data: PreparedDataset,
@@ -148,13 +160,15 @@ def build_trainer(
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
-        DataCollatorWithPadding,
         EarlyStoppingCallback,
         Trainer,
         TrainingArguments,
     )
 
+    # Keep only model inputs and the precomputed `length` (which the length-grouped sampler reads instead of
+    # re-measuring every row); the collator drops `length` before the batch reaches the model.
     tokenized = datasets.load_from_disk(str(data.tokenized_path))
+    tokenized = tokenized.remove_columns([c for c in tokenized["train"].column_names if c == "text"])
     num_labels = len(data.label_names)
     tokenizer = AutoTokenizer.from_pretrained(config.base_model)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -188,6 +202,7 @@ def build_trainer(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         report_to=[],
+        remove_unused_columns=False,
         dataloader_pin_memory=device == "cuda",
         disable_tqdm=False,
     )
@@ -211,7 +226,7 @@ def build_trainer(
         train_dataset=tokenized["train"],
         eval_dataset=tokenized["validation"],
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=_PaddingWithoutLength(tokenizer),
         compute_metrics=_macro_f1,
         compute_loss_func=weighted_loss if weights is not None else None,
         callbacks=callbacks,

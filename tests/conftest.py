@@ -60,3 +60,25 @@ def project_env(servers, tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", servers["prefect"])
     monkeypatch.setenv("TEXTCLF_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
+
+
+@pytest.fixture(scope="session")
+def prepared_fixture(tmp_path_factory, fixture_csv, tiny_model_dir):
+    """The fixture CSV ingested and preprocessed for the tiny BERT (max length 32)."""
+    from tasks.ingest import IngestConfig, ingest
+    from tasks.preprocess import PreprocessConfig, preprocess
+
+    root = tmp_path_factory.mktemp("prepared")
+    snapshot = ingest(IngestConfig(source=str(fixture_csv)), root / "snapshots")
+    prepared = preprocess(snapshot, PreprocessConfig(tokenizer=str(tiny_model_dir), max_length=32), root / "cache")
+    return snapshot, prepared
+
+
+@pytest.fixture(scope="session")
+def tuned_fixture(tmp_path_factory, prepared_fixture, tiny_model_dir):
+    from tasks.fine_tune import FineTuneConfig, fine_tune
+
+    _, prepared = prepared_fixture
+    config = FineTuneConfig(base_model=str(tiny_model_dir), epochs=8, batch_size=8, learning_rate=2e-3,
+                            early_stopping_patience=0)
+    return fine_tune(prepared, config, tmp_path_factory.mktemp("fine-tune"))

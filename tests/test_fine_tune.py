@@ -1,0 +1,102 @@
+"""Fine-tune stage: training, class weights, device choice, reuse, and resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.fine_tune import (
+    FineTuneConfig,
+    choose_device,
+    class_weights,
+    fine_tune,
+    last_complete_checkpoint,
+    run_key,
+)
+
+
+def test_fine_tune_learns_the_fixture_and_writes_a_complete_model(tuned_fixture, prepared_fixture):
+    _, prepared = prepared_fixture
+    assert tuned_fixture.best_validation_macro_f1 > 0.8
+    assert tuned_fixture.device == "cpu" and tuned_fixture.precision == "fp32"
+    files = {p.name for p in tuned_fixture.model_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "labels.json", "textclf.json"} <= files
+    assert json.loads((tuned_fixture.model_dir / "labels.json").read_text()) == prepared.label_names
+    config = json.loads((tuned_fixture.model_dir / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == prepared.label_names
+
+
+def test_same_fine_tune_again_reuses_the_finished_model(tuned_fixture, prepared_fixture, tiny_model_dir):
+    _, prepared = prepared_fixture
+    root = tuned_fixture.model_dir.parents[1]
+    config = FineTuneConfig(base_model=str(tiny_model_dir), epochs=8, batch_size=8, learning_rate=2e-3,
+                            early_stopping_patience=0)
+    again = fine_tune(prepared, config, root)
+    assert again.reused and again.model_dir == tuned_fixture.model_dir
+
+
+def test_class_weights_are_inverse_frequency():
+    weights = class_weights([0, 0, 0, 1], num_labels=2)
+    assert weights.tolist() == pytest.approx([4 / 6, 4 / 2])
+
+
+def test_class_weighted_loss_trains(prepared_fixture, tiny_model_dir, tmp_path):
+    _, prepared = prepared_fixture
+    config = FineTuneConfig(base_model=str(tiny_model_dir), epochs=1, batch_size=8, class_weighted_loss=True)
+    result = fine_tune(prepared, config, tmp_path)
+    assert result.global_step == -(-prepared.split_sizes["train"] // 8)
+
+
+def test_device_falls_back_to_cpu_with_all_cores():
+    # No GPU on CI machines: asking for CUDA must fall back to the CPU, not fail.
+    device, precision = choose_device("cuda")
+    assert (device, precision) == ("cpu", "fp32")
+    assert torch.get_num_threads() >= 1
+
+
+def test_interrupted_fine_tune_resumes_from_its_last_checkpoint(prepared_fixture, tiny_model_dir, tmp_path):
+    _, prepared = prepared_fixture
+    config = FineTuneConfig(base_model=str(tiny_model_dir), epochs=60, batch_size=8, learning_rate=1e-3,
+                            early_stopping_patience=0)
+    work = tmp_path / run_key(prepared, config)
+    child = (
+        "import sys; from pathlib import Path\n"
+        "from tasks.fine_tune import FineTuneConfig, fine_tune\n"
+        "from tasks.preprocess import PreparedDataset\n"
+        "fine_tune(PreparedDataset.model_validate_json(sys.argv[1]), FineTuneConfig.model_validate_json(sys.argv[2]),"
+        " Path(sys.argv[3]))\n"
+    )
+    log = tmp_path / "child.log"
+    process = subprocess.Popen(
+        [sys.executable, "-c", child, prepared.model_dump_json(), config.model_dump_json(), str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=log.open("wb"), cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while last_complete_checkpoint(work / "checkpoints") is None:
+            assert process.poll() is None, f"the fine-tune ended before it was interrupted: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)  # like a pre-empted machine: no clean shutdown
+        process.wait()
+    assert not (work / "result.json").exists()
+    interrupted_at = last_complete_checkpoint(work / "checkpoints")
+    steps_done = int(interrupted_at.name.split("-")[1])
+
+    result = fine_tune(prepared, config, tmp_path)
+
+    assert result.resumed_from_checkpoint is not None
+    assert int(result.resumed_from_checkpoint.split("-")[1]) >= steps_done
+    steps_per_epoch = -(-prepared.split_sizes["train"] // config.batch_size)
+    assert result.global_step == steps_per_epoch * config.epochs
+    # The resumed run trained only the remaining steps: the Trainer's own log starts where the checkpoint ended.
+    state = json.loads((sorted((work / "checkpoints").glob("checkpoint-*"))[-1] / "trainer_state.json").read_text())
+    assert state["global_step"] == result.global_step
