@@ -30,6 +30,19 @@ class TrackingUnavailable(RuntimeError):
     pass
 
 
+def _answers(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10):
+            return True
+    except urllib.error.HTTPError:
+        return True  # something answered (auth, or a server without /health): let the client decide
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def start_tracking_run(
     tracking_uri: str, experiment_name: str, run_name: str, idempotency_key: str, tags: dict[str, str] | None = None
 ) -> TrackingRef:
@@ -37,14 +50,18 @@ def start_tracking_run(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    unreachable = (
+        f"Cannot reach the MLflow tracking server at {tracking_uri}. Start the embedded one with "
+        f"`textclf stack up`, or point MLFLOW_TRACKING_URI at a running server."
+    )
+    # Fail in seconds, not after the MLflow client's minutes of back-off retries.
+    if tracking_uri.startswith(("http://", "https://")) and not _answers(f"{tracking_uri.rstrip('/')}/health"):
+        raise TrackingUnavailable(unreachable)
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         experiment = client.get_experiment_by_name(experiment_name)
     except MlflowException as error:
-        raise TrackingUnavailable(
-            f"Cannot reach the MLflow tracking server at {tracking_uri}: {error}. Start the embedded one with "
-            f"`textclf stack up`, or point MLFLOW_TRACKING_URI at a running server."
-        ) from error
+        raise TrackingUnavailable(f"{unreachable} ({error})") from error
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
     existing = client.search_runs([experiment_id], filter_string=f"tags.`{IDEMPOTENCY_TAG}` = '{idempotency_key}'")
     if existing:
