@@ -28,28 +28,37 @@ def _stack_up(settings: Settings) -> tuple[str, str]:
 def _train(args: argparse.Namespace) -> int:
     settings = Settings()
     prefect_url, mlflow_uri = _stack_up(settings)
-    # The flow and its tasks read these; set them before Prefect loads its settings.
-    os.environ["PREFECT_API_URL"] = prefect_url
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri  # read by the flow's Settings()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.training import DatasetParameters, ModelParameters, TrainingParameters, training
 
     dataset = DatasetParameters(source=args.source, text_column=args.text_column, label_column=args.label_column)
     model = ModelParameters(base_model=args.base_model, max_length=args.max_length)
     params = TrainingParameters(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate)
     started = time.perf_counter()
-    state = training(dataset, model, params, registered_model_name=args.registered_model_name, return_state=True)
+    # Prefect has loaded its settings already (at import): point this run at the server explicitly.
+    with temporary_settings(updates={PREFECT_API_URL: prefect_url}):
+        state = training(dataset, model, params, registered_model_name=args.registered_model_name, return_state=True)
     elapsed = time.perf_counter() - started
     ui = prefect_url.removesuffix("/api")
     if not state.is_completed():
         print(f"\nThe training flow ended {state.name}: {state.message}\nSee {ui}/runs", file=sys.stderr)
         return 1
     version = state.result()
+    from mlflow import MlflowClient
+
+    run = MlflowClient(mlflow_uri).get_run(version.run_id)
+    experiment_id, metrics = run.info.experiment_id, run.data.metrics
     print(
         f"\nDone in {elapsed / 60:.1f} min.\n"
         f"  Registered model: {version.name} version {version.version}, alias @{version.alias}\n"
+        f"  Test macro-F1:    {metrics.get('test_macro_f1', float('nan')):.4f} "
+        f"(TF-IDF + logistic regression baseline: {metrics.get('baseline_macro_f1', float('nan')):.4f})\n"
         f"  Load it:          mlflow.pyfunc.load_model('{version.alias_uri}')  (MLFLOW_TRACKING_URI={mlflow_uri})\n"
-        f"  MLflow UI:        {mlflow_uri}/#/models/{version.name}  (run {mlflow_uri}/#/experiments/0/runs/{version.run_id})\n"
-        f"  Prefect UI:       {ui}/runs\n"
+        f"  MLflow UI:        {mlflow_uri}/#/models/{version.name}\n"
+        f"  MLflow run:       {mlflow_uri}/#/experiments/{experiment_id}/runs/{version.run_id}\n"
+        f"  Prefect UI:       {ui}/runs/flow-run/{state.state_details.flow_run_id}\n"
     )
     return 0
 

@@ -3,6 +3,7 @@ a typed function in `tasks/`, and tasks pass references (paths, run ids), never 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import subprocess
 from pathlib import Path
@@ -137,7 +138,8 @@ def training(
             description="Test metrics of the fine-tuned model next to the TF-IDF baseline.",
         )
     except BaseException:
-        end_tracking_run(tracking, status="FAILED")
+        with contextlib.suppress(Exception):  # never hide the real error behind a tracking one
+            end_tracking_run(tracking, status="FAILED")
         raise
     end_tracking_run_task(tracking)
     return version

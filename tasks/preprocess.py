@@ -126,10 +126,21 @@ def cache_key(data_version: str, fingerprint: str, config: PreprocessConfig) -> 
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+class BaseModelNotFound(ValueError):
+    pass
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as error:
+        raise BaseModelNotFound(
+            f"Base model {name_or_path!r}: no tokenizer found. It is neither a local model folder nor a hub model "
+            f"that can be loaded (offline, or no such model). Pass a local folder, a hub id (with network access "
+            f"or in the local Hugging Face cache), or 'all-MiniLM-L6-v2' for the packaged one. ({error})"
+        ) from error
 
 
 def _build(snapshot: DatasetSnapshot, config: PreprocessConfig, tokenizer, target: Path) -> dict:

@@ -49,6 +49,9 @@ def servers(tmp_path_factory):
         prefect = ensure_prefect_server(root, port=free_port())
         with temporary_settings(updates={PREFECT_API_URL: prefect.url}):
             yield {"mlflow": mlflow.url, "prefect": prefect.url, "root": root}
+            from prefect.logging.handlers import APILogHandler
+
+            APILogHandler().flush()  # send the last flow-run logs before the server goes away
     finally:
         stop_local_servers(root)
 

@@ -1,0 +1,107 @@
+"""The embedded stack and the `textclf` command: servers are reused, ports taken by something else give a clear
+error, environment overrides are honoured, and `textclf train` prints where to look."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flows.local_stack import LocalServerError, ensure_mlflow_server, ensure_prefect_server, free_port
+from flows.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_running_servers_are_reused_not_restarted(servers):
+    port = int(servers["mlflow"].rsplit(":", 1)[1])
+    again = ensure_mlflow_server(servers["root"], port=port)
+    assert not again.started and again.url == servers["mlflow"]
+    prefect_port = int(servers["prefect"].removesuffix("/api").rsplit(":", 1)[1])
+    assert not ensure_prefect_server(servers["root"], port=prefect_port).started
+
+
+def test_a_port_taken_by_something_else_is_a_clear_error(tmp_path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        with pytest.raises(LocalServerError, match=rf"Port 127.0.0.1:{port} is taken.*TEXTCLF_MLFLOW_PORT"):
+            ensure_mlflow_server(tmp_path, port=port)
+    assert not (tmp_path / "logs" / "mlflow.pid").exists()
+
+
+def test_settings_honour_existing_servers(monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://prefect.internal:4200/api")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    settings = Settings()
+    assert not settings.uses_embedded_prefect and not settings.uses_embedded_mlflow
+    assert settings.resolved_prefect_api_url == "http://prefect.internal:4200/api"
+    assert settings.resolved_mlflow_tracking_uri == "http://mlflow.internal:5000"
+
+
+def test_settings_default_to_the_embedded_stack(monkeypatch, tmp_path):
+    for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TEXTCLF_HOME", str(tmp_path))
+    monkeypatch.setenv("TEXTCLF_MLFLOW_PORT", "5123")
+    settings = Settings()
+    assert settings.resolved_mlflow_tracking_uri == "http://127.0.0.1:5123"
+    assert settings.snapshot_dir == tmp_path.resolve() / "snapshots"
+
+
+def _textclf(*args, env, timeout=600):
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_textclf_train_starts_the_embedded_stack_and_prints_where_to_look(fixture_csv, tiny_model_dir, tmp_path):
+    """The newcomer's path: no servers given, so `textclf train` starts its own (on SQLite under TEXTCLF_HOME)."""
+    home = tmp_path / "home"
+    mlflow_port, prefect_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env.update(TEXTCLF_HOME=str(home), TEXTCLF_MLFLOW_PORT=str(mlflow_port), TEXTCLF_PREFECT_PORT=str(prefect_port))
+    mlflow_url, prefect_ui = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}"
+    try:
+        done = _textclf("train", "--source", str(fixture_csv), "--base-model", str(tiny_model_dir),
+                        "--max-length", "32", "--epochs", "2", "--learning-rate", "2e-3",
+                        "--registered-model-name", "cli-model", env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"Prefect server  started: {prefect_ui}" in done.stdout
+        assert f"MLflow server   started: {mlflow_url}" in done.stdout
+        assert "Registered model: cli-model version 1, alias @candidate" in done.stdout
+        assert "Test macro-F1:" in done.stdout and "baseline" in done.stdout
+        assert f"MLflow UI:        {mlflow_url}/#/models/cli-model" in done.stdout
+        # The flow run is on the embedded Prefect server (not on an ephemeral one), completed.
+        assert "Starting temporary server" not in done.stdout + done.stderr
+        flow_run_id = done.stdout.split(f"{prefect_ui}/runs/flow-run/")[1].split()[0]
+        flow_run = httpx.get(f"{prefect_ui}/api/flow_runs/{flow_run_id}").raise_for_status().json()
+        assert flow_run["state"]["type"] == "COMPLETED"
+        assert (home / "prefect" / "prefect.db").exists() and (home / "mlflow" / "mlflow.db").exists()
+
+        # A second command reuses the running servers.
+        status = _textclf("stack", "up", env=env, timeout=120)
+        assert "Prefect server  running" in status.stdout and "MLflow server   running" in status.stdout
+    finally:
+        _textclf("stack", "down", env=env, timeout=120)
+
+
+@pytest.mark.slow
+def test_textclf_train_on_bad_data_exits_nonzero_with_the_reason(servers, tmp_path, tiny_model_dir):
+    bad = tmp_path / "one-class.csv"
+    bad.write_text("text,label\n" + "".join(f"text number {i},only\n" for i in range(10)))
+    env = {**os.environ, "PREFECT_API_URL": servers["prefect"], "MLFLOW_TRACKING_URI": servers["mlflow"],
+           "TEXTCLF_HOME": str(tmp_path / "home")}
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "train", "--source", str(bad), "--base-model", str(tiny_model_dir)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 1
+    assert "Only one class ('only')" in done.stderr
+    assert not (tmp_path / "home" / "snapshots").exists() or not any((tmp_path / "home" / "snapshots").iterdir())
