@@ -10,7 +10,8 @@ batch size, epochs, learning rate, seed, device and precision, so they take the 
          each epoch, reloading the best checkpoint and saving the final model.
   plain  the classic tutorial: `tokenizer(text, padding="max_length", truncation=True, max_length=L)` up front,
          default random sampler and default collator,
-         `TrainingArguments(eval_strategy="no", save_strategy="no", report_to=[])`, no evaluation, nothing saved.
+         `TrainingArguments(eval_strategy="epoch", report_to=[])` as in Hugging Face's "Fine-tune a pretrained
+         model" tutorial: it evaluates on the same validation examples each epoch, and saves nothing in a short run.
 
 Two throughput measures per variant, both in training samples per second (samples x epochs / seconds):
   train_samples_per_second  the Trainer's own metric (its train() loop; for ours it includes the per-epoch
@@ -176,12 +177,14 @@ def tokenize_plain(prepared, base_model: str, max_length: int):
         return tokenizer(examples["text"], padding="max_length", truncation=True, max_length=max_length)
 
     plain = ours.select_columns(["text", "labels"]).map(tokenize_function, batched=True)
+    validation = datasets.load_from_disk(str(prepared.tokenized_path))["validation"]
+    plain_validation = validation.select_columns(["text", "labels"]).map(tokenize_function, batched=True)
     same = all(
         list(ids[: sum(mask)]) == list(reference)
         for ids, mask, reference in zip(plain["input_ids"], plain["attention_mask"], ours["input_ids"])
     )
     data_pad_share = 1.0 - sum(map(sum, plain["attention_mask"])) / (len(plain) * max_length)
-    return plain, same, data_pad_share
+    return plain, plain_validation, same, data_pad_share
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -366,9 +369,17 @@ def run_ours(prepared, args, base_model: str, run_dir: Path) -> dict:
     return out
 
 
-def run_plain(plain_train, num_labels: int, args, base_model: str, device: str, precision: str, run_dir: Path,
-              max_steps: int | None = None) -> dict:
-    """The tutorial Trainer. Timed from the model load on, like ours (whose wall clock starts in build_trainer)."""
+def _accuracy(eval_prediction) -> dict[str, float]:
+    import numpy as np
+
+    return {"accuracy": float((np.asarray(eval_prediction.predictions).argmax(-1) == eval_prediction.label_ids).mean())}
+
+
+def run_plain(plain_train, plain_validation, num_labels: int, args, base_model: str, device: str, precision: str,
+              run_dir: Path, max_steps: int | None = None) -> dict:
+    """The tutorial Trainer (Hugging Face's "Fine-tune a pretrained model"): evaluates on the validation split
+    each epoch, as ours does, and keeps the default save strategy (every 500 steps: no save in a short run).
+    Timed from the model load on, like ours (whose wall clock starts in build_trainer)."""
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
     started = time.perf_counter()
@@ -382,7 +393,7 @@ def run_plain(plain_train, num_labels: int, args, base_model: str, device: str, 
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         seed=args.seed,
-        eval_strategy="no",
+        eval_strategy="epoch" if plain_validation is not None else "no",
         save_strategy="no",
         report_to=[],
         # Same device and precision as ours, so the comparison is about the pipeline, not about autocast.
@@ -390,7 +401,8 @@ def run_plain(plain_train, num_labels: int, args, base_model: str, device: str, 
         bf16=precision == "bf16",
         fp16=precision == "fp16",
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=plain_train)
+    trainer = Trainer(model=model, args=training_args, train_dataset=plain_train, eval_dataset=plain_validation,
+                      compute_metrics=_accuracy)
     counter, timer = instrument(trainer)
     setup_s = time.perf_counter() - started
     trainer.train()
@@ -414,7 +426,7 @@ def run_plain(plain_train, num_labels: int, args, base_model: str, device: str, 
         "setup_s": setup_s,
         "validation_s": timer.eval_s,
         "checkpoint_save_s": timer.save_s,
-        "train_loop_only_samples_per_second": float(metrics["train_samples_per_second"]),
+        "train_loop_only_samples_per_second": samples / max(1e-9, metrics["train_runtime"] - timer.eval_s - timer.save_s),
         "device": device,
         "precision": precision,
         "train_loss": metrics.get("train_loss"),
@@ -547,7 +559,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         data = subset(prepared, args.train_samples, args.validation_samples, args.seed, run_root / "data")
         n_train = data.split_sizes["train"]
-        plain_train, same_tokens, data_pad_share = tokenize_plain(data, base_model, args.max_length)
+        plain_train, plain_validation, same_tokens, data_pad_share = tokenize_plain(data, base_model, args.max_length)
         num_labels = len(data.label_names)
 
         # Warm-up, untimed: the first model load in a process pays for imports (Trainer, accelerate), reading
@@ -558,7 +570,7 @@ def main(argv: list[str] | None = None) -> dict:
         # alternates as well (plain first in even repeats) and medians are reported.
         warm_n = min(n_train, WARMUP_STEPS * args.batch_size)
         started = time.perf_counter()
-        run_plain(plain_train.select(range(warm_n)), num_labels, args, base_model, device, precision,
+        run_plain(plain_train.select(range(warm_n)), None, num_labels, args, base_model, device, precision,
                   run_root / "warmup", max_steps=WARMUP_STEPS)
         warmup_s = time.perf_counter() - started
         settle(device)
@@ -571,7 +583,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if variant == "ours":
                     measured = run_ours(data, args, base_model, run_dir)
                 else:
-                    measured = run_plain(plain_train, num_labels, args, base_model, device, precision, run_dir)
+                    measured = run_plain(plain_train, plain_validation, num_labels, args, base_model, device,
+                                         precision, run_dir)
                 measured.update(repeat=repeat, position=position)
                 runs[variant].append(measured)
                 settle(device)
