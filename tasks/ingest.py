@@ -291,7 +291,8 @@ def _where(rows: pd.DataFrame, limit: int = 5) -> str:
 
 
 def _is_blank(values: pd.Series) -> pd.Series:
-    return values.isna() | values.astype(str).str.strip().eq("") | values.astype(str).isin(["nan", "None"])
+    # Only real gaps: a class may well be called "None" or "nan".
+    return values.isna() | values.astype(str).str.strip().eq("")
 
 
 def validate(frame: pd.DataFrame, config: IngestConfig) -> pd.DataFrame:

@@ -29,7 +29,8 @@ def test_one_vs_rest_auc_binary_multiclass_and_missing_class():
     probabilities = np.eye(3)[[0, 1, 2, 0]] * 0.8 + 0.2 / 3
     assert one_vs_rest_auc(np.array([0, 1, 2, 0]), probabilities) == 1.0
     # Class 2 absent from the test labels: averaged over the classes present, not an error.
-    assert one_vs_rest_auc(np.array([0, 1, 0, 1]), probabilities) == 1.0
+    absent = np.eye(3)[[0, 1, 0, 1]] * 0.8 + 0.2 / 3
+    assert one_vs_rest_auc(np.array([0, 1, 0, 1]), absent) == 1.0
     assert np.isnan(one_vs_rest_auc(np.array([1, 1]), probabilities[:2]))
 
 

@@ -98,5 +98,5 @@ def test_interrupted_fine_tune_resumes_from_its_last_checkpoint(prepared_fixture
     steps_per_epoch = -(-prepared.split_sizes["train"] // config.batch_size)
     assert result.global_step == steps_per_epoch * config.epochs
     # The resumed run trained only the remaining steps: the Trainer's own log starts where the checkpoint ended.
-    state = json.loads((sorted((work / "checkpoints").glob("checkpoint-*"))[-1] / "trainer_state.json").read_text())
+    state = json.loads((last_complete_checkpoint(work / "checkpoints") / "trainer_state.json").read_text())
     assert state["global_step"] == result.global_step

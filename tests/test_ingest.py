@@ -704,3 +704,11 @@ def test_ingest_task_uses_the_retry_condition():
     assert ingest_task.retries == 3
     assert ingest_task.retry_condition_fn is _retry_only_remote
     assert ingest_task.fn is ingest
+
+
+def test_a_class_called_none_is_a_label_not_a_gap(tmp_path):
+    path = tmp_path / "none.csv"
+    rows = [f"text {i},None" for i in range(5)] + [f"other {i},spam" for i in range(5)]
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    snapshot = ingest(IngestConfig(source=str(path)), tmp_path / "snapshots")
+    assert snapshot.label_counts == {"None": 5, "spam": 5}
