@@ -1,4 +1,104 @@
-"""The BentoML service that serves the promoted champion.
+"""The BentoML service that serves the champion text classifier.
 
-Not implemented yet: it arrives with the promotion flow (issue 3). Until then the registered model is served
-through MLflow: `mlflow.pyfunc.load_model("models:/<name>@candidate")`."""
+One model, loaded once at start-up from the Bento's own model store (never from MLflow), and one batchable
+API, `classify`: BentoML's adaptive batching merges concurrent requests into one forward pass, and each batch
+is tokenized once. The promotion flow imports the champion into the model store and builds the Bento from
+`bentofile.yaml`; `TEXTCLF_BENTO_MODEL` names the model when serving from the repository."""
+
+from __future__ import annotations
+
+import hmac
+import os
+from typing import Annotated
+
+import bentoml
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
+
+# Documented request limits (README, OpenAPI): bad input gets a 400 that names the limit, never a 500.
+MAX_TEXTS_PER_REQUEST = 64
+MAX_TEXT_CHARS = 20_000
+# Adaptive batching, chosen by measurement (bench/serving_load.py): batches of up to 64 texts; a request may
+# wait up to 1 s for a batch slot before the server answers 503, which keeps 64 concurrent clients error-free.
+MAX_BATCH_SIZE = 64
+MAX_LATENCY_MS = 1000
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("text is empty or whitespace-only: send the text to classify")
+    return text
+
+
+Text = Annotated[
+    str,
+    StringConstraints(max_length=MAX_TEXT_CHARS),
+    AfterValidator(_not_blank),
+    Field(description=f"A text to classify: not empty or whitespace-only, at most {MAX_TEXT_CHARS} characters."),
+]
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="The predicted class.")
+    probability: float = Field(description="Probability of the predicted class.")
+    probabilities: dict[str, float] = Field(description="Probability of every class.")
+    truncated: bool = Field(description="True when the text was longer than the model's max length and cut.")
+    model_version: str = Field(description="Registered model name and version that answered.")
+
+
+class BearerTokenAuth:
+    """ASGI middleware: when TEXTCLF_API_TOKEN is set, `classify` needs `Authorization: Bearer <token>`.
+    Health, metrics and the OpenAPI docs (Swagger UI at "/") stay open, so probes and scrapers keep working."""
+
+    OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/static_content/")
+
+    def __init__(self, app, token: str):
+        self.app, self.expected = app, f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path != "/" and not path.startswith(self.OPEN_PATHS):  # "/" is the docs UI
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body",
+                            "body": b'{"error": "Missing or wrong bearer token: send Authorization: Bearer <token>."}'})
+                return
+        await self.app(scope, receive, send)
+
+
+@bentoml.service(name="text-classifier", workers=1, traffic={"timeout": 60})
+class TextClassifierService:
+    model_ref = bentoml.models.BentoModel(os.environ.get("TEXTCLF_BENTO_MODEL", "text-classifier:latest"))
+
+    def __init__(self) -> None:
+        from tasks.classifier import TextClassifier  # heavy imports (torch, transformers) only in the worker
+
+        self.classifier = TextClassifier(self.model_ref.path)
+        labels = self.model_ref.info.labels
+        self.model_version = f"{labels.get('registered_model', 'model')}/{labels.get('model_version', '?')}"
+
+    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def classify(
+        self,
+        texts: Annotated[
+            list[Text],
+            Field(min_length=1, max_length=MAX_TEXTS_PER_REQUEST,
+                  description=f"1 to {MAX_TEXTS_PER_REQUEST} texts to classify."),
+        ],
+    ) -> list[Prediction]:
+        probabilities, truncated = self.classifier.classify(texts)
+        names = self.classifier.label_names
+        return [
+            Prediction(
+                label=names[int(row.argmax())],
+                probability=float(row.max()),
+                probabilities={name: float(p) for name, p in zip(names, row)},
+                truncated=cut,
+                model_version=self.model_version,
+            )
+            for row, cut in zip(probabilities, truncated)
+        ]
+
+
+if os.environ.get("TEXTCLF_API_TOKEN"):
+    TextClassifierService.add_asgi_middleware(BearerTokenAuth, token=os.environ["TEXTCLF_API_TOKEN"])

@@ -48,6 +48,23 @@ class TextClassifier:
                 probabilities[index] = torch.softmax(logits, dim=-1).cpu().numpy()
         return probabilities
 
+    def classify(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+        """One batch, tokenized once: class probabilities and, per text, whether it was cut at max_length.
+        (The fast tokenizer's overflow mapping says which texts overflowed; only their first window is scored.)"""
+        import torch
+
+        encoded = self.tokenizer(
+            texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt",
+            return_overflowing_tokens=True, stride=0,
+        )
+        sample_of_row = encoded.pop("overflow_to_sample_mapping").tolist()
+        first_rows = [sample_of_row.index(i) for i in range(len(texts))]
+        truncated = [sample_of_row.count(i) > 1 for i in range(len(texts))]
+        inputs = {key: value[first_rows].to(self.device) for key, value in encoded.items()}
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits.float()
+        return torch.softmax(logits, dim=-1).cpu().numpy(), truncated
+
     def predict(self, texts: list[str], batch_size: int = 64) -> pd.DataFrame:
         """Label, its probability, and one `proba_<label>` column per class."""
         probabilities = self.predict_proba(texts, batch_size)

@@ -1,0 +1,284 @@
+"""Stage 6, promote: the promotion gate. Score the candidate and the current champion on the same test texts,
+decide whether the candidate may replace the champion, record why on the candidate model version and on a
+promotion run, and move the `champion` / `previous-champion` aliases (or roll them back).
+
+Everything goes through an explicit `MlflowClient` for a given tracking URI: no global MLflow state is touched.
+`decide` is pure; the other functions talk to the registry."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+
+import pandas as pd
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.tracking import TrackingRef, log_metrics, log_params
+
+CHAMPION_ALIAS = "champion"
+PREVIOUS_CHAMPION_ALIAS = "previous-champion"
+# Float arithmetic must not turn "exactly at the margin" into a rejection (0.85 - 0.80 = 0.0499999...).
+TOLERANCE = 1e-9
+
+
+class GateConfig(BaseModel):
+    """When a candidate may replace the champion."""
+
+    model_config = ConfigDict(frozen=True)
+
+    min_macro_f1_gain: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Candidate test macro-F1 must beat the champion's by at least this much.",
+    )
+    max_class_f1_drop: float = Field(
+        default=0.05, ge=0, le=1,
+        description="No class's test F1 may drop by more than this compared with the champion.",
+    )
+    min_macro_f1_first_champion: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Test macro-F1 a candidate needs to become the first champion (when there is none yet).",
+    )
+
+
+class GateDecision(BaseModel):
+    """What the gate decided, and the numbers it decided on."""
+
+    model_config = ConfigDict(frozen=True)
+
+    promote: bool
+    reason: str
+    candidate_version: int
+    champion_version: int | None
+    candidate_macro_f1: float
+    champion_macro_f1: float | None = None
+    macro_f1_delta: float | None = None
+    per_class_f1_delta: dict[str, float] = Field(default_factory=dict)
+    worst_class: str | None = None
+
+    @property
+    def label(self) -> str:
+        return "promoted" if self.promote else "rejected"
+
+
+def _client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _error_code(error) -> str:
+    return str(getattr(error, "error_code", ""))
+
+
+def resolve_alias(tracking_uri: str, name: str, alias: str) -> int | None:
+    """The version number an alias points at, or None when the alias (or the registered model) does not exist.
+    Any other registry error (invalid alias name, server down) is raised."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = _client(tracking_uri).get_model_version_by_alias(name, alias)
+    except MlflowException as error:
+        code = _error_code(error)
+        if "RESOURCE_DOES_NOT_EXIST" in code:  # no such registered model (or version)
+            return None
+        # A missing alias is reported as INVALID_PARAMETER_VALUE ("Registered model alias X not found."),
+        # the same code as an invalid alias name, which must not pass for "no champion".
+        if "INVALID_PARAMETER_VALUE" in code and "not found" in str(error.message).lower():
+            return None
+        raise
+    return int(version.version)
+
+
+def _f1_scores(truth: list[str], predicted: list[str], labels: list[str]) -> dict:
+    from sklearn.metrics import f1_score
+
+    per_class = f1_score(truth, predicted, labels=labels, average=None, zero_division=0)
+    return {
+        "macro_f1": float(per_class.mean()) if len(labels) else 0.0,
+        "per_class_f1": {label: float(value) for label, value in zip(labels, per_class)},
+        "accuracy": float(sum(t == p for t, p in zip(truth, predicted)) / max(1, len(truth))),
+        "n": len(truth),
+    }
+
+
+def score_versions(
+    tracking_uri: str, name: str, versions: list[int], test: pd.DataFrame, labels: list[str] | None = None
+) -> dict[int, dict]:
+    """Test macro-F1 and per-class F1 (keyed by label string) of each model version, on the same texts.
+
+    `test` has `text` and `label` columns (the candidate's test split). The classes scored are `labels`, by
+    default the labels present in `test`; a class a version never predicts simply scores F1 0.
+    Returns {version: {"macro_f1", "per_class_f1", "accuracy", "n"}}."""
+    import mlflow.artifacts
+    import mlflow.pyfunc
+
+    if not {"text", "label"} <= set(test.columns):
+        raise ValueError(f"The test data needs `text` and `label` columns, it has {list(test.columns)}.")
+    if test.empty:
+        raise ValueError("The test data is empty: there is nothing to score the model versions on.")
+    texts = test["text"].astype(str).tolist()
+    truth = test["label"].astype(str).tolist()
+    labels = [str(label) for label in labels] if labels is not None else sorted(set(truth))
+    client = _client(tracking_uri)
+    scores: dict[int, dict] = {}
+    for version in dict.fromkeys(int(v) for v in versions):
+        source = client.get_model_version_download_uri(name, str(version))
+        with tempfile.TemporaryDirectory(prefix=f"textclf-score-{version}-") as staging:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=staging, tracking_uri=tracking_uri
+            )
+            model = mlflow.pyfunc.load_model(local)
+            predicted = model.predict(texts)
+        predicted_labels = (
+            predicted["label"] if isinstance(predicted, pd.DataFrame) else pd.Series(predicted)
+        ).astype(str).tolist()
+        scores[version] = _f1_scores(truth, predicted_labels, labels)
+    return scores
+
+
+def decide(
+    candidate_scores: dict,
+    champion_scores: dict | None,
+    config: GateConfig,
+    candidate_version: int,
+    champion_version: int | None,
+) -> GateDecision:
+    """Pure gate. No champion: promote iff the candidate's macro-F1 reaches the first-champion floor.
+    Otherwise promote iff macro-F1 gains at least `min_macro_f1_gain` and no class's F1 drops by more
+    than `max_class_f1_drop`. The reason names the numbers."""
+    candidate_f1 = float(candidate_scores["macro_f1"])
+    if champion_scores is None:
+        floor = config.min_macro_f1_first_champion
+        promote = candidate_f1 + TOLERANCE >= floor
+        relation = ">=" if promote else "<"
+        return GateDecision(
+            promote=promote,
+            reason=f"no champion yet; candidate macro-F1 {candidate_f1:.3f} {relation} first-champion floor "
+            f"{floor:.3f}",
+            candidate_version=candidate_version, champion_version=None, candidate_macro_f1=candidate_f1,
+        )
+
+    champion_f1 = float(champion_scores["macro_f1"])
+    delta = candidate_f1 - champion_f1
+    candidate_classes = candidate_scores.get("per_class_f1", {})
+    champion_classes = champion_scores.get("per_class_f1", {})
+    classes = list(dict.fromkeys([*candidate_classes, *champion_classes]))
+    per_class = {c: float(candidate_classes.get(c, 0.0)) - float(champion_classes.get(c, 0.0)) for c in classes}
+    worst = min(per_class, key=per_class.get) if per_class else None
+
+    gain_ok = delta + TOLERANCE >= config.min_macro_f1_gain
+    dropped = {c: d for c, d in per_class.items() if -d > config.max_class_f1_drop + TOLERANCE}
+    if gain_ok:
+        macro = (f"candidate macro-F1 {candidate_f1:.3f} beats champion {champion_f1:.3f} by {delta:.3f} "
+                 f">= {config.min_macro_f1_gain:.3f}")
+    else:
+        macro = (f"candidate macro-F1 {candidate_f1:.3f} vs champion {champion_f1:.3f}: delta {delta:.3f} "
+                 f"< required gain {config.min_macro_f1_gain:.3f}")
+    if worst is None:
+        by_class = "no per-class F1 to compare"
+    elif dropped:
+        by_class = "; ".join(
+            f"class '{c}' F1 drops by {-d:.3f} ({float(champion_classes.get(c, 0.0)):.3f} -> "
+            f"{float(candidate_classes.get(c, 0.0)):.3f}), beyond {config.max_class_f1_drop:.3f}"
+            for c, d in sorted(dropped.items(), key=lambda item: item[1])
+        )
+    else:
+        by_class = f"worst class drop '{worst}' {per_class[worst]:+.3f} within {config.max_class_f1_drop:.3f}"
+    promote = gain_ok and not dropped
+    return GateDecision(
+        promote=promote,
+        reason=f"{macro}; {by_class}",
+        candidate_version=candidate_version, champion_version=champion_version,
+        candidate_macro_f1=candidate_f1, champion_macro_f1=champion_f1, macro_f1_delta=delta,
+        per_class_f1_delta=per_class, worst_class=worst,
+    )
+
+
+def _metric_key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", text)[:200]
+
+
+def record_decision(
+    tracking: TrackingRef, name: str, decision: GateDecision, config: GateConfig | None = None
+) -> None:
+    """Tag the candidate model version with the decision, and log its numbers to the promotion run.
+    Safe to retry: tags are overwritten with the same values, params already logged are skipped."""
+    client = tracking.client()
+    version = str(decision.candidate_version)
+    tags = {
+        "promotion.decision": decision.label,
+        "promotion.reason": decision.reason[:5000],
+        "promotion.champion_version": "none" if decision.champion_version is None else str(decision.champion_version),
+        "promotion.macro_f1_delta": "none" if decision.macro_f1_delta is None else f"{decision.macro_f1_delta:.4f}",
+        "promotion.run_id": tracking.run_id,
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+    metrics = {"promotion_promoted": float(decision.promote), "candidate_macro_f1": decision.candidate_macro_f1}
+    if decision.champion_macro_f1 is not None:
+        metrics["champion_macro_f1"] = decision.champion_macro_f1
+    if decision.macro_f1_delta is not None:
+        metrics["macro_f1_delta"] = decision.macro_f1_delta
+    for label, delta in decision.per_class_f1_delta.items():
+        metrics[_metric_key(f"f1_delta_{label}")] = delta
+    log_metrics(tracking, metrics)
+    params: dict[str, object] = {
+        "registered_model_name": name,
+        "candidate_version": decision.candidate_version,
+        "champion_version": decision.champion_version,
+        "decision": decision.label,
+        "worst_class": decision.worst_class,
+    }
+    if config is not None:
+        params.update({f"gate_{key}": value for key, value in config.model_dump().items()})
+    log_params(tracking, params)
+    client.set_tag(tracking.run_id, "promotion.decision", decision.label)
+    client.set_tag(tracking.run_id, "promotion.reason", decision.reason[:5000])
+
+
+def move_aliases(tracking_uri: str, name: str, candidate_version: int) -> tuple[int | None, int]:
+    """Make the candidate the champion: `previous-champion` -> current champion (if any and different), then
+    `champion` -> candidate. In that order, a failure never leaves `champion` pointing nowhere, and a retry
+    finishes the job. Returns (previous champion, new champion)."""
+    client = _client(tracking_uri)
+    candidate = int(candidate_version)
+    client.get_model_version(name, str(candidate))  # a missing version fails here, before any alias moves
+    current = resolve_alias(tracking_uri, name, CHAMPION_ALIAS)
+    if current is not None and current != candidate:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS, str(current))
+        previous = current
+    else:
+        # First champion, or already the champion (a retry): whatever previous-champion says stays.
+        previous = resolve_alias(tracking_uri, name, PREVIOUS_CHAMPION_ALIAS)
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, str(candidate))
+    return previous, candidate
+
+
+def rollback(tracking_uri: str, name: str) -> tuple[int, int | None]:
+    """Swap `champion` and `previous-champion`: the previous champion serves again, and the demoted one stays
+    one rollback away. `champion` is set first so it always points somewhere. Not idempotent (a second call
+    swaps back), so its task has no retries. Returns (new champion, new previous champion)."""
+    client = _client(tracking_uri)
+    previous = resolve_alias(tracking_uri, name, PREVIOUS_CHAMPION_ALIAS)
+    if previous is None:
+        raise ValueError(
+            f"Registered model '{name}' has no '{PREVIOUS_CHAMPION_ALIAS}' alias: there is no previous champion "
+            f"to roll back to."
+        )
+    current = resolve_alias(tracking_uri, name, CHAMPION_ALIAS)
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, str(previous))
+    if current is not None and current != previous:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS, str(current))
+        return previous, current
+    # No champion to demote (or both aliases on one version): nothing left to roll back to afterwards.
+    client.delete_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS)
+    return previous, None
+
+
+score_versions_task = task(score_versions, name="score-versions", retries=2, retry_delay_seconds=5)
+decide_task = task(decide, name="decide-promotion")
+record_decision_task = task(record_decision, name="record-decision", retries=2, retry_delay_seconds=5)
+move_aliases_task = task(move_aliases, name="move-aliases", retries=2, retry_delay_seconds=5)
+rollback_task = task(rollback, name="rollback")
