@@ -80,21 +80,23 @@ def run_key(data: PreparedDataset, config: FineTuneConfig) -> str:
     return hashlib.sha256(f"{data.cache_key}|{config.model_dump_json()}".encode()).hexdigest()[:16]
 
 
-def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest checkpoint with its trainer state written; incomplete ones (killed mid-save) are removed."""
+def _checkpoints(checkpoint_dir: Path) -> list[Path]:
     if not checkpoint_dir.is_dir():
-        return None
-    checkpoints = sorted(
-        (p for p in checkpoint_dir.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)),
-        key=lambda p: int(_CHECKPOINT.match(p.name).group(1)),
-    )
-    complete = None
-    for checkpoint in checkpoints:
-        if (checkpoint / TRAINER_STATE).exists():
-            complete = checkpoint
-        else:
+        return []
+    found = [p for p in checkpoint_dir.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)]
+    return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest checkpoint whose trainer state was written (a run killed mid-save leaves one without)."""
+    complete = [p for p in _checkpoints(checkpoint_dir) if (p / TRAINER_STATE).exists()]
+    return complete[-1] if complete else None
+
+
+def remove_incomplete_checkpoints(checkpoint_dir: Path) -> None:
+    for checkpoint in _checkpoints(checkpoint_dir):
+        if not (checkpoint / TRAINER_STATE).exists():
             shutil.rmtree(checkpoint, ignore_errors=True)
-    return complete
 
 
 def class_weights(labels: list[int], num_labels: int):
@@ -163,6 +165,7 @@ def build_trainer(
         EarlyStoppingCallback,
         Trainer,
         TrainingArguments,
+        set_seed,
     )
 
     # Keep only model inputs and the precomputed `length` (which the length-grouped sampler reads instead of
@@ -171,6 +174,7 @@ def build_trainer(
     tokenized = tokenized.remove_columns([c for c in tokenized["train"].column_names if c == "text"])
     num_labels = len(data.label_names)
     tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    set_seed(config.seed)  # before the model load: the fresh classification head is initialised here
     model = AutoModelForSequenceClassification.from_pretrained(
         config.base_model,
         num_labels=num_labels,
@@ -242,6 +246,7 @@ def fine_tune(
         return FineTunedModel.model_validate_json(result_path.read_text()).model_copy(update={"reused": True})
 
     device, precision = choose_device(config.device)
+    remove_incomplete_checkpoints(checkpoint_dir)
     resume_from = last_complete_checkpoint(checkpoint_dir)
     if resume_from:
         logger.info("Resuming fine-tune from %s", resume_from)

@@ -34,6 +34,7 @@ def make_texts(per_class: int = 40, seed: int = 0) -> pd.DataFrame:
 
 def make_tiny_bert(folder: Path, texts: list[str]) -> Path:
     """A 2-layer BERT with a word-piece vocabulary trained on the fixture texts. Seconds on a CPU."""
+    import torch
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -52,5 +53,6 @@ def make_tiny_bert(folder: Path, texts: list[str]) -> Path:
         max_position_embeddings=128,
         num_labels=2,
     )
+    torch.manual_seed(0)  # the same tiny model every time, so tests that train it are deterministic
     BertForSequenceClassification(config).save_pretrained(str(folder))
     return folder

@@ -100,3 +100,17 @@ def test_interrupted_fine_tune_resumes_from_its_last_checkpoint(prepared_fixture
     # The resumed run trained only the remaining steps: the Trainer's own log starts where the checkpoint ended.
     state = json.loads((last_complete_checkpoint(work / "checkpoints") / "trainer_state.json").read_text())
     assert state["global_step"] == result.global_step
+
+
+def test_incomplete_checkpoints_are_removed_and_skipped(tmp_path):
+    from tasks.fine_tune import remove_incomplete_checkpoints
+
+    for step, complete in ((10, True), (20, True), (30, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path).name == "checkpoint-20"
+    assert (tmp_path / "checkpoint-30").exists()  # looking does not delete
+    remove_incomplete_checkpoints(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-20"]
