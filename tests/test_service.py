@@ -150,3 +150,44 @@ def test_bearer_token_auth_when_switched_on(bento_env, tmp_path):
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def test_bentofile_builds_a_bento_with_its_dockerfile_and_the_built_bento_serves(bento_env, tmp_path):
+    """`bentoml build` from bentofile.yaml (the only build configuration), then `bentoml serve <bento tag>`.
+    Containerizing needs a Docker engine, which is not available here: the generated Dockerfile is checked."""
+    import yaml
+
+    built = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "build", "--output", "tag"],
+                           cwd=ROOT, env=bento_env, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    name, version = tag.split(":")
+    bento_dir = Path(bento_env["BENTOML_HOME"]) / "bentos" / name / version
+    dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()
+    assert "FROM" in dockerfile and "bentoml" in dockerfile.lower()
+    manifest = yaml.safe_load((bento_dir / "bento.yaml").read_text())
+    assert [m["tag"] for m in manifest["services"][0]["models"]] == [bento_env["TEXTCLF_BENTO_MODEL"]]
+    assert (bento_dir / "src" / "tasks" / "classifier.py").exists()
+
+    port = free_port()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "bentoml"), "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path, env={k: v for k, v in bento_env.items() if k != "TEXTCLF_BENTO_MODEL"},
+        stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the built Bento did not become ready"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        answer = classify(url, ["the striker scored a goal"])
+        assert answer.status_code == 200 and answer.json()[0]["model_version"] == "topics/7"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
