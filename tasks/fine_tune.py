@@ -171,7 +171,7 @@ def build_trainer(
     # Keep only model inputs and the precomputed `length` (which the length-grouped sampler reads instead of
     # re-measuring every row); the collator drops `length` before the batch reaches the model.
     tokenized = datasets.load_from_disk(str(data.tokenized_path))
-    tokenized = tokenized.remove_columns([c for c in tokenized["train"].column_names if c == "text"])
+    tokenized = tokenized.remove_columns(["text"])
     num_labels = len(data.label_names)
     tokenizer = AutoTokenizer.from_pretrained(config.base_model)
     set_seed(config.seed)  # before the model load: the fresh classification head is initialised here

@@ -299,7 +299,7 @@ def validate(frame: pd.DataFrame, config: IngestConfig) -> pd.DataFrame:
     """Check the rows and return them normalised (text and label as str, split as train/validation/test or None)."""
     if frame.empty:
         raise DatasetValidationError(f"Dataset source {config.source!r} has no rows.")
-    blank_text = frame[frame["text"].isna() | frame["text"].astype(str).str.strip().eq("")]
+    blank_text = frame[_is_blank(frame["text"])]
     if len(blank_text):
         raise DatasetValidationError(
             f"{len(blank_text)} empty or whitespace-only text(s) in column {config.text_column!r}: "
