@@ -33,15 +33,15 @@ def make_texts(per_class: int = 40, seed: int = 0) -> pd.DataFrame:
 
 
 def make_tiny_bert(folder: Path, texts: list[str]) -> Path:
-    """A 2-layer BERT with a word-piece vocabulary trained on the fixture texts. Seconds on a CPU."""
+    """A 2-layer BERT with a whole-word vocabulary made from the fixture texts. Seconds on a CPU, and the same
+    model every time (sorted vocabulary, seeded weights), so tests that train it are deterministic."""
     import torch
-    from tokenizers import BertWordPieceTokenizer
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    word_piece = BertWordPieceTokenizer(lowercase=True)
-    word_piece.train_from_iterator(texts + [" ".join(FILLER)], vocab_size=300, min_frequency=1)
-    word_piece.save_model(str(folder))
+    words = sorted({word for text in texts for word in text.lower().split()} | set(FILLER))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    (folder / "vocab.txt").write_text("\n".join(specials + words) + "\n")
     tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True)
     tokenizer.save_pretrained(str(folder))
     config = BertConfig(
@@ -53,6 +53,6 @@ def make_tiny_bert(folder: Path, texts: list[str]) -> Path:
         max_position_embeddings=128,
         num_labels=2,
     )
-    torch.manual_seed(0)  # the same tiny model every time, so tests that train it are deterministic
+    torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(str(folder))
     return folder
