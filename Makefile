@@ -5,8 +5,10 @@ BIN    := $(VENV)/bin
 
 .PHONY: run test install bench clean-stack
 
-run: install  ## (1) fine-tune, evaluate and register a classifier on the packaged default
+run: install  ## (1) train on the packaged default, promote the winner, serve the champion on loopback
 	$(BIN)/textclf train
+	$(BIN)/textclf promote
+	$(BIN)/textclf serve
 
 test: install  ## (2) the whole test suite (no network needed)
 	$(BIN)/pytest

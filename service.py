@@ -3,7 +3,8 @@
 One model, loaded once at start-up from the Bento's own model store (never from MLflow), and one batchable
 API, `classify`: BentoML's adaptive batching merges concurrent requests into one forward pass, and each batch
 is tokenized once. The promotion flow imports the champion into the model store and builds the Bento from
-`bentofile.yaml`; `TEXTCLF_BENTO_MODEL` names the model when serving from the repository."""
+`bentofile.yaml` with the Bento argument `model_tag` (`bentoml build --arg model_tag=text-classifier:<version>`),
+which the built Bento keeps; `TEXTCLF_BENTO_MODEL` names the model when serving from the repository instead."""
 
 from __future__ import annotations
 
@@ -21,6 +22,29 @@ MAX_TEXT_CHARS = 20_000
 # wait up to 1 s for a batch slot before the server answers 503, which keeps 64 concurrent clients error-free.
 MAX_BATCH_SIZE = 64
 MAX_LATENCY_MS = 1000
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a whole number (unset it to use the default, {default})") from None
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be at least {minimum} (unset it to use the default, {default})")
+    return value
+
+
+# Start-up switches, read once at import (for benchmarks, bench/serving_load.py; unset = the settings above):
+# TEXTCLF_ADAPTIVE_BATCHING=false serves `classify` unbatched (each request is its own forward pass, one at a
+# time); TEXTCLF_MAX_BATCH_SIZE (>= 2, BentoML's minimum) and TEXTCLF_MAX_LATENCY_MS (>= 1) override the
+# constants above. Anything but "false" (any case) keeps adaptive batching on; a bad number stops the start-up.
+ADAPTIVE_BATCHING = os.environ.get("TEXTCLF_ADAPTIVE_BATCHING", "").strip().lower() != "false"
+BATCH_SIZE = _env_int("TEXTCLF_MAX_BATCH_SIZE", MAX_BATCH_SIZE, minimum=2)
+BATCH_LATENCY_MS = _env_int("TEXTCLF_MAX_LATENCY_MS", MAX_LATENCY_MS, minimum=1)
+
 
 def _not_blank(text: str) -> str:
     if not text.strip():
@@ -68,7 +92,11 @@ class BearerTokenAuth:
 
 @bentoml.service(name="text-classifier", workers=1, traffic={"timeout": 60})
 class TextClassifierService:
-    model_ref = bentoml.models.BentoModel(os.environ.get("TEXTCLF_BENTO_MODEL", "text-classifier:latest"))
+    # The model is fixed when the Bento is built (a Bento argument stored in the Bento), never "whatever is latest".
+    model_ref = bentoml.models.BentoModel(
+        bentoml.use_arguments().__dict__.get("model_tag")
+        or os.environ.get("TEXTCLF_BENTO_MODEL", "text-classifier:latest")
+    )
 
     def __init__(self) -> None:
         from tasks.classifier import TextClassifier  # heavy imports (torch, transformers) only in the worker
@@ -77,7 +105,7 @@ class TextClassifierService:
         labels = self.model_ref.info.labels
         self.model_version = f"{labels.get('registered_model', 'model')}/{labels.get('model_version', '?')}"
 
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    @bentoml.api(batchable=ADAPTIVE_BATCHING, max_batch_size=BATCH_SIZE, max_latency_ms=BATCH_LATENCY_MS)
     def classify(
         self,
         texts: Annotated[

@@ -1,5 +1,7 @@
 """`textclf`: the command line. `textclf train` starts the embedded stack when needed, runs the training flow
-and prints where to look; `textclf stack up|down|status` manages the embedded Prefect and MLflow servers."""
+and prints where to look; `textclf promote` gates the candidate and builds the champion's Bento; `textclf serve`
+serves the champion on loopback; `textclf rollback` brings the previous champion back; `textclf stack
+up|down|status` manages the embedded Prefect and MLflow servers (and stops the Bento server)."""
 
 from __future__ import annotations
 
@@ -25,26 +27,37 @@ def _stack_up(settings: Settings) -> tuple[str, str]:
     return prefect_url, mlflow_uri
 
 
-def _train(args: argparse.Namespace) -> int:
-    settings = Settings()
+def _run_flow(settings: Settings, flow_fn, **parameters):
+    """Run a flow in-process against the (embedded or configured) servers; return its final state."""
     prefect_url, mlflow_uri = _stack_up(settings)
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri  # read by the flow's Settings()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    with temporary_settings(updates={PREFECT_API_URL: prefect_url}):
+        return flow_fn(**parameters, return_state=True)
+
+
+def _failed(flow_name: str, state, settings: Settings) -> int:
+    ui = settings.resolved_prefect_api_url.removesuffix("/api")
+    print(f"\nThe {flow_name} flow run ended {state.name}: {state.message}\n"
+          f"See {ui}/runs/flow-run/{state.state_details.flow_run_id}", file=sys.stderr)
+    return 1
+
+
+def _train(args: argparse.Namespace) -> int:
     from flows.training import DatasetParameters, ModelParameters, TrainingParameters, training
 
+    settings = Settings()
     dataset = DatasetParameters(source=args.source, text_column=args.text_column, label_column=args.label_column)
     model = ModelParameters(base_model=args.base_model, max_length=args.max_length)
     params = TrainingParameters(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate)
     started = time.perf_counter()
-    # Prefect has loaded its settings already (at import): point this run at the server explicitly.
-    with temporary_settings(updates={PREFECT_API_URL: prefect_url}):
-        state = training(dataset, model, params, registered_model_name=args.registered_model_name, return_state=True)
+    state = _run_flow(settings, training, dataset=dataset, model=model, training=params,
+                      registered_model_name=args.registered_model_name)
     elapsed = time.perf_counter() - started
-    ui = prefect_url.removesuffix("/api")
+    mlflow_uri, ui = settings.resolved_mlflow_tracking_uri, settings.resolved_prefect_api_url.removesuffix("/api")
     if not state.is_completed():
-        print(f"\nThe training flow ended {state.name}: {state.message}\nSee {ui}/runs", file=sys.stderr)
-        return 1
+        return _failed("training", state, settings)
     version = state.result()
     from mlflow import MlflowClient
 
@@ -61,6 +74,86 @@ def _train(args: argparse.Namespace) -> int:
         f"  Prefect UI:       {ui}/runs/flow-run/{state.state_details.flow_run_id}\n"
     )
     return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from flows.promotion import promotion
+    from tasks.promote import GateConfig
+
+    settings = Settings()
+    gate = GateConfig(min_macro_f1_gain=args.min_macro_f1_gain, max_class_f1_drop=args.max_class_f1_drop,
+                      min_macro_f1_first_champion=args.first_champion_floor)
+    state = _run_flow(settings, promotion, registered_model_name=args.registered_model_name,
+                      candidate_version=args.candidate_version, gate=gate)
+    if not state.is_completed():
+        return _failed("promotion", state, settings)
+    result = state.result()
+    decision = result.decision
+    print(f"\n{result.registered_model_name} version {decision.candidate_version}: {decision.label.upper()}\n"
+          f"  Reason:    {decision.reason}\n"
+          f"  Champion:  version {result.champion_version}   previous champion: version "
+          f"{result.previous_champion_version}")
+    if result.bento is not None:
+        print(f"  Bento:     {result.bento.bento_tag}  (Dockerfile {result.bento.dockerfile})\n"
+              f"  Container: {result.bento.container_message}\n"
+              f"  Serve it:  .venv/bin/textclf serve")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from flows.promotion import rollback
+
+    settings = Settings()
+    state = _run_flow(settings, rollback, registered_model_name=args.registered_model_name)
+    if not state.is_completed():
+        return _failed("rollback", state, settings)
+    result = state.result()
+    print(f"\nRolled back {result.registered_model_name}: @champion is version {result.champion_version}, "
+          f"@previous-champion version {result.previous_champion_version}.\n"
+          f"  Bento: {result.bento.bento_tag}\n  Serve it: .venv/bin/textclf serve")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Serve the champion's Bento on loopback (replacing the one served before) and show a working request."""
+    import json
+
+    import httpx
+
+    from flows.local_stack import serve_bento
+    from tasks.bento import find_bento
+    from tasks.promote import CHAMPION_ALIAS, resolve_alias
+
+    settings = Settings()
+    _, mlflow_uri = _stack_up(settings)
+    name = args.registered_model_name
+    champion = resolve_alias(mlflow_uri, name, CHAMPION_ALIAS)
+    if champion is None:
+        print(f"Registered model '{name}' has no @{CHAMPION_ALIAS} yet: run `.venv/bin/textclf promote` after "
+              f"`.venv/bin/textclf train`.", file=sys.stderr)
+        return 1
+    bento_tag = find_bento(name, champion)
+    if bento_tag is None:
+        print(f"No Bento in the BentoML store serves {name} version {champion} (the champion). Build it with "
+              f"`.venv/bin/textclf promote --candidate-version {champion}` or `.venv/bin/textclf rollback`; "
+              f"check BENTOML_HOME if you built it elsewhere.", file=sys.stderr)
+        return 1
+    server = serve_bento(settings.root, bento_tag, settings.host, args.port or settings.bento_port)
+    body = {"texts": ["Shares rose sharply after the bank reported record profits."]}
+    token = os.environ.get("TEXTCLF_API_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    answer = httpx.post(f"{server.url}/classify", json=body, headers=headers, timeout=60)
+    auth = ' -H "Authorization: Bearer $TEXTCLF_API_TOKEN"' if token else ""
+    print(
+        f"\nServing {name} version {champion} (Bento {bento_tag}) at {server.url}  (log {server.log_path})\n"
+        f"  Swagger UI:  {server.url}/      OpenAPI: {server.url}/docs.json      Metrics: {server.url}/metrics\n"
+        f"  Try it:\n"
+        f"    curl -s -X POST {server.url}/classify -H 'Content-Type: application/json'{auth} \\\n"
+        f"         -d '{json.dumps(body)}'\n"
+        f"  Answer ({answer.status_code}): {answer.text}\n"
+        f"  Stop it:     .venv/bin/textclf stack down"
+    )
+    return 0 if answer.status_code == 200 else 1
 
 
 def _stack(args: argparse.Namespace) -> int:
@@ -94,6 +187,24 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--learning-rate", type=float, default=1e-4)
     train.add_argument("--registered-model-name", default=Settings().registered_model_name)
     train.set_defaults(run=_train)
+    default_name = Settings().registered_model_name
+    promote = commands.add_parser("promote", help="Gate @candidate against @champion; on a win build, check and "
+                                                   "containerize the Bento, then move @champion.")
+    promote.add_argument("--registered-model-name", default=default_name)
+    promote.add_argument("--candidate-version", type=int, default=None,
+                         help="Version to gate (default: the one behind @candidate).")
+    promote.add_argument("--min-macro-f1-gain", type=float, default=0.0)
+    promote.add_argument("--max-class-f1-drop", type=float, default=0.05)
+    promote.add_argument("--first-champion-floor", type=float, default=0.5,
+                         help="Macro-F1 the first champion needs when there is none yet.")
+    promote.set_defaults(run=_promote)
+    rollback = commands.add_parser("rollback", help="Point @champion back at @previous-champion and rebuild its Bento.")
+    rollback.add_argument("--registered-model-name", default=default_name)
+    rollback.set_defaults(run=_rollback)
+    serve = commands.add_parser("serve", help="Serve the champion's Bento on loopback (default port 3000).")
+    serve.add_argument("--registered-model-name", default=default_name)
+    serve.add_argument("--port", type=int, default=None, help="Port (default TEXTCLF_BENTO_PORT or 3000).")
+    serve.set_defaults(run=_serve)
     stack = commands.add_parser("stack", help="Manage the embedded Prefect and MLflow servers.")
     stack.add_argument("action", choices=["up", "down", "status"])
     stack.set_defaults(run=_stack)

@@ -3,6 +3,7 @@ both on SQLite files under the project data folder. Started when not running, re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -140,6 +141,25 @@ def ensure_mlflow_server(root: Path, host: str = "127.0.0.1", port: int = 5000) 
     env.pop("MLFLOW_TRACKING_URI", None)
     pid = _start("mlflow", command, env, health_url, "OK", log_path, host, port)
     return LocalServer("mlflow", url, url, log_path, pid, started=True)
+
+
+def serve_bento(root: Path, bento_tag: str, host: str = "127.0.0.1", port: int = 3000) -> LocalServer:
+    """Serve `bento_tag` with `bentoml serve` on loopback, replacing the Bento server this stack started before
+    (a new champion replaces the old one on the same port)."""
+    pid_file = root / "logs" / "bento.pid"
+    if pid_file.exists():
+        with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
+            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+        pid_file.unlink(missing_ok=True)
+        deadline = time.monotonic() + 30
+        while port_in_use(host, port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    url = f"http://{host}:{port}"
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
+    env.pop("TEXTCLF_BENTO_MODEL", None)  # a built Bento serves the one model packed into it
+    command = [_bin("bentoml"), "serve", bento_tag, "--host", host, "--port", str(port)]
+    pid = _start("bento", command, env, f"{url}/readyz", None, root / "logs" / "bento.log", host, port)
+    return LocalServer("bento", url, url, root / "logs" / "bento.log", pid, started=True)
 
 
 def stop_local_servers(root: Path) -> list[str]:

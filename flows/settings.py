@@ -30,7 +30,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "TEXTCLF_MLFLOW_TRACKING_URI"),
         description="An existing MLflow tracking server; unset means the embedded local one.",
     )
+    bento_port: int = Field(default=3000, ge=1, le=65535, description="Port of the local Bento server (`textclf serve`).")
     experiment_name: str = Field(default="text-classifier")
+    promotion_experiment_name: str = Field(
+        default="text-classifier-promotion", description="MLflow experiment of the promotion runs (gate decisions)."
+    )
     registered_model_name: str = Field(default="text-classifier")
 
     @property
@@ -68,3 +72,15 @@ class Settings(BaseSettings):
     @property
     def evaluation_dir(self) -> Path:
         return self.root / "evaluations"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def model_download_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def promotion_dir(self) -> Path:
+        return self.root / "promotion"

@@ -8,7 +8,9 @@ Everything goes through an explicit `MlflowClient` for a given tracking URI: no 
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
+from pathlib import Path
 
 import pandas as pd
 from prefect import task
@@ -16,8 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.tracking import TrackingRef, log_metrics, log_params
 
+CANDIDATE_ALIAS = "candidate"
 CHAMPION_ALIAS = "champion"
 PREVIOUS_CHAMPION_ALIAS = "previous-champion"
+# Written by the evaluate stage and logged under `evaluation/` of the training run: the test split it scored.
+TEST_SPLIT_ARTIFACT = "evaluation/test_predictions.parquet"
 # Float arithmetic must not turn "exactly at the margin" into a rejection (0.85 - 0.80 = 0.0499999...).
 TOLERANCE = 1e-9
 
@@ -90,6 +95,29 @@ def resolve_alias(tracking_uri: str, name: str, alias: str) -> int | None:
     return int(version.version)
 
 
+def fetch_test_split(tracking_uri: str, name: str, version: int, target_root: Path) -> Path:
+    """The held-out test split of the training run behind model version `version` (texts and true labels), as
+    `target_root/<name>-v<version>-test.parquet`. Both candidate and champion are scored on it."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    run_id = _client(tracking_uri).get_model_version(name, str(version)).run_id
+    target = target_root / f"{name}-v{version}-test.parquet"
+    target_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target_root, prefix=".download-") as staging:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=TEST_SPLIT_ARTIFACT, dst_path=staging, tracking_uri=tracking_uri
+            )
+        except MlflowException as error:
+            raise ValueError(
+                f"Model version {name}/{version} has no test split to gate on: its run {run_id} lacks the artifact "
+                f"'{TEST_SPLIT_ARTIFACT}'. Register candidates with the training flow, which logs it."
+            ) from error
+        shutil.move(local, target)
+    return target
+
+
 def _f1_scores(truth: list[str], predicted: list[str], labels: list[str]) -> dict:
     from sklearn.metrics import f1_score
 
@@ -103,16 +131,18 @@ def _f1_scores(truth: list[str], predicted: list[str], labels: list[str]) -> dic
 
 
 def score_versions(
-    tracking_uri: str, name: str, versions: list[int], test: pd.DataFrame, labels: list[str] | None = None
+    tracking_uri: str, name: str, versions: list[int], test: pd.DataFrame | Path, labels: list[str] | None = None
 ) -> dict[int, dict]:
     """Test macro-F1 and per-class F1 (keyed by label string) of each model version, on the same texts.
 
-    `test` has `text` and `label` columns (the candidate's test split). The classes scored are `labels`, by
+    `test` (a DataFrame, or a Parquet file of one) has `text` and `label` columns (the candidate's test split). The classes scored are `labels`, by
     default the labels present in `test`; a class a version never predicts simply scores F1 0.
     Returns {version: {"macro_f1", "per_class_f1", "accuracy", "n"}}."""
     import mlflow.artifacts
     import mlflow.pyfunc
 
+    if isinstance(test, (str, Path)):
+        test = pd.read_parquet(test)
     if not {"text", "label"} <= set(test.columns):
         raise ValueError(f"The test data needs `text` and `label` columns, it has {list(test.columns)}.")
     if test.empty:
@@ -144,10 +174,16 @@ def decide(
     candidate_version: int,
     champion_version: int | None,
 ) -> GateDecision:
-    """Pure gate. No champion: promote iff the candidate's macro-F1 reaches the first-champion floor.
+    """Pure gate. The champion itself is never re-promoted. No champion: promote iff the candidate's macro-F1 reaches the first-champion floor.
     Otherwise promote iff macro-F1 gains at least `min_macro_f1_gain` and no class's F1 drops by more
     than `max_class_f1_drop`. The reason names the numbers."""
     candidate_f1 = float(candidate_scores["macro_f1"])
+    if champion_version is not None and champion_version == candidate_version:
+        return GateDecision(
+            promote=False, reason=f"version {candidate_version} is already the champion: nothing to promote",
+            candidate_version=candidate_version, champion_version=champion_version, candidate_macro_f1=candidate_f1,
+            champion_macro_f1=candidate_f1, macro_f1_delta=0.0,
+        )
     if champion_scores is None:
         floor = config.min_macro_f1_first_champion
         promote = candidate_f1 + TOLERANCE >= floor
@@ -238,6 +274,13 @@ def record_decision(
     client.set_tag(tracking.run_id, "promotion.reason", decision.reason[:5000])
 
 
+def record_failure(tracking_uri: str, name: str, version: int, error: BaseException) -> None:
+    """Mark a candidate whose promotion failed after the gate (build or smoke test): the aliases did not move."""
+    client = _client(tracking_uri)
+    client.set_model_version_tag(name, str(version), "promotion.decision", "failed")
+    client.set_model_version_tag(name, str(version), "promotion.error", f"{type(error).__name__}: {error}"[:5000])
+
+
 def move_aliases(tracking_uri: str, name: str, candidate_version: int) -> tuple[int | None, int]:
     """Make the candidate the champion: `previous-champion` -> current champion (if any and different), then
     `champion` -> candidate. In that order, a failure never leaves `champion` pointing nowhere, and a retry
@@ -277,6 +320,8 @@ def rollback(tracking_uri: str, name: str) -> tuple[int, int | None]:
     return previous, None
 
 
+resolve_alias_task = task(resolve_alias, name="resolve-alias", retries=2, retry_delay_seconds=5)
+fetch_test_split_task = task(fetch_test_split, name="fetch-test-split", retries=2, retry_delay_seconds=5)
 score_versions_task = task(score_versions, name="score-versions", retries=2, retry_delay_seconds=5)
 decide_task = task(decide, name="decide-promotion")
 record_decision_task = task(record_decision, name="record-decision", retries=2, retry_delay_seconds=5)

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+# BentoML reads its store location once per process: every test (and every `bentoml` subprocess that inherits the
+# environment) uses a throw-away store, never the user's ~/bentoml.
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="textclf-tests-bentoml-")
+atexit.register(shutil.rmtree, os.environ["BENTOML_HOME"], ignore_errors=True)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

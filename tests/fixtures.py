@@ -56,3 +56,15 @@ def make_tiny_bert(folder: Path, texts: list[str]) -> Path:
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(str(folder))
     return folder
+
+
+def flow_run_and_artifacts(api_url: str, flow_run_id) -> tuple[dict, list[dict]]:
+    """What the Prefect UI shows for a flow run, read over its REST API (the sync client's artifact filter
+    answers 422 on this server version)."""
+    import httpx
+
+    run = httpx.get(f"{api_url}/flow_runs/{flow_run_id}").raise_for_status().json()
+    artifacts = httpx.post(
+        f"{api_url}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}}
+    ).raise_for_status().json()
+    return run, artifacts

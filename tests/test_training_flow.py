@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import httpx
 import mlflow.pyfunc
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
 from flows.training import DatasetParameters, ModelParameters, TrainingParameters, training
-from tests.fixtures import TOPICS
+from tests.fixtures import TOPICS, flow_run_and_artifacts
 
 pytestmark = pytest.mark.slow
 MODEL_NAME = "e2e-topics"
@@ -25,15 +24,6 @@ def _run(csv, model_dir, name=MODEL_NAME):
     )
 
 
-def _flow_run_and_artifacts(api_url, flow_run_id):
-    """What the Prefect UI shows for a flow run, read over its REST API."""
-    run = httpx.get(f"{api_url}/flow_runs/{flow_run_id}").raise_for_status().json()
-    artifacts = httpx.post(
-        f"{api_url}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}}
-    ).raise_for_status().json()
-    return run, artifacts
-
-
 def test_training_flow_registers_a_candidate_that_predicts_labels(project_env, servers, fixture_csv, tiny_model_dir,
                                                                   monkeypatch):
     state = _run(fixture_csv, tiny_model_dir)
@@ -42,7 +32,7 @@ def test_training_flow_registers_a_candidate_that_predicts_labels(project_env, s
     assert version.name == MODEL_NAME and version.alias == "candidate"
 
     # The flow run is on the Prefect server, completed, with the evaluation report as a markdown artifact.
-    flow_run, artifacts = _flow_run_and_artifacts(servers["prefect"], state.state_details.flow_run_id)
+    flow_run, artifacts = flow_run_and_artifacts(servers["prefect"], state.state_details.flow_run_id)
     assert flow_run["state"]["type"] == "COMPLETED"
     report = [a for a in artifacts if a["key"] == "evaluation-report"]
     assert report and "TF-IDF" in report[0]["data"] and f"version **{version.version}**" in report[0]["data"]

@@ -1,0 +1,209 @@
+"""The promotion flow: gate a candidate model version against the current champion on the candidate's held-out
+test split; when the candidate wins, build the Bento that serves it, serve it on loopback and check its answers,
+and only then move `@champion` (and `@previous-champion`). And the rollback flow: the previous champion back,
+rebuilt and checked the same way. Wiring only; the stages are in `tasks/promote.py` and `tasks/bento.py`."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.settings import Settings
+from tasks.bento import (
+    BENTO_MODEL_NAME,
+    BentoBuild,
+    build_bento_task,
+    containerize_bento_task,
+    download_model_version_task,
+    import_to_bento_store_task,
+    pick_smoke_texts_task,
+    predict_labels_task,
+    smoke_test_bento_task,
+)
+from tasks.promote import (
+    CANDIDATE_ALIAS,
+    PREVIOUS_CHAMPION_ALIAS,
+    CHAMPION_ALIAS,
+    GateConfig,
+    GateDecision,
+    decide_task,
+    fetch_test_split_task,
+    move_aliases_task,
+    record_decision_task,
+    record_failure,
+    resolve_alias_task,
+    rollback_task,
+    score_versions_task,
+)
+from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
+
+RegisteredModelName = Annotated[str, Field(min_length=1, max_length=256, description="MLflow registered-model name.")]
+SmokeTestTexts = Annotated[
+    int, Field(ge=1, le=64, description="Test texts the built Bento must classify like the registered model.")
+]
+SmokeTestTimeout = Annotated[
+    int, Field(ge=1, le=3600, description="Seconds the built Bento may take to become ready in the smoke test.")
+]
+Containerize = Annotated[
+    bool, Field(description="Run `bentoml containerize` after the build (needs a Docker engine; skipped with a "
+                            "message when there is none).")
+]
+
+
+class ServedBento(BaseModel):
+    """The Bento that now serves the champion."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bento_tag: str
+    model_version: int
+    dockerfile: Path
+    container_image: str | None
+    container_message: str
+
+
+class PromotionResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    registered_model_name: str
+    decision: GateDecision
+    champion_version: int | None
+    previous_champion_version: int | None
+    bento: ServedBento | None = None
+
+
+class RollbackResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    registered_model_name: str
+    champion_version: int
+    previous_champion_version: int | None
+    bento: ServedBento
+
+
+def decision_markdown(name: str, decision: GateDecision, scores: dict[int, dict]) -> str:
+    rows = [f"| version {v} | {s['macro_f1']:.4f} | {s['accuracy']:.4f} | {s['n']} |" for v, s in scores.items()]
+    lines = [
+        f"# Promotion of {name} version {decision.candidate_version}: **{decision.label}**", "",
+        decision.reason, "",
+        "| model | test macro-F1 | accuracy | texts |", "|---|---|---|---|", *rows, "",
+    ]
+    if decision.per_class_f1_delta:
+        lines += ["| class | F1 change (candidate - champion) |", "|---|---|"]
+        lines += [f"| {label} | {delta:+.4f} |" for label, delta in sorted(decision.per_class_f1_delta.items())]
+    return "\n".join(lines) + "\n"
+
+
+def build_and_check_bento(
+    tracking_uri: str, name: str, version: int, test_split: Path, smoke_test_texts: int, smoke_test_timeout: int,
+    settings: Settings,
+) -> BentoBuild:
+    """Model store -> Bento -> served on loopback -> answers equal the registered pyfunc model's. Raises on any
+    failure, before any alias has moved."""
+    downloaded = download_model_version_task(tracking_uri, name, version, settings.model_download_dir)
+    texts = pick_smoke_texts_task(test_split, smoke_test_texts)
+    expected = predict_labels_task(downloaded, texts)
+    model_tag = import_to_bento_store_task(downloaded.model_dir, BENTO_MODEL_NAME, name, version)
+    build = build_bento_task(model_tag, name, version)
+    smoke_test_bento_task(build, texts, expected, settings.logs_dir, smoke_test_timeout)
+    return build
+
+
+def served_bento(build: BentoBuild, containerize: bool) -> ServedBento:
+    if not containerize:
+        return ServedBento(bento_tag=build.bento_tag, model_version=build.model_version, dockerfile=build.dockerfile,
+                           container_image=None, container_message="containerize=False: no image built.")
+    image = containerize_bento_task(build)
+    get_run_logger().info(image.message)
+    return ServedBento(bento_tag=build.bento_tag, model_version=build.model_version, dockerfile=image.dockerfile,
+                       container_image=image.image, container_message=image.message)
+
+
+@flow(name="promotion", log_prints=True)
+def promotion(
+    registered_model_name: RegisteredModelName = "text-classifier",
+    candidate_version: Annotated[
+        int | None, Field(ge=1, description="Model version to gate; empty means the version behind @candidate.")
+    ] = None,
+    gate: GateConfig = GateConfig(),
+    smoke_test_texts: SmokeTestTexts = 16,
+    smoke_test_timeout_seconds: SmokeTestTimeout = 300,
+    containerize: Containerize = True,
+) -> PromotionResult:
+    settings = Settings()
+    uri, name = settings.resolved_mlflow_tracking_uri, registered_model_name
+    candidate = candidate_version or resolve_alias_task(uri, name, CANDIDATE_ALIAS)
+    if candidate is None:
+        raise ValueError(
+            f"Registered model '{name}' has no @{CANDIDATE_ALIAS} version: train one first (`textclf train`), "
+            f"or pass candidate_version."
+        )
+    champion = resolve_alias_task(uri, name, CHAMPION_ALIAS)
+    tracking = start_tracking_run_task(
+        uri, settings.promotion_experiment_name, run_name=f"{name}-v{candidate}",
+        idempotency_key=flow_run.get_id() or f"local-{name}-{candidate}",
+        tags={"prefect.flow_run_id": str(flow_run.get_id()), "registered_model": name},
+    )
+    try:
+        test_split = fetch_test_split_task(uri, name, candidate, settings.promotion_dir / tracking.run_id)
+        scores = score_versions_task(uri, name, [v for v in (candidate, champion) if v is not None], test_split)
+        decision = decide_task(scores[candidate], scores.get(champion), gate, candidate, champion)
+        record_decision_task(tracking, name, decision, gate)
+        create_markdown_artifact(key="promotion-decision", markdown=decision_markdown(name, decision, scores),
+                                 description=f"Gate decision for {name} version {candidate}.")
+        print(f"{name} version {candidate}: {decision.label}. {decision.reason}")
+        result = PromotionResult(registered_model_name=name, decision=decision, champion_version=champion,
+                                 previous_champion_version=resolve_alias_task(uri, name, PREVIOUS_CHAMPION_ALIAS))
+        if decision.promote:
+            build = build_and_check_bento(
+                uri, name, candidate, test_split, smoke_test_texts, smoke_test_timeout_seconds, settings
+            )
+            previous, new_champion = move_aliases_task(uri, name, candidate)
+            print(f"@{CHAMPION_ALIAS} -> version {new_champion}; @{PREVIOUS_CHAMPION_ALIAS} -> version {previous}; "
+                  f"Bento {build.bento_tag}")
+            result = PromotionResult(registered_model_name=name, decision=decision, champion_version=new_champion,
+                                     previous_champion_version=previous, bento=served_bento(build, containerize))
+    except BaseException as error:
+        with contextlib.suppress(Exception):  # never hide the real error behind a tracking one
+            end_tracking_run(tracking, status="FAILED")
+            record_failure(uri, name, candidate, error)
+        raise
+    end_tracking_run_task(tracking)
+    return result
+
+
+@flow(name="rollback", log_prints=True)
+def rollback(
+    registered_model_name: RegisteredModelName = "text-classifier",
+    smoke_test_texts: SmokeTestTexts = 16,
+    smoke_test_timeout_seconds: SmokeTestTimeout = 300,
+    containerize: Containerize = True,
+) -> RollbackResult:
+    settings = Settings()
+    uri, name = settings.resolved_mlflow_tracking_uri, registered_model_name
+    previous = resolve_alias_task(uri, name, PREVIOUS_CHAMPION_ALIAS)
+    if previous is None:
+        raise ValueError(
+            f"Registered model '{name}' has no @{PREVIOUS_CHAMPION_ALIAS}: there is no former champion to roll back "
+            f"to (a rollback needs at least one promotion that replaced a champion)."
+        )
+    test_split = fetch_test_split_task(uri, name, previous, settings.promotion_dir / f"rollback-{flow_run.get_id()}")
+    build = build_and_check_bento(
+        uri, name, previous, test_split, smoke_test_texts, smoke_test_timeout_seconds, settings
+    )
+    champion, demoted = rollback_task(uri, name)
+    print(f"Rolled back: @{CHAMPION_ALIAS} -> version {champion}; @{PREVIOUS_CHAMPION_ALIAS} -> version {demoted}; "
+          f"Bento {build.bento_tag}")
+    create_markdown_artifact(
+        key="rollback", description=f"Rollback of {name}.",
+        markdown=f"# Rollback of {name}\n\n@{CHAMPION_ALIAS} is version **{champion}** again (Bento "
+                 f"`{build.bento_tag}`); version {demoted} is now @{PREVIOUS_CHAMPION_ALIAS}.\n",
+    )
+    return RollbackResult(registered_model_name=name, champion_version=champion, previous_champion_version=demoted,
+                          bento=served_bento(build, containerize))
