@@ -3,6 +3,7 @@ error, environment overrides are honoured, and `textclf train` prints where to l
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -88,8 +89,34 @@ def test_textclf_train_starts_the_embedded_stack_and_prints_where_to_look(fixtur
         # A second command reuses the running servers.
         status = _textclf("stack", "up", env=env, timeout=120)
         assert "Prefect server  running" in status.stdout and "MLflow server   running" in status.stdout
+
+        # The rest of `make run`: promote the candidate (the first champion), then serve it and print a curl
+        # example that works as printed.
+        promoted = _textclf("promote", "--registered-model-name", "cli-model", "--first-champion-floor", "0", env=env)
+        assert promoted.returncode == 0, promoted.stderr[-3000:]
+        assert "cli-model version 1: PROMOTED" in promoted.stdout and "No Docker engine" in promoted.stdout
+        bento_port = free_port()
+        served = _textclf("serve", "--registered-model-name", "cli-model", env={**env, "TEXTCLF_BENTO_PORT": str(bento_port)})
+        assert served.returncode == 0, served.stderr[-3000:]
+        assert "Serving cli-model version 1" in served.stdout and f"http://127.0.0.1:{bento_port}/" in served.stdout
+        lines = served.stdout.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.strip().startswith("curl "))
+        curl = subprocess.run(["bash", "-c", "\n".join(lines[start : start + 2])], capture_output=True, text=True,
+                              timeout=60)
+        answer = json.loads(curl.stdout)
+        assert answer[0]["model_version"] == "cli-model/1" and "probabilities" in answer[0]
     finally:
         _textclf("stack", "down", env=env, timeout=120)
+    assert not (home / "logs" / "bento.pid").exists()  # `stack down` stopped the Bento server too
+
+
+@pytest.mark.slow
+def test_textclf_serve_without_a_champion_says_what_to_run(servers, tmp_path):
+    env = {**os.environ, "PREFECT_API_URL": servers["prefect"], "MLFLOW_TRACKING_URI": servers["mlflow"],
+           "TEXTCLF_HOME": str(tmp_path / "home")}
+    done = _textclf("serve", "--registered-model-name", "nothing-promoted", env=env, timeout=120)
+    assert done.returncode == 1
+    assert "has no @champion yet: run `.venv/bin/textclf promote`" in done.stderr
 
 
 @pytest.mark.slow
