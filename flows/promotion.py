@@ -39,6 +39,7 @@ from tasks.promote import (
     record_failure,
     resolve_alias_task,
     rollback_task,
+    version_of_flow_run_task,
     score_versions_task,
 )
 from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
@@ -131,6 +132,10 @@ def promotion(
     candidate_version: Annotated[
         int | None, Field(ge=1, description="Model version to gate; empty means the version behind @candidate.")
     ] = None,
+    training_flow_run_id: Annotated[
+        str | None, Field(description="Gate the version this training flow run registered (what the automation "
+                                      "after training passes); overrides candidate_version.")
+    ] = None,
     gate: GateConfig = GateConfig(),
     smoke_test_texts: SmokeTestTexts = 16,
     smoke_test_timeout_seconds: SmokeTestTimeout = 300,
@@ -138,7 +143,10 @@ def promotion(
 ) -> PromotionResult:
     settings = Settings()
     uri, name = settings.resolved_mlflow_tracking_uri, registered_model_name
-    candidate = candidate_version or resolve_alias_task(uri, name, CANDIDATE_ALIAS)
+    if training_flow_run_id:
+        candidate = version_of_flow_run_task(uri, name, training_flow_run_id)
+    else:
+        candidate = candidate_version or resolve_alias_task(uri, name, CANDIDATE_ALIAS)
     if candidate is None:
         raise ValueError(
             f"Registered model '{name}' has no @{CANDIDATE_ALIAS} version: train one first (`textclf train`), "

@@ -95,6 +95,19 @@ def resolve_alias(tracking_uri: str, name: str, alias: str) -> int | None:
     return int(version.version)
 
 
+def version_of_flow_run(tracking_uri: str, name: str, flow_run_id: str) -> int:
+    """The version of `name` that the training flow run `flow_run_id` registered (tag `prefect.flow_run_id`)."""
+    versions = _client(tracking_uri).search_model_versions(
+        f"name = '{name}' and tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    )
+    if not versions:
+        raise ValueError(
+            f"No version of registered model '{name}' was registered by training flow run {flow_run_id}: did that "
+            f"run register under another registered_model_name?"
+        )
+    return max(int(v.version) for v in versions)
+
+
 def fetch_test_split(tracking_uri: str, name: str, version: int, target_root: Path) -> Path:
     """The held-out test split of the training run behind model version `version` (texts and true labels), as
     `target_root/<name>-v<version>-test.parquet`. Both candidate and champion are scored on it."""
@@ -320,6 +333,7 @@ def rollback(tracking_uri: str, name: str) -> tuple[int, int | None]:
     return previous, None
 
 
+version_of_flow_run_task = task(version_of_flow_run, name="version-of-flow-run", retries=2, retry_delay_seconds=5)
 resolve_alias_task = task(resolve_alias, name="resolve-alias", retries=2, retry_delay_seconds=5)
 fetch_test_split_task = task(fetch_test_split, name="fetch-test-split", retries=2, retry_delay_seconds=5)
 score_versions_task = task(score_versions, name="score-versions", retries=2, retry_delay_seconds=5)

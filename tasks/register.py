@@ -20,6 +20,7 @@ from tasks.preprocess import PreparedDataset
 from tasks.tracking import TrackingRef, log_metrics, log_params
 
 MODEL_ARTIFACT_PATH = "model"
+FLOW_RUN_TAG = "prefect.flow_run_id"  # set on the training run by the flow, copied onto the model version
 # What a model's environment needs to load and run it (exact versions of this environment).
 MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "numpy", "pandas", "safetensors")
 
@@ -134,6 +135,9 @@ def register(
             "device": model.device,
             "precision": model.precision,
         }
+        flow_run_id = client.get_run(tracking.run_id).data.tags.get(FLOW_RUN_TAG)
+        if flow_run_id:  # lets the promotion automation find the version a training flow run registered
+            tags[FLOW_RUN_TAG] = flow_run_id
         for key, value in tags.items():
             client.set_tag(tracking.run_id, key, value)
         log_params(tracking, params)

@@ -93,3 +93,67 @@ def tuned_fixture(tmp_path_factory, prepared_fixture, tiny_model_dir):
     config = FineTuneConfig(base_model=str(tiny_model_dir), epochs=8, batch_size=8, learning_rate=2e-3,
                             early_stopping_patience=0)
     return fine_tune(prepared, config, tmp_path_factory.mktemp("fine-tune"))
+
+
+POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}  # the machine's PostgreSQL (trust auth)
+
+
+def _postgres_admin():
+    import psycopg
+
+    return psycopg.connect(dbname="postgres", connect_timeout=5, autocommit=True, **POSTGRES)
+
+
+@pytest.fixture(scope="session")
+def production_stack(tmp_path_factory):
+    """The production shape on one machine: a Prefect server and an MLflow server on PostgreSQL (fresh databases),
+    the work pools and every deployment of prefect.yaml registered by `textclf deploy`'s code, and a `process`
+    worker on each pool (`gpu` and `cpu`; without a GPU the fine-tune falls back to the CPU)."""
+    import subprocess
+    import sys
+    import uuid
+
+    import psycopg
+
+    from flows.deploy import deploy
+    from flows.local_stack import ensure_mlflow_server, ensure_prefect_server, free_port, stop_local_servers
+
+    try:
+        admin = _postgres_admin()
+    except psycopg.OperationalError as error:
+        pytest.fail(f"PostgreSQL is not answering on 127.0.0.1:5432 ({error}); the production-shaped tests need it.")
+    suffix = uuid.uuid4().hex[:8]
+    databases = {"prefect": f"textclf_prefect_{suffix}", "mlflow": f"textclf_mlflow_{suffix}"}
+    with admin.cursor() as cursor:
+        for database in databases.values():
+            cursor.execute(f"CREATE DATABASE {database}")
+    root = tmp_path_factory.mktemp("production")
+    url = "postgresql{driver}://{user}@{host}:{port}/{database}"
+    workers = []
+    try:
+        mlflow = ensure_mlflow_server(root, port=free_port(), backend_store_uri=url.format(
+            driver="", database=databases["mlflow"], **POSTGRES))
+        prefect = ensure_prefect_server(root, port=free_port(), database_url=url.format(
+            driver="+asyncpg", database=databases["prefect"], **POSTGRES))
+        deployments = deploy(prefect.url, "process")
+        env = {**os.environ, "PREFECT_API_URL": prefect.url, "MLFLOW_TRACKING_URI": mlflow.url,
+               "TEXTCLF_HOME": str(root / "home"), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+        for pool in ("gpu", "cpu"):
+            log = (root / f"worker-{pool}.log").open("wb")
+            workers.append(subprocess.Popen(
+                [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            ))
+        yield {"prefect": prefect.url, "mlflow": mlflow.url, "root": root, "deployments": deployments,
+               "databases": databases}
+    finally:
+        import signal
+
+        for worker in workers:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+        stop_local_servers(root)
+        with admin.cursor() as cursor:
+            for database in databases.values():
+                cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        admin.close()

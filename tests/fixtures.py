@@ -59,8 +59,7 @@ def make_tiny_bert(folder: Path, texts: list[str]) -> Path:
 
 
 def flow_run_and_artifacts(api_url: str, flow_run_id) -> tuple[dict, list[dict]]:
-    """What the Prefect UI shows for a flow run, read over its REST API (the sync client's artifact filter
-    answers 422 on this server version)."""
+    """What the Prefect UI shows for a flow run, read over the same REST API the UI uses."""
     import httpx
 
     run = httpx.get(f"{api_url}/flow_runs/{flow_run_id}").raise_for_status().json()

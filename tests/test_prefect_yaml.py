@@ -21,6 +21,40 @@ def test_every_deployment_entrypoint_and_parameters_are_valid():
         assert validated, deployment["name"]
 
 
+def test_trigger_parameters_validate_against_the_triggered_flow():
+    """The automation passes rendered templates (strings): they must fit the promotion flow's parameters."""
+    from flows.promotion import promotion
+
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deployment = next(d for d in config["deployments"] if d["name"] == "promotion")
+    (trigger,) = deployment["triggers"]
+    assert trigger["expect"] == ["prefect.flow-run.Completed"]
+    assert trigger["match_related"] == {"prefect.resource.role": "flow", "prefect.resource.name": "training"}
+    rendered = {key: "rendered-value" for key in trigger["parameters"]}
+    assert promotion.validate_parameters({**deployment["parameters"], **rendered})
+
+
+def test_deployments_share_pools_and_schedules_through_definitions():
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    pools = {d["name"]: d["work_pool"]["name"] for d in config["deployments"]}
+    assert pools == {"training": "gpu", "training-cpu": "cpu", "retraining": "gpu", "promotion": "cpu",
+                     "rollback": "cpu"}
+    retraining = next(d for d in config["deployments"] if d["name"] == "retraining")
+    assert retraining["schedules"] == [config["definitions"]["schedules"]["weekly"]]
+    assert retraining["schedules"][0]["cron"] == "0 3 * * 1"
+    text = (ROOT / "prefect.yaml").read_text()
+    assert "*gpu_pool" in text and "*cpu_pool" in text and "*weekly_retraining" in text  # YAML anchors, not copies
+
+
+def test_deploy_refuses_an_unknown_pool_type():
+    import pytest
+
+    from flows.deploy import DeployError, deploy
+
+    with pytest.raises(DeployError, match="Unknown work-pool type 'ecs': use one of process, docker, kubernetes"):
+        deploy("http://127.0.0.1:9/api", "ecs")
+
+
 def test_flow_parameters_reject_out_of_bounds_values_with_the_field_named():
     import pytest
     from prefect.exceptions import ParameterTypeError
