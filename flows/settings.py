@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     promotion_experiment_name: str = Field(
         default="text-classifier-promotion", description="MLflow experiment of the promotion runs (gate decisions)."
     )
+    monitoring_experiment_name: str = Field(
+        default="text-classifier-monitoring", description="MLflow experiment of batch scoring and drift runs."
+    )
     registered_model_name: str = Field(default="text-classifier")
 
     @property
@@ -84,3 +87,7 @@ class Settings(BaseSettings):
     @property
     def promotion_dir(self) -> Path:
         return self.root / "promotion"
+
+    @property
+    def predictions_dir(self) -> Path:
+        return self.root / "predictions"

@@ -99,3 +99,5 @@ def log_params(tracking: TrackingRef, params: dict[str, object]) -> None:
 
 start_tracking_run_task = task(start_tracking_run, name="start-tracking-run", retries=2, retry_delay_seconds=5)
 end_tracking_run_task = task(end_tracking_run, name="end-tracking-run", retries=2, retry_delay_seconds=5)
+log_metrics_task = task(log_metrics, name="log-metrics", retries=2, retry_delay_seconds=5)
+log_params_task = task(log_params, name="log-params", retries=2, retry_delay_seconds=5)

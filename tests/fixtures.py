@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -67,3 +69,35 @@ def flow_run_and_artifacts(api_url: str, flow_run_id) -> tuple[dict, list[dict]]
         f"{api_url}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}}
     ).raise_for_status().json()
     return run, artifacts
+
+
+def relabelled_model(tuned, folder: Path, relabel) -> object:
+    """The same fine-tuned weights with `labels.json` rewritten: the model's predictions get other names."""
+    shutil.copytree(tuned.model_dir, folder)
+    labels = json.loads((folder / "labels.json").read_text())
+    (folder / "labels.json").write_text(json.dumps(relabel(labels)))
+    return tuned.model_copy(update={"model_dir": folder})
+
+
+def register_model_versions(servers, prepared_fixture, tuned_fixture, tmp_path, name: str, variants: list[str]) -> list[int]:
+    """Register one version per variant of the tuned fixture model: "good" (as trained), "fair" (two classes'
+    names swapped, macro-F1 about 1/3) or "worse" (every class renamed, macro-F1 0)."""
+    from tasks.evaluate import EvaluationConfig, evaluate
+    from tasks.register import RegisterConfig, register
+    from tasks.tracking import start_tracking_run
+
+    snapshot, prepared = prepared_fixture
+    relabel = {
+        "good": lambda labels: labels,
+        "fair": lambda labels: [labels[1], labels[0], *labels[2:]],  # two classes swapped
+        "worse": lambda labels: labels[1:] + labels[:1],  # every class wrong
+    }
+    versions = []
+    for index, variant in enumerate(variants):
+        model = relabelled_model(tuned_fixture, tmp_path / f"{variant}-{index}", relabel[variant])
+        evaluation = evaluate(model, prepared, tmp_path / f"eval-{index}", config=EvaluationConfig(latency_samples=1))
+        tracking = start_tracking_run(servers["mlflow"], f"{name}-training", "train", idempotency_key=f"{name}-{index}")
+        version = register(model, evaluation, snapshot, prepared, tracking, RegisterConfig(registered_model_name=name),
+                           {"variant": variant}, "test")
+        versions.append(version.version)
+    return versions

@@ -4,10 +4,6 @@ weights with two class names swapped (macro-F1 1/3) or all of them rotated (macr
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import httpx
 import mlflow.pyfunc
 import pytest
@@ -18,40 +14,10 @@ from flows.local_stack import free_port
 from flows.promotion import promotion, rollback
 from tasks.bento import pick_smoke_texts, start_bento_server, stop_bento_server, wait_until_ready
 from tasks.promote import CHAMPION_ALIAS, PREVIOUS_CHAMPION_ALIAS, GateConfig, resolve_alias
-from tests.fixtures import flow_run_and_artifacts
+from tests.fixtures import flow_run_and_artifacts, register_model_versions
 
 pytestmark = pytest.mark.slow
 FIRST_CHAMPION_FLOOR = GateConfig(min_macro_f1_first_champion=0.3)
-
-
-def _relabelled(tuned, folder: Path, relabel) -> object:
-    """The same fine-tuned weights with `labels.json` rewritten: the model's predictions get other names."""
-    shutil.copytree(tuned.model_dir, folder)
-    labels = json.loads((folder / "labels.json").read_text())
-    (folder / "labels.json").write_text(json.dumps(relabel(labels)))
-    return tuned.model_copy(update={"model_dir": folder})
-
-
-def _register_versions(servers, prepared_fixture, tuned_fixture, tmp_path, name: str, variants: list[str]) -> list[int]:
-    from tasks.evaluate import EvaluationConfig, evaluate
-    from tasks.register import RegisterConfig, register
-    from tasks.tracking import start_tracking_run
-
-    snapshot, prepared = prepared_fixture
-    relabel = {
-        "good": lambda labels: labels,
-        "fair": lambda labels: [labels[1], labels[0], *labels[2:]],  # two classes swapped
-        "worse": lambda labels: labels[1:] + labels[:1],  # every class wrong
-    }
-    versions = []
-    for index, variant in enumerate(variants):
-        model = _relabelled(tuned_fixture, tmp_path / f"{variant}-{index}", relabel[variant])
-        evaluation = evaluate(model, prepared, tmp_path / f"eval-{index}", config=EvaluationConfig(latency_samples=1))
-        tracking = start_tracking_run(servers["mlflow"], f"{name}-training", "train", idempotency_key=f"{name}-{index}")
-        version = register(model, evaluation, snapshot, prepared, tracking, RegisterConfig(registered_model_name=name),
-                           {"variant": variant}, "test")
-        versions.append(version.version)
-    return versions
 
 
 def _bento_labels(tag: str) -> dict:
@@ -66,7 +32,7 @@ def _version_tags(uri: str, name: str, version: int) -> dict:
 
 def test_promotion_gates_builds_serves_and_rolls_back(project_env, servers, prepared_fixture, tuned_fixture, tmp_path):
     uri, name = servers["mlflow"], "promo-flow"
-    fair, worse, good = _register_versions(servers, prepared_fixture, tuned_fixture, tmp_path, name,
+    fair, worse, good = register_model_versions(servers, prepared_fixture, tuned_fixture, tmp_path, name,
                                            ["fair", "worse", "good"])
 
     # 1. No champion yet: the first candidate above the floor becomes the champion, with a built, checked Bento.
@@ -147,7 +113,7 @@ def test_promotion_gates_builds_serves_and_rolls_back(project_env, servers, prep
 def test_a_bento_that_fails_its_smoke_test_leaves_the_champion_alone(project_env, servers, prepared_fixture,
                                                                        tuned_fixture, tmp_path):
     uri, name = servers["mlflow"], "promo-failure"
-    fair, good = _register_versions(servers, prepared_fixture, tuned_fixture, tmp_path, name, ["fair", "good"])
+    fair, good = register_model_versions(servers, prepared_fixture, tuned_fixture, tmp_path, name, ["fair", "good"])
     assert promotion(name, candidate_version=fair, gate=FIRST_CHAMPION_FLOOR, containerize=False).champion_version == fair
 
     # The gate passes, but the Bento cannot become ready within 1 s: the flow fails and no alias moves.

@@ -1,0 +1,299 @@
+"""Batch scoring: stream new texts from files (CSV, TSV, JSONL, Parquet, a folder of .txt files, or a glob of
+those) or a hub dataset, score them with the champion, and write one Parquet file of predictions.
+
+Memory stays bounded: texts are read in chunks (pandas/pyarrow readers, streaming for the hub) and each scored
+chunk is appended to the Parquet file as a row group. The file is written under a temporary name and renamed
+when complete, so an interrupted run leaves no partial output (its leftover temporary is removed next time)."""
+
+from __future__ import annotations
+
+import glob as globbing
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field
+
+TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".json": None, ".parquet": None}
+PARTIAL_MARK = ".partial-"
+ENDPOINT_MAX_TEXT_CHARS = 20_000  # service.py's MAX_TEXT_CHARS; the model reads far fewer tokens anyway
+
+
+class ScoringSource(BaseModel):
+    """Where the texts to score come from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source: str = Field(
+        description="A CSV/TSV/JSONL/Parquet file, a folder of .txt files, a glob such as 'incoming/*.jsonl', or "
+        "'hub:<dataset>' for a Hugging Face hub dataset.",
+    )
+    text_column: str = Field(default="text", description="Column that holds the text (tables and hub datasets).")
+    id_column: str | None = Field(
+        default=None, description="Column with a stable id per text; unset uses '<file>:<row>' (or the file name).",
+    )
+    hub_config: str | None = Field(default=None, description="Hub dataset configuration.")
+    hub_split: str = Field(default="train", description="Hub dataset split.")
+
+
+class ScoringSummary(BaseModel):
+    """What was scored, where the predictions are, and how they are distributed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    output_path: Path | None  # None when there was nothing to score
+    rows: int
+    blank_texts: int
+    model_version: str
+    label_counts: dict[str, int]
+    mean_probability: float | None
+    low_confidence_share: float | None
+    seconds: float
+
+    @property
+    def texts_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+class ScoringSourceError(ValueError):
+    pass
+
+
+def resolve_files(source: str) -> list[Path]:
+    """The files a source names, sorted. A glob that matches nothing is an empty list (nothing new to score);
+    a plain path that does not exist is an error."""
+    if any(char in source for char in "*?["):
+        return sorted(Path(p) for p in globbing.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file())
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in {*TABLE_SUFFIXES, ".txt"})
+        if not files:
+            raise ScoringSourceError(f"{path} holds no .txt, .csv, .tsv, .jsonl or .parquet files to score.")
+        return files
+    if not path.exists():
+        raise ScoringSourceError(f"{path} does not exist. Pass a file, a folder, a glob or 'hub:<dataset>'.")
+    return [path]
+
+
+def _table_chunks(path: Path, config: ScoringSource, chunk_size: int) -> Iterator[pd.DataFrame]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(path)
+        columns = [c for c in (config.text_column, config.id_column) if c]
+        missing = [c for c in columns if c not in parquet.schema_arrow.names]
+        if missing:
+            raise ScoringSourceError(f"{path}: no column {missing[0]!r} (columns: {', '.join(parquet.schema_arrow.names)}).")
+        for batch in parquet.iter_batches(batch_size=chunk_size, columns=columns):
+            yield batch.to_pandas()
+    elif suffix in (".jsonl", ".json"):
+        yield from pd.read_json(path, lines=True, chunksize=chunk_size, dtype=False)
+    elif suffix in (".csv", ".tsv"):
+        yield from pd.read_csv(path, sep=TABLE_SUFFIXES[suffix], chunksize=chunk_size, dtype=str,
+                               keep_default_na=False)
+    else:
+        raise ScoringSourceError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .parquet or .txt.")
+
+
+def iter_text_chunks(config: ScoringSource, chunk_size: int) -> Iterator[pd.DataFrame]:
+    """Chunks of at most `chunk_size` rows with columns `id` and `text`, in source order."""
+    if config.source.startswith("hub:"):
+        yield from _hub_chunks(config, chunk_size)
+        return
+    files = resolve_files(config.source)
+    text_files = [p for p in files if p.suffix.lower() == ".txt"]
+    for start in range(0, len(text_files), chunk_size):
+        batch = text_files[start : start + chunk_size]
+        yield pd.DataFrame({"id": [str(p) for p in batch],
+                            "text": [p.read_text(encoding="utf-8", errors="replace") for p in batch]})
+    for path in (p for p in files if p.suffix.lower() != ".txt"):
+        offset = 0
+        for frame in _table_chunks(path, config, chunk_size):
+            if config.text_column not in frame.columns:
+                raise ScoringSourceError(
+                    f"{path}: no column {config.text_column!r} (columns: {', '.join(map(str, frame.columns))}). "
+                    f"Set text_column."
+                )
+            if config.id_column and config.id_column not in frame.columns:
+                raise ScoringSourceError(f"{path}: no id column {config.id_column!r}. Set id_column or leave it unset.")
+            ids = (frame[config.id_column].astype(str) if config.id_column
+                   else pd.Series([f"{path.name}:{offset + i}" for i in range(len(frame))]))
+            yield pd.DataFrame({"id": ids.to_numpy(), "text": frame[config.text_column].to_numpy()})
+            offset += len(frame)
+
+
+def _hub_chunks(config: ScoringSource, chunk_size: int) -> Iterator[pd.DataFrame]:
+    import datasets
+
+    name = config.source.removeprefix("hub:")
+    stream = datasets.load_dataset(name, config.hub_config, split=config.hub_split, streaming=True)
+    rows: list[dict] = []
+    for index, row in enumerate(stream):
+        if config.text_column not in row:
+            raise ScoringSourceError(f"hub:{name}: no column {config.text_column!r} (columns: {', '.join(row)}).")
+        rows.append({"id": str(row[config.id_column]) if config.id_column else f"{name}:{index}",
+                     "text": row[config.text_column]})
+        if len(rows) == chunk_size:
+            yield pd.DataFrame(rows)
+            rows = []
+    if rows:
+        yield pd.DataFrame(rows)
+
+
+def count_rows(config: ScoringSource) -> int | None:
+    """Total rows when cheap to know (Parquet metadata, .txt files), for the progress bar; else None."""
+    if config.source.startswith("hub:"):
+        return None
+    total = 0
+    for path in resolve_files(config.source):
+        if path.suffix.lower() == ".txt":
+            total += 1
+        elif path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(path).metadata.num_rows
+        else:
+            return None
+    return total
+
+
+Scorer = Callable[[list[str]], np.ndarray]  # texts -> probabilities (one row per text, columns = label_names)
+
+
+def in_process_scorer(model_dir: Path, batch_size: int = 64) -> tuple[Scorer, list[str]]:
+    from tasks.classifier import TextClassifier
+
+    classifier = TextClassifier(model_dir)
+    return (lambda texts: classifier.predict_proba(texts, batch_size)), classifier.label_names
+
+
+def endpoint_scorer(url: str, token: str | None = None, batch_size: int = 64) -> tuple[Scorer, list[str], str]:
+    """Score through the Bento's `/classify` in requests of `batch_size` texts (its documented limit is 64)."""
+    import httpx
+
+    client = httpx.Client(base_url=url.rstrip("/"), timeout=120,
+                          headers={"Authorization": f"Bearer {token}"} if token else {})
+
+    def classify(texts: list[str]) -> list[dict]:
+        response = client.post("/classify", json={"texts": [t[:ENDPOINT_MAX_TEXT_CHARS] for t in texts]})
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}/classify answered {response.status_code}: {response.text[:500]}")
+        return response.json()
+
+    probe = classify(["probe"])[0]  # the label set and model version come from the service itself
+    labels, version = list(probe["probabilities"]), probe["model_version"]
+
+    def score(texts: list[str]) -> np.ndarray:
+        rows = []
+        for start in range(0, len(texts), batch_size):
+            rows += [[answer["probabilities"][label] for label in labels]
+                     for answer in classify(texts[start : start + batch_size])]
+        return np.asarray(rows, dtype=np.float32).reshape(len(texts), len(labels))
+
+    return score, labels, version
+
+
+def _prediction_table(chunk: pd.DataFrame, probabilities: np.ndarray, blank: np.ndarray, labels: list[str],
+                      model_version: str, scored_at: pd.Timestamp):
+    import pyarrow as pa
+
+    full = np.full((len(chunk), len(labels)), np.nan, dtype=np.float32)
+    full[~blank] = probabilities
+    best = np.where(blank, -1, np.nan_to_num(full, nan=-1).argmax(axis=1))
+    columns = {
+        "id": pa.array(chunk["id"].astype(str).to_numpy(), pa.string()),
+        "label": pa.array([None if b < 0 else labels[b] for b in best], pa.string()),
+        "probability": pa.array([None if b < 0 else float(full[i, b]) for i, b in enumerate(best)], pa.float32()),
+        **{f"proba_{label}": pa.array(full[:, j], pa.float32(), mask=blank) for j, label in enumerate(labels)},
+        "model_version": pa.array([model_version] * len(chunk), pa.string()),
+        "scored_at": pa.array([scored_at] * len(chunk), pa.timestamp("us", tz="UTC")),
+    }
+    return pa.table(columns)
+
+
+def _process_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def score_to_parquet(
+    config: ScoringSource, scorer: Scorer, labels: list[str], model_version: str, output_path: Path,
+    chunk_size: int = 10_000, low_confidence_threshold: float = 0.5, progress: bool = True,
+) -> ScoringSummary:
+    """Stream, score and append chunk by chunk; rename the finished file into place. Blank texts are kept as
+    rows with no label (so output rows always equal input rows) and counted."""
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output_path.parent.glob(f".*{PARTIAL_MARK}*"):
+        if not _process_alive(stale.name.rsplit(PARTIAL_MARK, 1)[1]):
+            stale.unlink(missing_ok=True)  # left by an interrupted run
+    partial = output_path.parent / f".{output_path.name}{PARTIAL_MARK}{os.getpid()}"
+    started, rows, blanks = time.perf_counter(), 0, 0
+    counts: Counter[str] = Counter()
+    confidence_sum, low_confidence = 0.0, 0
+    writer = None
+    bar = tqdm(total=count_rows(config), unit="text", desc="scoring", disable=not progress)
+    try:
+        for chunk in iter_text_chunks(config, chunk_size):
+            texts = chunk["text"].astype(object).where(chunk["text"].notna(), "").astype(str).tolist()
+            blank = np.array([not t.strip() for t in texts], dtype=bool)
+            kept = [t for t, b in zip(texts, blank) if not b]
+            probabilities = scorer(kept) if kept else np.zeros((0, len(labels)), dtype=np.float32)
+            table = _prediction_table(chunk, probabilities, blank, labels, model_version,
+                                      pd.Timestamp.now(tz="UTC"))
+            if writer is None:
+                writer = pq.ParquetWriter(partial, table.schema)
+            writer.write_table(table)
+            best = probabilities.max(axis=1) if len(kept) else np.zeros(0)
+            if kept:
+                counts.update(labels[i] for i in probabilities.argmax(axis=1))
+            confidence_sum += float(best.sum())
+            low_confidence += int((best < low_confidence_threshold).sum())
+            rows, blanks = rows + len(chunk), blanks + int(blank.sum())
+            bar.update(len(chunk))
+        if writer is not None:
+            writer.close()
+            writer = None
+            os.replace(partial, output_path)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        partial.unlink(missing_ok=True)
+    scored = rows - blanks
+    return ScoringSummary(
+        output_path=output_path if rows else None, rows=rows, blank_texts=blanks, model_version=model_version,
+        label_counts=dict(sorted(counts.items())),
+        mean_probability=confidence_sum / scored if scored else None,
+        low_confidence_share=low_confidence / scored if scored else None,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def score_in_process(config: ScoringSource, model_dir: Path, model_version: str, output_path: Path,
+                     chunk_size: int = 10_000, low_confidence_threshold: float = 0.5) -> ScoringSummary:
+    scorer, labels = in_process_scorer(model_dir)
+    return score_to_parquet(config, scorer, labels, model_version, output_path, chunk_size, low_confidence_threshold)
+
+
+def score_through_endpoint(config: ScoringSource, url: str, output_path: Path, chunk_size: int = 10_000,
+                           low_confidence_threshold: float = 0.5, token: str | None = None) -> ScoringSummary:
+    scorer, labels, version = endpoint_scorer(url, token)
+    return score_to_parquet(config, scorer, labels, version, output_path, chunk_size, low_confidence_threshold)
+
+
+score_in_process_task = task(score_in_process, name="score-in-process")
+score_through_endpoint_task = task(score_through_endpoint, name="score-through-endpoint")
