@@ -191,3 +191,11 @@ def test_a_killed_run_leaves_no_output_and_the_next_run_cleans_up(project_env, s
     texts_frame.to_csv(small, index=False)
     summary = batch_scoring(ScoringSource(source=str(small)), registered_model_name=name)
     assert [p.name for p in folder.iterdir()] == [summary.output_path.name]
+
+
+@pytest.mark.slow
+def test_a_scheduled_run_with_nothing_new_succeeds_and_writes_nothing(project_env, servers, champion, tmp_path):
+    name, _ = champion
+    summary = batch_scoring(ScoringSource(source=str(tmp_path / "incoming" / "*.jsonl")), registered_model_name=name)
+    assert summary.rows == 0 and summary.output_path is None and summary.label_counts == {}
+    assert not (project_env / "predictions" / name).exists() or not any((project_env / "predictions" / name).glob("*.parquet"))

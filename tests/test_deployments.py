@@ -47,7 +47,8 @@ def run_deployment_like_the_ui(api: str, deployment_id: str, parameters: dict) -
 def test_every_deployment_is_registered_on_its_pool_with_a_typed_form(production_stack):
     api = production_stack["prefect"]
     expected = {("training", "training"): "gpu", ("training", "training-cpu"): "cpu",
-                ("training", "retraining"): "gpu", ("promotion", "promotion"): "cpu", ("rollback", "rollback"): "cpu"}
+                ("training", "retraining"): "gpu", ("promotion", "promotion"): "cpu", ("rollback", "rollback"): "cpu",
+                ("batch-scoring", "batch-scoring"): "cpu"}
     for (flow, name), pool in expected.items():
         deployment = _deployment(api, flow, name)
         assert deployment["work_pool_name"] == pool, name
