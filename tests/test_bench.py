@@ -29,3 +29,39 @@ def test_fine_tune_benchmark_writes_both_variants(fixture_csv, tiny_model_dir, t
     assert ours["train_samples_per_second"] > 0 and plain["train_samples_per_second"] > 0
     assert set(result["ratio_ours_over_plain"]) >= {"train_samples_per_second", "wall_samples_per_second"}
     assert "target_met" in result
+
+
+@pytest.mark.slow
+def test_serving_load_benchmark_runs_every_variant(fixture_frame, tmp_path):
+    """Tiny model, two low concurrency levels, one second each: every variant answers, without errors, and the
+    JSON holds the results and the targets section."""
+    from tests.fixtures import make_tiny_bert
+
+    texts = fixture_frame["text"].tolist()
+    model_dir = make_tiny_bert(tmp_path / "model", texts)
+    (model_dir / "labels.json").write_text(json.dumps(["negative", "positive"]))  # the tiny BERT has 2 labels
+    (model_dir / "textclf.json").write_text(json.dumps({"max_length": 32}))
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    output = tmp_path / "serving.json"
+    done = subprocess.run(
+        [sys.executable, "bench/serving_load.py", "--model-dir", str(model_dir), "--texts", str(tmp_path / "texts.txt"),
+         "--duration", "1", "--warmup", "0.5", "--clients", "1,4", "--output", str(output),
+         "--work-dir", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(output.read_text())
+    variants = {r["variant"]: r for r in result["results"].values()}
+    assert set(variants) == {"in-process", "bento-batching", "bento-no-batching", "fastapi-pipeline"}
+    assert variants["in-process"]["texts_per_second"] > 0
+    for name in ("bento-batching", "bento-no-batching", "fastapi-pipeline"):
+        assert "failed" not in variants[name], variants[name]["failed"]
+        assert set(variants[name]["levels"]) == {"1", "4"}
+        for level in variants[name]["levels"].values():
+            assert level["requests_per_second"] > 0, (name, level)
+            assert level["errors"] == 0, (name, level["error_kinds"], level["error_samples"])
+            assert level["latency_ms"]["p99"] >= level["latency_ms"]["p50"] > 0
+    assert set(result["targets"]) >= {"requests_per_second_vs_fastapi", "requests_per_second_vs_in_process",
+                                      "p99_latency", "errors_at_64_clients", "all_targets_met"}
+    assert result["targets"]["variant"].startswith("bento-batching[")
+    assert not list((tmp_path / "work").iterdir())  # working files removed
