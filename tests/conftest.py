@@ -22,6 +22,9 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 # environment) uses a throw-away store, never the user's ~/bentoml.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="textclf-tests-bentoml-")
 atexit.register(shutil.rmtree, os.environ["BENTOML_HOME"], ignore_errors=True)
+# Bento servers started by tests log their requests here, never into the project's .textclf/request-log.
+os.environ["TEXTCLF_REQUEST_LOG_DIR"] = tempfile.mkdtemp(prefix="textclf-tests-request-log-")
+atexit.register(shutil.rmtree, os.environ["TEXTCLF_REQUEST_LOG_DIR"], ignore_errors=True)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
