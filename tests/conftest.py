@@ -154,7 +154,12 @@ def production_stack(tmp_path_factory):
 
         for worker in workers:
             os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=60)
+        for worker in workers:
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a worker busy with a flow run may ignore the first SIGTERM
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(timeout=30)
         stop_local_servers(root)
         with admin.cursor() as cursor:
             for database in databases.values():

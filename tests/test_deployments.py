@@ -73,7 +73,7 @@ def test_a_training_run_from_the_ui_is_run_by_the_worker_and_its_completion_prom
     parameters = {
         "dataset": {"source": str(fixture_csv)},
         "model": {"base_model": str(tiny_model_dir), "max_length": 32},
-        "training": {"epochs": 3, "batch_size": 8, "learning_rate": 2e-3, "early_stopping_patience": 0},
+        "training": {"epochs": 8, "batch_size": 8, "learning_rate": 2e-3, "early_stopping_patience": 0},
         "registered_model_name": name,
     }
     created = run_deployment_like_the_ui(api, training["id"], parameters)
@@ -91,7 +91,11 @@ def test_a_training_run_from_the_ui_is_run_by_the_worker_and_its_completion_prom
     # The automation on "training completed" ran the promotion deployment, with that flow run's id.
     promotion = _deployment(api, "promotion", "promotion")
     deadline = time.monotonic() + 120
-    while not (runs := _runs_of(api, promotion["id"])) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        runs = [r for r in _runs_of(api, promotion["id"])
+                if r["parameters"].get("training_flow_run_id") == created["id"]]
+        if runs:
+            break
         time.sleep(2)
     assert len(runs) == 1, "the promotion deployment was not triggered by the completed training run"
     assert runs[0]["parameters"] == {"registered_model_name": name, "training_flow_run_id": created["id"]}
