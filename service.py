@@ -15,6 +15,8 @@ from typing import Annotated
 import bentoml
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
+from tasks.request_log import RequestLogMiddleware, RequestLogSettings
+
 # Documented request limits (README, OpenAPI): bad input gets a 400 that names the limit, never a 500.
 MAX_TEXTS_PER_REQUEST = 64
 MAX_TEXT_CHARS = 20_000
@@ -44,6 +46,11 @@ def _env_int(name: str, default: int, minimum: int) -> int:
 ADAPTIVE_BATCHING = os.environ.get("TEXTCLF_ADAPTIVE_BATCHING", "").strip().lower() != "false"
 BATCH_SIZE = _env_int("TEXTCLF_MAX_BATCH_SIZE", MAX_BATCH_SIZE, minimum=2)
 BATCH_LATENCY_MS = _env_int("TEXTCLF_MAX_LATENCY_MS", MAX_LATENCY_MS, minimum=1)
+# Request log (tasks/request_log.py): one row per served text, written off the request path as Parquet files.
+# TEXTCLF_REQUEST_LOG=false switches it off; TEXTCLF_REQUEST_LOG_DIR (default <TEXTCLF_HOME or .textclf>/request-log,
+# relative to the server's working directory), TEXTCLF_REQUEST_LOG_TEXT=true keeps the texts (default: hashes only),
+# TEXTCLF_REQUEST_LOG_FLUSH_SECONDS (5) and TEXTCLF_REQUEST_LOG_MAX_RECORDS (10,000). A bad value stops the start-up.
+REQUEST_LOG = RequestLogSettings.from_env()
 
 
 def _not_blank(text: str) -> str:
@@ -130,3 +137,7 @@ class TextClassifierService:
 
 if os.environ.get("TEXTCLF_API_TOKEN"):
     TextClassifierService.add_asgi_middleware(BearerTokenAuth, token=os.environ["TEXTCLF_API_TOKEN"])
+# Added after the auth middleware, so it runs inside it: it logs `classify` requests answered 200, with their whole
+# server-side latency (body, validation, waiting for the adaptive batch, forward pass, answer).
+if REQUEST_LOG.enabled:
+    TextClassifierService.add_asgi_middleware(RequestLogMiddleware, settings=REQUEST_LOG, paths=("/classify",))

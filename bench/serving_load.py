@@ -10,6 +10,14 @@ short texts (one text per request), at the same concurrency levels:
                        batch size, L = max latency in ms; `--batching-settings` runs it once per pair).
   bento-no-batching    the same service started with TEXTCLF_ADAPTIVE_BATCHING=false: every request is its own
                        forward pass, one at a time.
+  bento-batching-logging[B:L]
+                       bento-batching with the request log on (tasks/request_log.py, hashes only, default flush
+                       settings), run right after bento-batching with the first B:L pair; every other Bento
+                       variant runs with TEXTCLF_REQUEST_LOG=false. Its cost is the throughput ratio at 32 clients;
+                       after the server stops (SIGTERM), its logged rows are counted against the 200 answers.
+                       With --request-log-rounds N, both servers (log off, log on) also run side by side and get
+                       32 clients in turn, N rounds in alternating order: a paired comparison that other jobs on a
+                       shared machine skew far less (rounds where they were busy are set aside).
   fastapi-pipeline     bench/plain_fastapi_server.py: FastAPI + uvicorn and a transformers text-classification
                        pipeline called per request in a sync endpoint (what most hand-made services do).
   in-process           no server: `TextClassifier.classify` on full batches of 64 of the same texts, the most
@@ -70,9 +78,10 @@ DEFAULT_OUTPUT = REPO / "bench" / "results" / "serving_load.json"
 DEFAULT_WORK = REPO / "bench" / "results" / "work"  # git-ignored (bench/results/)
 ATIS_DIR = REPO.parent / "shared" / "data" / "atis"
 BIN = Path(sys.executable).parent
-VARIANTS = ("in-process", "bento-batching", "bento-no-batching", "fastapi-pipeline")
+VARIANTS = ("in-process", "bento-batching", "bento-batching-logging", "bento-no-batching", "fastapi-pipeline")
 IN_PROCESS_BATCH = 64  # the service's largest batch (MAX_TEXTS_PER_REQUEST, MAX_BATCH_SIZE)
 TARGET_CLIENTS, ERROR_FREE_CLIENTS = 32, 64
+REQUEST_LOG_MIN_RATIO = 0.95  # bento-batching-logging req/s >= 95% of bento-batching req/s at TARGET_CLIENTS
 READY_TIMEOUT_S = 240
 OTHER_JOBS_BUSY_CORES = 0.25  # CPU used by other processes during a phase, above which the run is called busy
 
@@ -116,6 +125,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Which variants to run, comma-separated.")
     parser.add_argument("--in-process-batch", type=int, default=IN_PROCESS_BATCH,
                         help="Batch size of the in-process variant (64: the service's largest batch).")
+    parser.add_argument("--wait-idle", type=float, default=0.0,
+                        help="On a shared machine: before each level (and in-process), wait up to this many seconds "
+                             "until other jobs use less than 0.25 CPU cores for 10 s. 0: do not wait.")
+    parser.add_argument("--retries", type=int, default=0,
+                        help="Measure a level again, up to this many times, when other jobs used more than 0.25 CPU "
+                             "cores during it (the disturbed attempts are kept in the JSON).")
     parser.add_argument("--request-timeout", type=float, default=60.0,
                         help="Client-side timeout per request, seconds (the service's own timeout is 60 s).")
     parser.add_argument("--seed", type=int, default=42, help="Shuffles the texts.")
@@ -123,6 +138,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK,
                         help="Working files: the model folder, BentoML store and server logs (removed afterwards).")
     parser.add_argument("--keep-work", action="store_true", help="Keep this run's working folder.")
+    parser.add_argument("--request-log-rounds", type=int, default=0,
+                        help="With bento-batching-logging: also start both servers (request log off and on) side "
+                             f"by side and load them in turn at {TARGET_CLIENTS} clients, this many rounds of "
+                             "--duration each, alternating which goes first; the request log target then uses "
+                             "these paired rounds. 0: only the sequential variants.")
     args = parser.parse_args(argv)
     try:
         args.clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
@@ -137,6 +157,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if unknown := set(args.variants) - set(VARIANTS):
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    if args.wait_idle < 0 or args.retries < 0:
+        parser.error("--wait-idle and --retries must not be negative")
+    if args.request_log_rounds < 0:
+        parser.error("--request-log-rounds must not be negative")
     if args.duration <= 0 or args.warmup < 0 or args.request_timeout <= 0 or args.in_process_batch < 1:
         parser.error("--duration, --request-timeout and --in-process-batch must be positive, --warmup not negative")
     args.default_batching = (default_size, default_latency)
@@ -258,9 +282,11 @@ async def _load(url: str, texts: list[str], clients: int, warmup: float, duratio
     errors: Counter[str] = Counter()
     samples: dict[str, str] = {}
     warm = Counter()
+    answered_ok = 0  # every 200 answer, timed or not (the request log check counts them)
     metrics: dict[str, tuple[float, float] | None] = {}
 
     async def client() -> None:
+        nonlocal answered_ok
         while loop.time() < end:
             text = texts[next(counter) % len(texts)]
             kind = body = None
@@ -278,6 +304,8 @@ async def _load(url: str, texts: list[str], clients: int, warmup: float, duratio
                 kind = type(error).__name__
                 body = str(error).encode()
             done = loop.time()
+            if kind is None:
+                answered_ok += 1
             if done < start:
                 warm["errors" if kind else "ok"] += 1
                 continue
@@ -320,6 +348,7 @@ async def _load(url: str, texts: list[str], clients: int, warmup: float, duratio
         "error_samples": samples,
         "error_rate": sum(errors.values()) / (ok + sum(errors.values())) if ok or errors else 0.0,
         "warmup_requests": {"ok": warm["ok"], "errors": warm["errors"]},
+        "answered_ok_total": answered_ok,
     }
     if batch_metrics:
         first, last = metrics.get("start"), metrics.get("end")
@@ -458,11 +487,17 @@ def import_model(model_dir: Path, home: Path) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def bento_env(home: Path, tag: str, batching: tuple[int, int] | None) -> dict:
+def bento_env(home: Path, tag: str, batching: tuple[int, int] | None, request_log_dir: Path | None = None) -> dict:
+    """The server's environment: the request log is off unless `request_log_dir` is given (then on, hashes only,
+    the service's default flush settings, into that folder)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("TEXTCLF_API_TOKEN", "TEXTCLF_ADAPTIVE_BATCHING", "TEXTCLF_MAX_BATCH_SIZE",
-                        "TEXTCLF_MAX_LATENCY_MS")}
+                        "TEXTCLF_MAX_LATENCY_MS") and not k.startswith("TEXTCLF_REQUEST_LOG")}
     env.update(BENTOML_HOME=str(home), TEXTCLF_BENTO_MODEL=tag)
+    if request_log_dir is None:
+        env["TEXTCLF_REQUEST_LOG"] = "false"
+    else:
+        env.update(TEXTCLF_REQUEST_LOG="true", TEXTCLF_REQUEST_LOG_DIR=str(request_log_dir))
     if batching is None:
         env["TEXTCLF_ADAPTIVE_BATCHING"] = "false"
     else:
@@ -551,8 +586,8 @@ class CpuMeter:
 
 
 def run_server_variant(name: str, variant: str, description: str, server_factory, texts: list[str],
-                       args: argparse.Namespace, settings: dict | None = None) -> dict:
-    """Start one server, warm it, run every concurrency level against it, stop it."""
+                       args: argparse.Namespace, settings: dict | None = None, after_stop=None) -> dict:
+    """Start one server, warm it, run every concurrency level against it, stop it; then `after_stop(result)`."""
     result = {"variant": variant, "description": description, "settings": settings or {},
               "load_average_before": load_average(), "levels": {}}
     print(f"[{name}] starting (load average {result['load_average_before']})", flush=True)
@@ -567,16 +602,28 @@ def run_server_variant(name: str, variant: str, description: str, server_factory
         # calibrates its latency model on its first requests (batches of 1, 2 and 3).
         warm = run_level(server.url, texts, min(8, max(args.clients)), args, duration=max(1.0, args.warmup),
                          warmup=0.0)
-        result["server_warmup"] = {k: warm[k] for k in ("clients", "requests_ok", "errors", "error_kinds")}
+        result["server_warmup"] = {k: warm[k] for k in ("clients", "requests_ok", "errors", "error_kinds",
+                                                        "answered_ok_total")}
         result["threads"] = server.thread_settings()
         for clients in args.clients:
             if not server.alive():
                 result["failed"] = f"the server exited before {clients} clients: {server.log_tail()}"
                 break
-            load, meter = load_average(), CpuMeter(server.process.pid)
-            level = run_level(server.url, texts, clients, args, batch_metrics=variant.startswith("bento"))
-            level["load_average_before"] = load
-            level["cpu"] = meter.stop()
+            disturbed: list[dict] = []
+            while True:
+                waited = wait_for_idle(args.wait_idle)
+                load, meter = load_average(), CpuMeter(server.process.pid)
+                level = run_level(server.url, texts, clients, args, batch_metrics=variant.startswith("bento"))
+                level.update(load_average_before=load, cpu=meter.stop(), waited_for_idle_s=waited)
+                if len(disturbed) >= args.retries or not is_disturbed(level) or not server.alive():
+                    break
+                print(f"[{name}] {clients:>3} clients: other jobs used {level['cpu']['other_jobs_cores']} cores, "
+                      f"measuring again", flush=True)
+                disturbed.append(summary_of(level))
+            if disturbed:
+                level["disturbed_attempts"] = disturbed  # their 200 answers still count for the request log check
+                level["answered_ok_total"] = level.get("answered_ok_total", 0) + sum(
+                    d.get("answered_ok_total", 0) for d in disturbed)
             result["levels"][str(clients)] = level
             p = level["latency_ms"]
             print(f"[{name}] {clients:>3} clients: {level['requests_per_second']:8.1f} req/s, p50 {fmt(p['p50'])} "
@@ -588,6 +635,181 @@ def run_server_variant(name: str, variant: str, description: str, server_factory
     finally:
         server.stop()
         result["server_log_tail"] = server.log_tail(1500)
+        if after_stop is not None:
+            after_stop(result)
+    return result
+
+
+def check_request_log(log_dir: Path, result: dict, answered: int | None = None) -> None:
+    """After a logging server stopped (SIGTERM, graceful): its logged rows against the 200 answers it gave (one
+    text per request, so one row per answer), counted over its whole life (warm-ups and untimed requests too)."""
+    from tasks.request_log import read_request_log
+
+    if answered is None:
+        answered = result.get("server_warmup", {}).get("answered_ok_total", 0) + sum(
+            level.get("answered_ok_total", 0) for level in result.get("levels", {}).values())
+    try:
+        log = read_request_log(log_dir)
+    except Exception as error:  # noqa: BLE001 - reported, not fatal
+        result["request_log"] = {"directory": str(log_dir), "error": f"{type(error).__name__}: {error}"}
+        return
+    files = len(list(log_dir.glob("requests-*.parquet"))) if log_dir.is_dir() else 0
+    result["request_log"] = {
+        "directory": str(log_dir), "files": files, "rows": len(log), "answered_ok": answered,
+        "rows_equal_answered": len(log) == answered,
+        "latency_ms_p50": float(log["latency_ms"].median()) if len(log) else None,
+    }
+    print(f"[{result.get('variant')}] request log: {len(log)} rows in {files} files for {answered} answers "
+          f"({'equal' if len(log) == answered else 'NOT EQUAL'})", flush=True)
+
+
+def primary_pair(args: argparse.Namespace) -> tuple[int, int]:
+    """The batching pair the targets are evaluated for: the service's own if run, else the first given."""
+    return args.default_batching if args.default_batching in args.batching_settings else args.batching_settings[0]
+
+
+def logging_server(home: Path, tag: str, pair: tuple[int, int], bentoml_cmd: list[str], run_root: Path) -> tuple:
+    """The bento-batching-logging[B:L] entry of the server list: request log on, into the run's working folder,
+    and the log checked against the answers once the server has stopped."""
+    label = f"bento-batching-logging[{pair[0]}:{pair[1]}]"
+    log_dir = run_root / "request-log"
+    return (label, "bento-batching-logging",
+            f"bento-batching with max_batch_size={pair[0]}, max_latency_ms={pair[1]} and the request log on "
+            f"(tasks/request_log.py: hashes only, default flush settings)",
+            lambda: Server(label, bentoml_cmd, bento_env(home, tag, pair, log_dir), run_root / "logs" / f"{label}.log",
+                           "/readyz"),
+            {"max_batch_size": pair[0], "max_latency_ms": pair[1], "request_log": True},
+            lambda result: check_request_log(log_dir, result))
+
+
+def wait_for_idle(limit_s: float, quiet_s: float = 10.0) -> float | None:
+    """Wait until the machine (the idle server included) uses less than OTHER_JOBS_BUSY_CORES for `quiet_s`
+    seconds, or `limit_s` passed; the seconds waited (None when not asked to wait)."""
+    if limit_s <= 0 or _machine_busy_ticks() is None:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        before = _machine_busy_ticks()
+        time.sleep(quiet_s)
+        if (_machine_busy_ticks() - before) / tick / quiet_s < OTHER_JOBS_BUSY_CORES:
+            break
+    return round(time.monotonic() - started, 1)
+
+
+def is_disturbed(measured: dict) -> bool:
+    return measured.get("cpu", {}).get("other_jobs_cores", 0.0) > OTHER_JOBS_BUSY_CORES
+
+
+def summary_of(level: dict) -> dict:
+    keys = ("requests_per_second", "latency_ms", "errors", "error_kinds", "cpu", "answered_ok_total",
+            "texts_per_second")
+    return {k: level[k] for k in keys if k in level}
+
+
+def run_in_process_until_quiet(model_dir: Path, texts: list[str], args: argparse.Namespace) -> dict:
+    """run_in_process, after waiting for a quiet machine, again up to --retries times if other jobs disturbed it."""
+    disturbed: list[dict] = []
+    while True:
+        waited = wait_for_idle(args.wait_idle)
+        result = run_in_process(model_dir, texts, args)
+        result["waited_for_idle_s"] = waited
+        if len(disturbed) >= args.retries or not is_disturbed(result):
+            break
+        print(f"[in-process] other jobs used {result['cpu']['other_jobs_cores']} cores, measuring again", flush=True)
+        disturbed.append(summary_of(result))
+    if disturbed:
+        result["disturbed_attempts"] = disturbed
+    return result
+
+
+def run_request_log_pairs(home: Path, tag: str, pair: tuple[int, int], bentoml_cmd: list[str], run_root: Path,
+                          texts: list[str], args: argparse.Namespace) -> dict:
+    """bento-batching with the request log off and on, both servers up side by side (an idle server costs no
+    CPU), loaded in turn at TARGET_CLIENTS for --duration each, in alternating order (off/on, on/off, ...). A
+    pair of turns in which other jobs used at most OTHER_JOBS_BUSY_CORES cores is "quiet"; the ratio is taken
+    over the quiet pairs when there are any, else over all pairs."""
+    log_dir = run_root / "request-log-paired"
+    result: dict = {"variant": "request-log-paired", "clients": TARGET_CLIENTS, "rounds_requested":
+                    args.request_log_rounds, "settings": {"max_batch_size": pair[0], "max_latency_ms": pair[1]},
+                    "load_average_before": load_average(), "turns": []}
+    print(f"[request-log-paired] starting both servers (load average {result['load_average_before']})", flush=True)
+    servers = {
+        "off": Server("request-log-paired-off", bentoml_cmd, bento_env(home, tag, pair),
+                      run_root / "logs" / "request-log-paired-off.log", "/readyz"),
+        "on": Server("request-log-paired-on", bentoml_cmd, bento_env(home, tag, pair, log_dir),
+                     run_root / "logs" / "request-log-paired-on.log", "/readyz"),
+    }
+    answered_on = 0
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        for key, server in servers.items():
+            warm = run_level(server.url, texts, min(8, TARGET_CLIENTS), args, duration=max(1.0, args.warmup),
+                             warmup=0.0)
+            answered_on += warm["answered_ok_total"] if key == "on" else 0
+        for number in range(1, args.request_log_rounds + 1):
+            waited = wait_for_idle(args.wait_idle)  # once per round: both turns of a pair close together
+            for key in (("off", "on") if number % 2 else ("on", "off")):
+                server = servers[key]
+                if not server.alive():
+                    raise RuntimeError(f"the request log {key} server exited: {server.log_tail()}")
+                meter = CpuMeter(server.process.pid)
+                level = run_level(server.url, texts, TARGET_CLIENTS, args, batch_metrics=True)
+                cpu = meter.stop()
+                answered_on += level["answered_ok_total"] if key == "on" else 0
+                result["turns"].append({
+                    "round": number, "waited_for_idle_s": waited, "request_log": key == "on",
+                    "requests_per_second": level["requests_per_second"],
+                    "p50_ms": level["latency_ms"]["p50"], "p99_ms": level["latency_ms"]["p99"],
+                    "errors": level["errors"], "error_kinds": level["error_kinds"],
+                    "mean_adaptive_batch_size": level.get("mean_adaptive_batch_size"),
+                    "other_jobs_cores": cpu.get("other_jobs_cores"), "cpu": cpu})
+                print(f"[request-log-paired] round {number}, request log {key:>3}: "
+                      f"{level['requests_per_second']:8.1f} req/s, p50 {fmt(level['latency_ms']['p50'])} p99 "
+                      f"{fmt(level['latency_ms']['p99'])} ms, errors {level['errors']}, other jobs "
+                      f"{fmt(cpu.get('other_jobs_cores'), 0, 2)} cores", flush=True)
+    except Exception as error:  # noqa: BLE001 - reported, the other variants' results are kept
+        result["failed"] = f"{type(error).__name__}: {error}"
+        print(f"[request-log-paired] FAILED: {result['failed'][:2000]}", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+        result["server_log_tail"] = servers["on"].log_tail(1500)
+        check_request_log(log_dir, result, answered_on)
+
+    pairs = []
+    for number in range(1, args.request_log_rounds + 1):
+        turns = {t["request_log"]: t for t in result["turns"] if t["round"] == number}
+        if len(turns) == 2:
+            busy = max(turns[False]["other_jobs_cores"] or 0.0, turns[True]["other_jobs_cores"] or 0.0)
+            pairs.append({"round": number, "off_rps": turns[False]["requests_per_second"],
+                          "on_rps": turns[True]["requests_per_second"], "quiet": busy <= OTHER_JOBS_BUSY_CORES,
+                          "ratio": (turns[True]["requests_per_second"] / turns[False]["requests_per_second"]
+                                    if turns[False]["requests_per_second"] else None)})
+    quiet = [p for p in pairs if p["quiet"]]
+    used = quiet or pairs
+
+    def summary(key: bool) -> dict:
+        turns = [t for t in result["turns"] if t["request_log"] is key and
+                 any(p["round"] == t["round"] for p in used)]
+        if not turns:
+            return {}
+        p50 = sorted(t["p50_ms"] for t in turns if t["p50_ms"] is not None)
+        p99 = sorted(t["p99_ms"] for t in turns if t["p99_ms"] is not None)
+        return {"requests_per_second": sum(t["requests_per_second"] for t in turns) / len(turns),
+                "p50_ms_median": percentile(p50, 50), "p99_ms_median": percentile(p99, 50),
+                "errors": sum(t["errors"] for t in turns)}
+
+    off_rps, on_rps = sum(p["off_rps"] for p in used), sum(p["on_rps"] for p in used)
+    result.update({
+        "pairs": pairs, "quiet_pairs": len(quiet), "basis": "quiet pairs" if quiet else "all pairs (none quiet)",
+        "off": summary(False), "on": summary(True),
+        "ratio": on_rps / off_rps if used and off_rps else None,
+        "median_pair_ratio": percentile(sorted(p["ratio"] for p in used if p["ratio"] is not None), 50),
+    })
+    print(f"[request-log-paired] ratio (log on / off) over {len(used)} {result['basis']}: "
+          f"{fmt(result['ratio'], 0, 3)} (median pair {fmt(result['median_pair_ratio'], 0, 3)})", flush=True)
     return result
 
 
@@ -655,8 +877,14 @@ def level_of(results: dict, label: str | None, clients: int) -> dict | None:
     return results[label].get("levels", {}).get(str(clients))
 
 
-def evaluate_targets(results: dict, label: str | None) -> dict:
-    """The four targets for one bento-batching result; a target whose numbers are missing is null."""
+def logging_label(label: str | None) -> str | None:
+    """bento-batching[B:L] -> bento-batching-logging[B:L]"""
+    return label.replace("bento-batching[", "bento-batching-logging[", 1) if label else None
+
+
+def evaluate_targets(results: dict, label: str | None, with_request_log: bool = False) -> dict:
+    """The four targets for one bento-batching result, and with `with_request_log` the request log's cost (the
+    fifth); a target whose numbers are missing is null."""
     a32 = level_of(results, label, TARGET_CLIENTS)
     a64 = level_of(results, label, ERROR_FREE_CLIENTS)
     c32 = level_of(results, "fastapi-pipeline", TARGET_CLIENTS)
@@ -698,8 +926,38 @@ def evaluate_targets(results: dict, label: str | None) -> dict:
     t["met"] = (t["p99_ms"] < 1000.0) if t["p99_ms"] is not None else None
     t = targets["errors_at_64_clients"]
     t["met"] = (t["errors"] == 0) if t["errors"] is not None else None
-    met = [targets[k]["met"] for k in ("requests_per_second_vs_fastapi", "requests_per_second_vs_in_process",
-                                       "p99_latency", "errors_at_64_clients")]
+    names = ["requests_per_second_vs_fastapi", "requests_per_second_vs_in_process", "p99_latency",
+             "errors_at_64_clients"]
+    if with_request_log:
+        names.append("request_log_throughput")
+        logged = level_of(results, logging_label(label), TARGET_CLIENTS)
+        log_rps = logged["requests_per_second"] if logged else None
+        check = (results.get(logging_label(label)) or {}).get("request_log") or {}
+        t = targets["request_log_throughput"] = {
+            "target": f"bento-batching-logging req/s >= {REQUEST_LOG_MIN_RATIO:.0%} of bento-batching req/s at "
+                      f"{TARGET_CLIENTS} clients",
+            "variant": logging_label(label), "bento_batching_rps": a_rps, "bento_batching_logging_rps": log_rps,
+            "bento_batching_p50_ms": a32["latency_ms"]["p50"] if a32 else None,
+            "bento_batching_p99_ms": a32["latency_ms"]["p99"] if a32 else None,
+            "bento_batching_logging_p50_ms": logged["latency_ms"]["p50"] if logged else None,
+            "bento_batching_logging_p99_ms": logged["latency_ms"]["p99"] if logged else None,
+            "logged_rows": check.get("rows"), "answered_ok": check.get("answered_ok"),
+            "logged_rows_equal_answered": check.get("rows_equal_answered"),
+        }
+        t["sequential_ratio"] = log_rps / a_rps if log_rps is not None and a_rps else None
+        paired = results.get("request-log-paired")
+        if paired and paired.get("ratio") is not None:  # run with this (the primary) setting
+            t.update(paired_ratio=paired["ratio"], paired_basis=f"{len(paired['pairs'])} rounds, {paired['basis']}",
+                     paired_off=paired["off"], paired_on=paired["on"],
+                     paired_median_pair_ratio=paired["median_pair_ratio"])
+            t["ratio"], t["ratio_from"] = paired["ratio"], "request-log-paired"
+        else:
+            t["ratio"], t["ratio_from"] = t["sequential_ratio"], "sequential variants"
+        if paired and paired.get("request_log"):
+            t["paired_logged_rows"] = paired["request_log"].get("rows")
+            t["paired_answered_ok"] = paired["request_log"].get("answered_ok")
+        t["met"] = (t["ratio"] >= REQUEST_LOG_MIN_RATIO) if t["ratio"] is not None else None
+    met = [targets[k]["met"] for k in names]
     targets["all_targets_met"] = None if None in met else all(met)
     return targets
 
@@ -767,7 +1025,7 @@ def print_summary(result: dict) -> None:
     print(f"  {'variant':28}{'clients':>8}{'req/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'batch':>7}"
           f"{'errors':>8}  {'other':>5}  error kinds")
     for label, variant in result["results"].items():
-        if variant["variant"] == "in-process":
+        if variant["variant"] in ("in-process", "request-log-paired"):
             continue
         if variant.get("failed") and not variant["levels"]:
             print(f"  {label:28}  FAILED: {variant['failed'][:200]}")
@@ -777,6 +1035,16 @@ def print_summary(result: dict) -> None:
             print(f"  {label:28}{clients:>8}{fmt(level['requests_per_second'], 10, 1)}{fmt(p['p50'], 9)}"
                   f"{fmt(p['p95'], 9)}{fmt(p['p99'], 9)}{fmt(level.get('mean_adaptive_batch_size'), 7, 1)}"
                   f"{level['errors']:>8}  {fmt(other, 5, 2)}  {kinds or '-'}")
+    if paired := result["results"].get("request-log-paired"):
+        for turn in paired["turns"]:
+            name = f"paired r{turn['round']} log {'on' if turn['request_log'] else 'off'}"
+            kinds = ", ".join(f"{k}: {n}" for k, n in turn["error_kinds"].items())
+            print(f"  {name:28}{paired['clients']:>8}{fmt(turn['requests_per_second'], 10, 1)}"
+                  f"{fmt(turn['p50_ms'], 9)}{'':>9}{fmt(turn['p99_ms'], 9)}"
+                  f"{fmt(turn['mean_adaptive_batch_size'], 7, 1)}{turn['errors']:>8}  "
+                  f"{fmt(turn['other_jobs_cores'], 5, 2)}  {kinds or '-'}")
+        if paired.get("failed"):
+            print(f"  {'request-log-paired':28}  FAILED: {paired['failed'][:200]}")
     if d := result["results"].get("in-process"):
         name = f"in-process (batches of {d['batch_size']})"
         print(f"  {name:28}{'-':>8}{fmt(d['texts_per_second'], 10, 1)}  texts/s; "
@@ -801,6 +1069,21 @@ def print_summary(result: dict) -> None:
         t = targets["errors_at_64_clients"]
         print(f"    no errors at {ERROR_FREE_CLIENTS} clients:         {fmt(t['errors'])} errors "
               f"{t['error_kinds'] or ''}: {verdict(t['met'])}")
+        if t := targets.get("request_log_throughput"):
+            share = None if t["ratio"] is None else 100 * t["ratio"]
+            sequential = None if t["sequential_ratio"] is None else 100 * t["sequential_ratio"]
+            print(f"    request log req/s >= {REQUEST_LOG_MIN_RATIO:.0%}:       {fmt(share, 0, 1)}% "
+                  f"(from the {t['ratio_from']}; sequential: {fmt(t['bento_batching_logging_rps'], 0, 1)} vs "
+                  f"{fmt(t['bento_batching_rps'], 0, 1)} req/s, {fmt(sequential, 0, 1)}%): {verdict(t['met'])}; "
+                  f"logged rows {fmt(t['logged_rows'])} for {fmt(t['answered_ok'])} answers")
+            if "paired_ratio" in t:
+                print(f"      paired ({t['paired_basis']}): log off {fmt(t['paired_off'].get('requests_per_second'), 0, 1)}"
+                      f" req/s, p50 {fmt(t['paired_off'].get('p50_ms_median'))} p99 "
+                      f"{fmt(t['paired_off'].get('p99_ms_median'))} ms; log on "
+                      f"{fmt(t['paired_on'].get('requests_per_second'), 0, 1)} req/s, p50 "
+                      f"{fmt(t['paired_on'].get('p50_ms_median'))} p99 {fmt(t['paired_on'].get('p99_ms_median'))} "
+                      f"ms; logged rows {fmt(t.get('paired_logged_rows'))} for {fmt(t.get('paired_answered_ok'))} "
+                      f"answers")
     for note in result["notes"]:
         print(f"  note: {note}")
 
@@ -812,6 +1095,9 @@ def print_summary(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    # SIGTERM (a timeout, a CI cancel) ends the run like Ctrl-C: the running server is stopped and the working
+    # folder removed by the `finally` blocks instead of being left behind.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     texts, texts_source = load_texts(args.texts)
     random.Random(args.seed).shuffle(texts)
     env = environment()
@@ -831,11 +1117,11 @@ def main(argv: list[str] | None = None) -> dict:
             max_length, model_name = args.max_length, f"{args.base_model} + untrained 5-class head"
 
         if "in-process" in args.variants:
-            results["in-process"] = run_in_process(model_dir, texts, args)
+            results["in-process"] = run_in_process_until_quiet(model_dir, texts, args)
             order.append("in-process")
 
         servers: list[tuple[str, str, str, object, dict]] = []
-        if "bento-batching" in args.variants or "bento-no-batching" in args.variants:
+        if {"bento-batching", "bento-batching-logging", "bento-no-batching"} & set(args.variants):
             home = run_root / "bentoml-home"
             tag = import_model(model_dir, home)
             bentoml_cmd = [str(BIN / "bentoml"), "serve", "service:TextClassifierService", "--host", "127.0.0.1",
@@ -845,12 +1131,16 @@ def main(argv: list[str] | None = None) -> dict:
                     label = f"bento-batching[{size}:{latency}]"
                     servers.append((label, "bento-batching",
                                     f"bentoml serve service:TextClassifierService, adaptive batching with "
-                                    f"max_batch_size={size}, max_latency_ms={latency}",
+                                    f"max_batch_size={size}, max_latency_ms={latency}, request log off",
                                     lambda b=(size, latency), lab=label: Server(
                                         lab, bentoml_cmd, bento_env(home, tag, b),
                                         run_root / "logs" / f"{lab}.log", "/readyz"),
                                     {"max_batch_size": size, "max_latency_ms": latency,
                                      "service_default": (size, latency) == args.default_batching}))
+                    if "bento-batching-logging" in args.variants and (size, latency) == primary_pair(args):
+                        servers.append(logging_server(home, tag, (size, latency), bentoml_cmd, run_root))
+            elif "bento-batching-logging" in args.variants:
+                servers.append(logging_server(home, tag, primary_pair(args), bentoml_cmd, run_root))
             if "bento-no-batching" in args.variants:
                 servers.append(("bento-no-batching", "bento-no-batching",
                                 "the same service with TEXTCLF_ADAPTIVE_BATCHING=false: one forward pass per "
@@ -868,9 +1158,14 @@ def main(argv: list[str] | None = None) -> dict:
                             lambda: Server("fastapi-pipeline", fastapi_cmd, dict(os.environ),
                                            run_root / "logs" / "fastapi-pipeline.log", "/health"),
                             {}))
-        for label, variant, description, factory, settings in servers:
-            results[label] = run_server_variant(label, variant, description, factory, texts, args, settings)
+        for label, variant, description, factory, settings, *after in servers:
+            results[label] = run_server_variant(label, variant, description, factory, texts, args, settings,
+                                                *after)
             order.append(label)
+        if args.request_log_rounds and "bento-batching-logging" in args.variants:
+            results["request-log-paired"] = run_request_log_pairs(home, tag, primary_pair(args), bentoml_cmd,
+                                                                  run_root, texts, args)
+            order.append("request-log-paired")
     finally:
         if args.keep_work:
             print(f"  working files kept: {run_root}")
@@ -880,6 +1175,7 @@ def main(argv: list[str] | None = None) -> dict:
     batching_labels = [k for k, v in results.items() if v["variant"] == "bento-batching"]
     default_label = f"bento-batching[{args.default_batching[0]}:{args.default_batching[1]}]"
     primary = default_label if default_label in batching_labels else (batching_labels[0] if batching_labels else None)
+    logged = "bento-batching-logging" in args.variants
     notes = [
         "the load generator (this process) runs on the same CPUs as the server it measures; every server variant "
         "pays that cost alike",
@@ -888,6 +1184,8 @@ def main(argv: list[str] | None = None) -> dict:
     for label, r in results.items():
         phases = [(label, r.get("cpu", {}))] + [(f"{label} @{c}", lv.get("cpu", {}))
                                                 for c, lv in r.get("levels", {}).items()]
+        phases += [(f"{label} round {t['round']} log {'on' if t['request_log'] else 'off'}", t.get("cpu", {}))
+                   for t in r.get("turns", [])]
         busy += [(name, cpu["other_jobs_cores"]) for name, cpu in phases
                  if cpu.get("other_jobs_cores", 0) > OTHER_JOBS_BUSY_CORES]
     if busy:
@@ -926,12 +1224,15 @@ def main(argv: list[str] | None = None) -> dict:
             "load_generator": "one asyncio process, aiohttp, connection limit = clients (+2 for metrics), closed "
                               "loop per client, counts requests completed inside the timed window",
             "seed": args.seed,
+            "wait_idle_s": args.wait_idle,
+            "retries_when_disturbed": args.retries,
         },
         "environment": {**env, "load_average_at_end": load_average(),
                         "wall_s": round(time.perf_counter() - started, 1)},
         "results": results,
-        "targets": evaluate_targets(results, primary),
-        "targets_by_setting": {label: evaluate_targets(results, label) for label in batching_labels},
+        "targets": evaluate_targets(results, primary, logged),
+        "targets_by_setting": {label: evaluate_targets(results, label, logged and label == primary)
+                               for label in batching_labels},
         "notes": notes,
     }
     result["all_targets_met"] = result["targets"]["all_targets_met"]

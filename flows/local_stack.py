@@ -164,6 +164,10 @@ def serve_bento(root: Path, bento_tag: str, host: str = "127.0.0.1", port: int =
     url = f"http://{host}:{port}"
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
     env.pop("TEXTCLF_BENTO_MODEL", None)  # a built Bento serves the one model packed into it
+    # The request log goes to <TEXTCLF_HOME>/request-log unless set, as an absolute path: a built Bento's server
+    # runs inside the Bento's folder, where a relative path would land.
+    log_dir = env.get("TEXTCLF_REQUEST_LOG_DIR", "").strip()
+    env["TEXTCLF_REQUEST_LOG_DIR"] = str(Path(log_dir).expanduser().resolve() if log_dir else root / "request-log")
     command = [_bin("bentoml"), "serve", bento_tag, "--host", host, "--port", str(port)]
     pid = _start("bento", command, env, f"{url}/readyz", None, root / "logs" / "bento.log", host, port)
     return LocalServer("bento", url, url, root / "logs" / "bento.log", pid, started=True)

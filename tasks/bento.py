@@ -258,8 +258,10 @@ def smoke_test_bento(
     host, port = "127.0.0.1", free_port()
     url = f"http://{host}:{port}"
     log_path = log_dir / f"smoke-{build.bento_tag.replace(':', '-')}.log"
-    # The smoke test checks the model, not the deployment's auth: no bearer token on this private server.
-    process = start_bento_server(build.bento_tag, host, port, log_path, env={"TEXTCLF_API_TOKEN": ""})
+    # The smoke test checks the model, not the deployment's auth: no bearer token on this private server, and its
+    # requests are not production traffic: no request log.
+    process = start_bento_server(build.bento_tag, host, port, log_path,
+                                 env={"TEXTCLF_API_TOKEN": "", "TEXTCLF_REQUEST_LOG": "false"})
     try:
         seconds = wait_until_ready(url, process, log_path, timeout_seconds)
         response = httpx.post(f"{url}/classify", json={"texts": list(texts)}, timeout=120)

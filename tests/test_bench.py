@@ -52,9 +52,13 @@ def test_serving_load_benchmark_runs_every_variant(fixture_frame, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(output.read_text())
     variants = {r["variant"]: r for r in result["results"].values()}
-    assert set(variants) == {"in-process", "bento-batching", "bento-no-batching", "fastapi-pipeline"}
+    assert set(variants) == {"in-process", "bento-batching", "bento-batching-logging", "bento-no-batching",
+                             "fastapi-pipeline"}
     assert variants["in-process"]["texts_per_second"] > 0
-    for name in ("bento-batching", "bento-no-batching", "fastapi-pipeline"):
+    check = variants["bento-batching-logging"]["request_log"]  # counted after the server's graceful stop
+    assert check["rows"] == check["answered_ok"] > 0 and check["rows_equal_answered"], check
+    assert "request_log_throughput" in result["targets"]
+    for name in ("bento-batching", "bento-batching-logging", "bento-no-batching", "fastapi-pipeline"):
         assert "failed" not in variants[name], variants[name]["failed"]
         assert set(variants[name]["levels"]) == {"1", "4"}
         for level in variants[name]["levels"].values():

@@ -38,7 +38,7 @@ def test_deployments_share_pools_and_schedules_through_definitions():
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     pools = {d["name"]: d["work_pool"]["name"] for d in config["deployments"]}
     assert pools == {"training": "gpu", "training-cpu": "cpu", "retraining": "gpu", "promotion": "cpu",
-                     "rollback": "cpu", "batch-scoring": "cpu"}
+                     "rollback": "cpu", "batch-scoring": "cpu", "monitoring": "cpu"}
     retraining = next(d for d in config["deployments"] if d["name"] == "retraining")
     assert retraining["schedules"] == [config["definitions"]["schedules"]["weekly"]]
     assert retraining["schedules"][0]["cron"] == "0 3 * * 1"

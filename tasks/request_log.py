@@ -1,0 +1,547 @@
+"""The Bento service's request log: one row per classified text, written off the request path as Parquet files.
+
+Per served text (a `classify` request answered 200): `time` (UTC, when the request reached the server),
+`request_id`, `text_sha256`, `text` (null unless TEXTCLF_REQUEST_LOG_TEXT=true), `length_chars`, `label`,
+`probability`, `truncated`, `model_version` and `latency_ms` (the whole request as the server saw it: reading
+the body, validation, waiting for its adaptive batch, the forward pass and writing the answer).
+
+- `RequestLogMiddleware` (ASGI, added by service.py) keeps references to the request body and the 200 answer of
+  each `/classify` request and hands them, unparsed, to a `RequestLogWriter`: the request path does one
+  `SimpleQueue.put`, no parsing, no I/O, no lock.
+- `RequestLogWriter` is one background thread: it turns what it is given into rows (JSON parsing, SHA-256) and
+  writes a Parquet part file when it holds `max_records` rows or its oldest row is `flush_seconds` old, under a
+  hidden temporary name renamed to `requests-<UTC time>-<pid>-<seq>.parquet`, so readers only see whole files.
+  `close()` writes everything left (the middleware calls it at the ASGI lifespan shutdown, after the server has
+  finished its in-flight requests; an `atexit` hook is the fallback).
+- `read_request_log(log_dir, since, until)` reads them back as one pandas DataFrame (the drift flow's input).
+
+Settings (environment, read once by `RequestLogSettings.from_env()`; a bad value raises a ValueError naming it):
+TEXTCLF_REQUEST_LOG (default true), TEXTCLF_REQUEST_LOG_DIR (default `<TEXTCLF_HOME or .textclf>/request-log`,
+a relative path resolved against the server's working directory when the server starts; for a built Bento BentoML
+makes that the Bento's own `src` folder, so give an absolute path there, as `textclf serve` does),
+TEXTCLF_REQUEST_LOG_TEXT (default false), TEXTCLF_REQUEST_LOG_FLUSH_SECONDS (default 5) and
+TEXTCLF_REQUEST_LOG_MAX_RECORDS (default 10,000).
+
+Standard library, pyarrow and pandas only (imported lazily: importing this module is cheap), because it ships in
+the Bento (bentofile.yaml `include`)."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import datetime as dt
+import email.parser
+import email.policy
+import hashlib
+import itertools
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import parse_qs
+
+logger = logging.getLogger("textclf.request_log")
+logger.setLevel(logging.INFO)  # its start-up and shutdown lines show in the server's log
+
+COLUMNS = ("time", "request_id", "text_sha256", "text", "length_chars", "label", "probability", "truncated",
+           "model_version", "latency_ms")
+FILE_PREFIX = "requests-"
+FILE_PATTERN = "requests-*.parquet"
+DEFAULT_FLUSH_SECONDS = 5.0
+DEFAULT_MAX_RECORDS = 10_000
+_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+# A file is skipped by `since` only when it was written this long before `since` (its rows are all older than its
+# name's time; the margin covers a wall clock stepped backwards between a request and the write).
+_PRUNE_MARGIN = dt.timedelta(minutes=10)
+_STOP = object()
+
+
+def schema():
+    """The Arrow schema of the log files (pyarrow imported on first use)."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("time", pa.timestamp("us", tz="UTC")),
+        ("request_id", pa.string()),
+        ("text_sha256", pa.string()),
+        ("text", pa.string()),
+        ("length_chars", pa.int64()),
+        ("label", pa.string()),
+        ("probability", pa.float64()),
+        ("truncated", pa.bool_()),
+        ("model_version", pa.string()),
+        ("latency_ms", pa.float64()),
+    ])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------------------
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _env_bool(environ, name: str, default: bool) -> bool:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ValueError(f"{name}={raw!r} is not true or false (unset it to use the default, "
+                     f"{str(default).lower()})")
+
+
+def _env_number(environ, name: str, default, kind, minimum):
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"{name}={raw!r} is not {what} (unset it to use the default, {default:g})") from None
+    if not value >= minimum or value != value or value == float("inf"):
+        raise ValueError(f"{name}={raw} must be a finite number, at least {minimum:g} (unset it to use the "
+                         f"default, {default:g})")
+    return value
+
+
+@dataclass(frozen=True)
+class RequestLogSettings:
+    enabled: bool = True
+    directory: Path = Path(".textclf") / "request-log"  # relative: resolved against the working directory
+    log_text: bool = False
+    flush_seconds: float = DEFAULT_FLUSH_SECONDS
+    max_records: int = DEFAULT_MAX_RECORDS
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> RequestLogSettings:
+        """The TEXTCLF_REQUEST_LOG* variables; a bad value raises a ValueError that names the variable."""
+        environ = os.environ if environ is None else environ
+        raw_dir = environ.get("TEXTCLF_REQUEST_LOG_DIR", "").strip()
+        if raw_dir:
+            directory = Path(raw_dir).expanduser()
+        else:
+            directory = Path(environ.get("TEXTCLF_HOME", "").strip() or ".textclf").expanduser() / "request-log"
+        return cls(
+            enabled=_env_bool(environ, "TEXTCLF_REQUEST_LOG", True),
+            directory=directory,
+            log_text=_env_bool(environ, "TEXTCLF_REQUEST_LOG_TEXT", False),
+            flush_seconds=float(_env_number(environ, "TEXTCLF_REQUEST_LOG_FLUSH_SECONDS", DEFAULT_FLUSH_SECONDS,
+                                            float, 0.01)),
+            max_records=_env_number(environ, "TEXTCLF_REQUEST_LOG_MAX_RECORDS", DEFAULT_MAX_RECORDS, int, 1),
+        )
+
+    def resolved_directory(self) -> Path:
+        """The directory, a relative one resolved against the current working directory (call it in the server
+        process once it runs: BentoML imports a built Bento's service.py from inside the Bento's folder)."""
+        return (self.directory if self.directory.is_absolute() else Path.cwd() / self.directory).resolve()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rows
+# ----------------------------------------------------------------------------------------------------------
+
+
+def text_sha256(text: str) -> str:
+    """Hex SHA-256 of the text's UTF-8 bytes (lone surrogates, which JSON allows, kept as they are)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _as_texts(value: Any) -> list[str] | None:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    if isinstance(value, list) and all(isinstance(t, str) for t in value):
+        return value
+    return None
+
+
+def texts_from_request(content_type: str, body: bytes) -> list[str] | None:
+    """The `texts` of a classify request body, parsed as BentoML parses it (JSON; or a form whose `texts` field
+    holds a JSON list), or None when that fails."""
+    media = content_type.split(";")[0].strip().lower()
+    try:
+        if media == "multipart/form-data":
+            header = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1")
+            message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
+            found = None
+            for part in message.iter_parts():
+                if part.get_param("name", header="content-disposition") == "texts":
+                    found = part.get_payload(decode=True).decode("utf-8")
+            return _as_texts(found) if found is not None else None
+        if media == "application/x-www-form-urlencoded":
+            values = parse_qs(body.decode("utf-8"), keep_blank_values=True).get("texts")
+            return _as_texts(values[-1]) if values else None
+        data = json.loads(body)  # BentoML reads every other media type as JSON
+    except (ValueError, UnicodeError, LookupError, AttributeError, TypeError):
+        return None
+    return _as_texts(data.get("texts")) if isinstance(data, dict) else None
+
+
+@dataclass
+class ServedRequest:
+    """One `classify` request answered 200, as the middleware saw it: raw bytes, parsed later by the writer."""
+
+    started_at: float  # time.time() when the request reached the server
+    latency_ms: float
+    request_id: str | None
+    content_type: str
+    body: list[bytes]
+    response: list[bytes]
+
+    def to_records(self, log_text: bool) -> list[dict]:
+        try:
+            predictions = json.loads(b"".join(self.response))
+        except ValueError:
+            predictions = None
+        if not isinstance(predictions, list) or not all(isinstance(p, dict) for p in predictions):
+            logger.warning("request log: a 200 answer of classify is not a list of predictions; not logged")
+            return []
+        texts = texts_from_request(self.content_type, b"".join(self.body))
+        if texts is None or len(texts) != len(predictions):
+            logger.warning("request log: could not read the texts of a served request (%s); its %d predictions "
+                           "are logged without hash, text and length", self.content_type, len(predictions))
+            texts = [None] * len(predictions)
+        request_id = self.request_id or uuid.uuid4().hex
+        when = int(self.started_at * 1_000_000)
+        return [
+            {
+                "time": when,
+                "request_id": request_id,
+                "text_sha256": None if text is None else text_sha256(text),
+                "text": text if log_text else None,
+                "length_chars": None if text is None else len(text),
+                "label": prediction.get("label"),
+                "probability": prediction.get("probability"),
+                "truncated": prediction.get("truncated"),
+                "model_version": prediction.get("model_version"),
+                "latency_ms": self.latency_ms,
+            }
+            for text, prediction in zip(texts, predictions)
+        ]
+
+
+def _to_table(records: list[dict]):
+    """Rows (dicts with COLUMNS; `time` as a datetime or as microseconds since the epoch) as an Arrow table."""
+    import pyarrow as pa
+
+    target = schema()
+    columns = {}
+    for field in target:
+        values = [record.get(field.name) for record in records]
+        if field.name == "time":
+            values = [_micros(v) for v in values]
+        columns[field.name] = pa.array(values, type=pa.int64() if field.name == "time" else field.type)
+    columns["time"] = columns["time"].cast(target.field("time").type)
+    return pa.Table.from_pydict(columns, schema=target)
+
+
+def _micros(value) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        delta = value - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+        return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return int(float(value) * 1_000_000)  # seconds since the epoch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writer
+# ----------------------------------------------------------------------------------------------------------
+
+
+class RequestLogWriter:
+    """Rows in through `put` (no I/O, no lock: one `SimpleQueue.put`), Parquet part files out from one background
+    thread, each at most `max_records` rows, at the latest `flush_seconds` after its oldest row arrived."""
+
+    def __init__(self, directory: str | Path, flush_seconds: float = DEFAULT_FLUSH_SECONDS,
+                 max_records: int = DEFAULT_MAX_RECORDS, log_text: bool = False):
+        if flush_seconds <= 0 or max_records < 1:
+            raise ValueError("flush_seconds must be positive and max_records at least 1")
+        self.directory = Path(directory)
+        self.flush_seconds, self.max_records, self.log_text = float(flush_seconds), int(max_records), log_text
+        self.records_written = 0
+        self.files_written = 0
+        self.records_lost = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._sequence = itertools.count(1)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> RequestLogWriter:
+        """Create the directory (an error here names it) and start the thread; a second call does nothing."""
+        if self._thread is not None:
+            return self
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise RuntimeError(f"the request log directory {self.directory} is not writable ({error}); set "
+                               f"TEXTCLF_REQUEST_LOG_DIR to a writable folder, or TEXTCLF_REQUEST_LOG=false") from error
+        self._thread = threading.Thread(target=self._run, name="textclf-request-log", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+        return self
+
+    def put(self, item: ServedRequest | Iterable[dict]) -> None:
+        """Queue one served request (or ready rows). Never blocks, never does I/O."""
+        if self._closed and not self.running:  # after close(): rare (shutdown), written on the caller's thread
+            self._write_now(self._records(item))
+            return
+        self._queue.put(item)
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Write every queued row and stop the thread. Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+        left: list[dict] = []  # rows queued after the thread stopped (or when it never started)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                left += self._records(item)
+        self._write_now(left)
+        try:
+            atexit.unregister(self.close)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _records(self, item) -> list[dict]:
+        try:
+            return item.to_records(self.log_text) if isinstance(item, ServedRequest) else list(item)
+        except Exception:  # noqa: BLE001 - a malformed item must never stop the writer
+            logger.exception("request log: could not turn a served request into rows")
+            return []
+
+    def _write_now(self, records: list[dict]) -> None:
+        for start in range(0, len(records), self.max_records):
+            chunk = records[start:start + self.max_records]
+            if not self._write(chunk):
+                self.records_lost += len(chunk)
+                logger.error("request log: %d rows could not be written to %s", len(chunk), self.directory)
+
+    def _run(self) -> None:
+        buffer: list[dict] = []
+        oldest = 0.0  # monotonic time the oldest buffered row arrived
+        stopping = False
+        while not stopping:
+            try:
+                if buffer:
+                    item = self._queue.get(timeout=max(0.001, oldest + self.flush_seconds - time.monotonic()))
+                else:
+                    item = self._queue.get()
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                stopping = True
+            elif item is not None:
+                records = self._records(item)
+                if records and not buffer:
+                    oldest = time.monotonic()
+                buffer += records
+            while len(buffer) >= self.max_records:
+                if not self._write(buffer[:self.max_records]):
+                    break
+                buffer = buffer[self.max_records:]
+                oldest = time.monotonic()
+            if buffer and (stopping or time.monotonic() - oldest >= self.flush_seconds):
+                if self._write(buffer):
+                    buffer = []
+                elif not stopping:
+                    oldest = time.monotonic()  # keep the rows, try again one interval later
+        if buffer:
+            self._write_now(buffer)  # what could not be written (max_records chunks), one last try
+
+    def _write(self, records: list[dict]) -> bool:
+        """One part file, written under a hidden temporary name and renamed: readers see whole files only."""
+        import pyarrow.parquet as pq
+
+        now = dt.datetime.now(dt.timezone.utc)
+        name = f"{FILE_PREFIX}{now.strftime(_TIME_FORMAT)}-{os.getpid()}-{next(self._sequence):06d}.parquet"
+        temporary = self.directory / f".{name}.tmp"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            pq.write_table(_to_table(records), temporary)
+            os.replace(temporary, self.directory / name)
+        except Exception:  # noqa: BLE001 - logged, the rows are kept for another try
+            logger.exception("request log: writing %d rows to %s failed", len(records), self.directory)
+            temporary.unlink(missing_ok=True)
+            return False
+        self.records_written += len(records)
+        self.files_written += 1
+        return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ASGI middleware
+# ----------------------------------------------------------------------------------------------------------
+
+
+class RequestLogMiddleware:
+    """Logs every POST to `paths` answered 200. The writer starts at the ASGI lifespan start-up (or with the
+    first request) and is closed at the lifespan shutdown, which the server runs after its in-flight requests
+    have been answered (SIGTERM to `bentoml serve`), so no served prediction is lost."""
+
+    def __init__(self, app, settings: RequestLogSettings, paths: Iterable[str] = ("/classify",)):
+        self.app = app
+        self.paths = frozenset(paths)
+        directory = settings.resolved_directory()
+        if not settings.directory.is_absolute() and (Path.cwd().parent / "bento.yaml").exists():
+            logger.warning(
+                "request log: %s is a relative path and this server runs a built Bento, whose working directory is "
+                "the Bento's own folder: the log goes to %s. Set TEXTCLF_REQUEST_LOG_DIR to an absolute path "
+                "(`textclf serve` does: <TEXTCLF_HOME>/request-log).", settings.directory, directory)
+        self.writer = RequestLogWriter(directory, settings.flush_seconds, settings.max_records, settings.log_text)
+
+    async def __call__(self, scope, receive, send):
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self.app(scope, receive, self._lifespan_send(send))
+            return
+        if kind != "http" or scope.get("method") != "POST" or scope.get("path") not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if self.writer._thread is None:  # no lifespan (some test servers): start with the first request
+            self.writer.start()
+
+        started_at, started = time.time(), time.perf_counter()
+        body: list[bytes] = []
+        response: list[bytes] = []
+        status = 0
+        request_id = None
+        finished = 0.0
+
+        async def logged_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                body.append(message.get("body", b""))
+            return message
+
+        async def logged_send(message):
+            nonlocal status, request_id, finished
+            kind = message["type"]
+            if kind == "http.response.start":
+                status = message["status"]
+                if status == 200:
+                    for key, value in message.get("headers", ()):
+                        if key.lower() == b"x-bentoml-request-id":
+                            request_id = value.decode("latin-1")
+            elif kind == "http.response.body" and status == 200:
+                response.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    finished = time.perf_counter()
+            await send(message)
+
+        await self.app(scope, logged_receive, logged_send)
+        if status == 200 and finished:
+            content_type = ""
+            for key, value in scope.get("headers", ()):
+                if key.lower() == b"content-type":
+                    content_type = value.decode("latin-1")
+            self.writer.put(ServedRequest(started_at, (finished - started) * 1000.0, request_id, content_type,
+                                          body, response))
+
+    def _lifespan_send(self, send):
+        async def lifespan_send(message):
+            kind = message["type"]
+            if kind == "lifespan.startup.complete":
+                try:
+                    self.writer.start()
+                    logger.info("request log: one row per served text, to %s (texts %s, files every %g s or "
+                                "%d rows)", self.writer.directory, "kept" if self.writer.log_text else "hashed only",
+                                self.writer.flush_seconds, self.writer.max_records)
+                except RuntimeError as error:
+                    logger.error("request log: %s", error)
+                    message = {"type": "lifespan.startup.failed", "message": str(error)}
+            elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await asyncio.to_thread(self.writer.close)
+                logger.info("request log: closed, %d rows in %d files written to %s", self.writer.records_written,
+                            self.writer.files_written, self.writer.directory)
+            await send(message)
+
+        return lifespan_send
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reader
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _utc(value) -> dt.datetime | None:
+    """A datetime, pandas Timestamp or ISO string as an aware UTC datetime (naive ones are taken as UTC)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if hasattr(value, "to_pydatetime"):
+        value = value.to_pydatetime()
+    if not isinstance(value, dt.datetime):
+        raise TypeError(f"since/until must be a datetime or an ISO 8601 string, not {type(value).__name__}")
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+
+
+def _written_at(name: str) -> dt.datetime | None:
+    try:
+        stamp = name[len(FILE_PREFIX):].split("-", 1)[0]
+        return dt.datetime.strptime(stamp, _TIME_FORMAT).replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
+
+
+def read_request_log(log_dir: str | Path, since=None, until=None):
+    """Every logged row in `log_dir` with `since <= time < until` (either bound optional; datetimes, naive ones
+    taken as UTC, or ISO strings), as a pandas DataFrame with COLUMNS, sorted by time. `time` is a UTC timestamp.
+    No folder or no rows: an empty frame with the same columns and dtypes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    target = schema()
+    start, end = _utc(since), _utc(until)
+    directory = Path(log_dir)
+    tables = []
+    for path in sorted(directory.glob(FILE_PATTERN)) if directory.is_dir() else []:
+        written = _written_at(path.name)
+        if start is not None and written is not None and written < start - _PRUNE_MARGIN:
+            continue
+        try:
+            table = pq.read_table(path)
+        except FileNotFoundError:  # removed (retention) since it was listed
+            continue
+        table = pa.Table.from_arrays(
+            [table[name].cast(field.type) if name in table.column_names else pa.nulls(len(table), field.type)
+             for name, field in zip(target.names, target)], schema=target)
+        if start is not None:
+            table = table.filter(pc.greater_equal(table["time"], pa.scalar(start, target.field("time").type)))
+        if end is not None:
+            table = table.filter(pc.less(table["time"], pa.scalar(end, target.field("time").type)))
+        if len(table):
+            tables.append(table)
+    table = pa.concat_tables(tables) if tables else target.empty_table()
+    frame = table.to_pandas()
+    return frame.sort_values("time", kind="stable").reset_index(drop=True)
