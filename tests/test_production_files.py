@@ -583,3 +583,16 @@ def test_compose_mlflow_command_serves_the_other_containers_on_postgresql(tmp_pa
         with admin.cursor() as cursor:
             cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         admin.close()
+
+
+def test_bentofile_pins_every_package_to_constraints_and_never_locks():
+    """`bentoml build` with package locking resolves against the package index (the network) at build time: the
+    promotion flow must build offline, so every package is pinned to the tested version and nothing is locked."""
+    bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    pins = dict(line.strip().split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    pins = {name.lower().replace("_", "-"): version for name, version in pins.items()}
+    assert bentofile["python"]["lock_packages"] is False
+    for requirement in bentofile["python"]["packages"]:
+        name, version = requirement.split("==")
+        assert pins[name.lower()] == version, requirement
