@@ -755,19 +755,27 @@ def run_request_log_pairs(home: Path, tag: str, pair: tuple[int, int], bentoml_c
                 if not server.alive():
                     raise RuntimeError(f"the request log {key} server exited: {server.log_tail()}")
                 meter = CpuMeter(server.process.pid)
+                server_ticks = sum(_process_ticks(pid) for pid in process_tree(server.process.pid))
                 level = run_level(server.url, texts, TARGET_CLIENTS, args, batch_metrics=True)
+                server_ticks = sum(_process_ticks(pid) for pid in process_tree(server.process.pid)) - server_ticks
                 cpu = meter.stop()
                 answered_on += level["answered_ok_total"] if key == "on" else 0
+                # The server's own CPU time per answer: the work a request costs it, which other jobs change far
+                # less than they change its throughput.
+                cpu["server_cpu_ms_per_answer"] = (server_ticks / meter.tick * 1000 / level["answered_ok_total"]
+                                                   if level["answered_ok_total"] else None)
                 result["turns"].append({
                     "round": number, "waited_for_idle_s": waited, "request_log": key == "on",
                     "requests_per_second": level["requests_per_second"],
                     "p50_ms": level["latency_ms"]["p50"], "p99_ms": level["latency_ms"]["p99"],
                     "errors": level["errors"], "error_kinds": level["error_kinds"],
                     "mean_adaptive_batch_size": level.get("mean_adaptive_batch_size"),
-                    "other_jobs_cores": cpu.get("other_jobs_cores"), "cpu": cpu})
+                    "other_jobs_cores": cpu.get("other_jobs_cores"),
+                    "server_cpu_ms_per_answer": cpu["server_cpu_ms_per_answer"], "cpu": cpu})
                 print(f"[request-log-paired] round {number}, request log {key:>3}: "
                       f"{level['requests_per_second']:8.1f} req/s, p50 {fmt(level['latency_ms']['p50'])} p99 "
-                      f"{fmt(level['latency_ms']['p99'])} ms, errors {level['errors']}, other jobs "
+                      f"{fmt(level['latency_ms']['p99'])} ms, errors {level['errors']}, server CPU "
+                      f"{fmt(cpu['server_cpu_ms_per_answer'], 0, 2)} ms per answer, other jobs "
                       f"{fmt(cpu.get('other_jobs_cores'), 0, 2)} cores", flush=True)
     except Exception as error:  # noqa: BLE001 - reported, the other variants' results are kept
         result["failed"] = f"{type(error).__name__}: {error}"
@@ -797,19 +805,26 @@ def run_request_log_pairs(home: Path, tag: str, pair: tuple[int, int], bentoml_c
             return {}
         p50 = sorted(t["p50_ms"] for t in turns if t["p50_ms"] is not None)
         p99 = sorted(t["p99_ms"] for t in turns if t["p99_ms"] is not None)
+        cpu = sorted(t["server_cpu_ms_per_answer"] for t in turns if t["server_cpu_ms_per_answer"] is not None)
         return {"requests_per_second": sum(t["requests_per_second"] for t in turns) / len(turns),
                 "p50_ms_median": percentile(p50, 50), "p99_ms_median": percentile(p99, 50),
+                "server_cpu_ms_per_answer_median": percentile(cpu, 50),
                 "errors": sum(t["errors"] for t in turns)}
 
     off_rps, on_rps = sum(p["off_rps"] for p in used), sum(p["on_rps"] for p in used)
+    off, on = summary(False), summary(True)
+    off_cpu, on_cpu = off.get("server_cpu_ms_per_answer_median"), on.get("server_cpu_ms_per_answer_median")
     result.update({
         "pairs": pairs, "quiet_pairs": len(quiet), "basis": "quiet pairs" if quiet else "all pairs (none quiet)",
-        "off": summary(False), "on": summary(True),
+        "off": off, "on": on,
         "ratio": on_rps / off_rps if used and off_rps else None,
         "median_pair_ratio": percentile(sorted(p["ratio"] for p in used if p["ratio"] is not None), 50),
+        "server_cpu_per_answer_ratio": on_cpu / off_cpu if on_cpu and off_cpu else None,
     })
     print(f"[request-log-paired] ratio (log on / off) over {len(used)} {result['basis']}: "
-          f"{fmt(result['ratio'], 0, 3)} (median pair {fmt(result['median_pair_ratio'], 0, 3)})", flush=True)
+          f"{fmt(result['ratio'], 0, 3)} (median pair {fmt(result['median_pair_ratio'], 0, 3)}); server CPU per "
+          f"answer {fmt(on_cpu, 0, 2)} ms on vs {fmt(off_cpu, 0, 2)} ms off "
+          f"(x{fmt(result['server_cpu_per_answer_ratio'], 0, 3)})", flush=True)
     return result
 
 
@@ -949,7 +964,8 @@ def evaluate_targets(results: dict, label: str | None, with_request_log: bool = 
         if paired and paired.get("ratio") is not None:  # run with this (the primary) setting
             t.update(paired_ratio=paired["ratio"], paired_basis=f"{len(paired['pairs'])} rounds, {paired['basis']}",
                      paired_off=paired["off"], paired_on=paired["on"],
-                     paired_median_pair_ratio=paired["median_pair_ratio"])
+                     paired_median_pair_ratio=paired["median_pair_ratio"],
+                     paired_server_cpu_per_answer_ratio=paired["server_cpu_per_answer_ratio"])
             t["ratio"], t["ratio_from"] = paired["ratio"], "request-log-paired"
         else:
             t["ratio"], t["ratio_from"] = t["sequential_ratio"], "sequential variants"
@@ -1082,7 +1098,8 @@ def print_summary(result: dict) -> None:
                       f"{fmt(t['paired_off'].get('p99_ms_median'))} ms; log on "
                       f"{fmt(t['paired_on'].get('requests_per_second'), 0, 1)} req/s, p50 "
                       f"{fmt(t['paired_on'].get('p50_ms_median'))} p99 {fmt(t['paired_on'].get('p99_ms_median'))} "
-                      f"ms; logged rows {fmt(t.get('paired_logged_rows'))} for {fmt(t.get('paired_answered_ok'))} "
+                      f"ms; server CPU per answer x{fmt(t.get('paired_server_cpu_per_answer_ratio'), 0, 3)} with the "
+                      f"log; logged rows {fmt(t.get('paired_logged_rows'))} for {fmt(t.get('paired_answered_ok'))} "
                       f"answers")
     for note in result["notes"]:
         print(f"  note: {note}")
