@@ -13,6 +13,7 @@ import os
 from typing import Annotated
 
 import bentoml
+from bentoml.validators import ContentType
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from tasks.request_log import RequestLogMiddleware, RequestLogSettings
@@ -120,7 +121,9 @@ class TextClassifierService:
             Field(min_length=1, max_length=MAX_TEXTS_PER_REQUEST,
                   description=f"1 to {MAX_TEXTS_PER_REQUEST} texts to classify."),
         ],
-    ) -> list[Prediction]:
+    ) -> Annotated[list[Prediction], ContentType("application/json")]:
+        # The declared content type spares BentoML from building the answer's JSON schema for every response just
+        # to find its media type (a fifth of the server's CPU time under load; +14 % requests/s, bench/serving_load.py).
         probabilities, truncated = self.classifier.classify(texts)
         names = self.classifier.label_names
         return [

@@ -71,6 +71,7 @@ def test_classify_returns_label_probabilities_version_and_truncation(server, tun
     long_text = " ".join(["the striker scored a goal"] * 40)  # far over the tiny model's 32 tokens
     response = classify(server, ["the striker scored a goal for the team", long_text])
     assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
     short, long = response.json()
     for prediction in (short, long):
         assert prediction["label"] in prepared.label_names
@@ -129,6 +130,11 @@ def test_docs_health_and_prometheus_metrics(server):
     assert httpx.get(f"{server}/readyz").status_code == 200
     docs = httpx.get(f"{server}/docs.json").json()
     assert "/classify" in docs["paths"]
+    # The answer is documented as JSON: an array of predictions, each with its label and probabilities.
+    answer = docs["paths"]["/classify"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer["type"] == "array"
+    prediction = docs["components"]["schemas"][answer["items"]["$ref"].rsplit("/", 1)[-1]]
+    assert {"label", "probability", "probabilities", "truncated", "model_version"} <= set(prediction["properties"])
     ui = httpx.get(f"{server}/")  # BentoML serves the Swagger UI at the root
     assert ui.status_code == 200 and "swagger" in ui.text.lower()
     classify(server, ["warm the metrics"])
