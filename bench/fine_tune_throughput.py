@@ -27,17 +27,7 @@ from __future__ import annotations
 
 import os
 
-# Offline: no hub look-ups, and quiet telemetry. Set before transformers/datasets are imported.
-for _name, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "MLFLOW_ENABLE_TELEMETRY": "false",
-    "DO_NOT_TRACK": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_name, _value)
+import offline_env  # noqa: E402, F401  (first: no hub look-ups, no telemetry; see bench/offline_env.py)
 
 import argparse  # noqa: E402
 import datetime as dt  # noqa: E402

@@ -12,17 +12,7 @@ Same request and response shape as our Bento's `classify`: POST /classify {"text
 
 from __future__ import annotations
 
-import os
-
-for _name, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "DO_NOT_TRACK": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_name, _value)
+import offline_env  # noqa: F401  (first: no hub look-ups, no telemetry; see bench/offline_env.py)
 
 import argparse  # noqa: E402
 
