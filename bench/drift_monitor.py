@@ -38,13 +38,13 @@ import argparse  # noqa: E402
 import csv  # noqa: E402
 import datetime as dt  # noqa: E402
 import importlib.util  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from results_json import write_json_atomically  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -384,17 +384,6 @@ def run(args: argparse.Namespace) -> dict:
                         "torch_threads": torch.get_num_threads(), "machine": platform.machine()},
     }
 
-
-def write_json_atomically(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(payload, file, indent=2)
-            file.write("\n")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def print_summary(result: dict) -> None:
