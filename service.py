@@ -9,6 +9,7 @@ which the built Bento keeps; `TEXTCLF_BENTO_MODEL` names the model when serving 
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 from typing import Annotated
 
@@ -16,6 +17,7 @@ import bentoml
 from bentoml.validators import ContentType
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
+from tasks.env_settings import env_bool, env_number
 from tasks.request_log import RequestLogMiddleware, RequestLogSettings
 
 # Documented request limits (README, OpenAPI): bad input gets a 400 that names the limit, never a 500.
@@ -26,32 +28,25 @@ MAX_TEXT_CHARS = 20_000
 MAX_BATCH_SIZE = 64
 MAX_LATENCY_MS = 1000
 
-
-def _env_int(name: str, default: int, minimum: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a whole number (unset it to use the default, {default})") from None
-    if value < minimum:
-        raise ValueError(f"{name}={value} must be at least {minimum} (unset it to use the default, {default})")
-    return value
-
-
 # Start-up switches, read once at import (for benchmarks, bench/serving_load.py; unset = the settings above):
 # TEXTCLF_ADAPTIVE_BATCHING=false serves `classify` unbatched (each request is its own forward pass, one at a
 # time); TEXTCLF_MAX_BATCH_SIZE (>= 2, BentoML's minimum) and TEXTCLF_MAX_LATENCY_MS (>= 1) override the
 # constants above. Anything but "false" (any case) keeps adaptive batching on; a bad number stops the start-up.
 ADAPTIVE_BATCHING = os.environ.get("TEXTCLF_ADAPTIVE_BATCHING", "").strip().lower() != "false"
-BATCH_SIZE = _env_int("TEXTCLF_MAX_BATCH_SIZE", MAX_BATCH_SIZE, minimum=2)
-BATCH_LATENCY_MS = _env_int("TEXTCLF_MAX_LATENCY_MS", MAX_LATENCY_MS, minimum=1)
+BATCH_SIZE = env_number("TEXTCLF_MAX_BATCH_SIZE", MAX_BATCH_SIZE, int, minimum=2)
+BATCH_LATENCY_MS = env_number("TEXTCLF_MAX_LATENCY_MS", MAX_LATENCY_MS, int, minimum=1)
 # Request log (tasks/request_log.py): one row per served text, written off the request path as Parquet files.
 # TEXTCLF_REQUEST_LOG=false switches it off; TEXTCLF_REQUEST_LOG_DIR (default <TEXTCLF_HOME or .textclf>/request-log,
 # relative to the server's working directory), TEXTCLF_REQUEST_LOG_TEXT=true keeps the texts (default: hashes only),
 # TEXTCLF_REQUEST_LOG_FLUSH_SECONDS (5) and TEXTCLF_REQUEST_LOG_MAX_RECORDS (10,000). A bad value stops the start-up.
 REQUEST_LOG = RequestLogSettings.from_env()
+# Tracing. BentoML wraps every request in OpenTelemetry spans even when no exporter is configured (its default):
+# spans nobody receives, which cost `classify` about 15 % of the server's requests/s (bench/serving_load.py). So
+# `classify` is left out of BentoML's tracing (its `tracing.excluded_urls`) unless TEXTCLF_TRACING=true, and
+# RequestIdMiddleware gives each request what the span gave it: the X-BentoML-Request-ID header (which the request
+# log records) and trace and span ids in the server's log lines. Set TEXTCLF_TRACING=true together with BentoML's
+# tracing configuration (an exporter) to have BentoML trace `classify`; a bad value stops the start-up.
+TRACE_CLASSIFY = env_bool("TEXTCLF_TRACING", False)
 
 
 def _not_blank(text: str) -> str:
@@ -98,7 +93,45 @@ class BearerTokenAuth:
         await self.app(scope, receive, send)
 
 
-@bentoml.service(name="text-classifier", workers=1, traffic={"timeout": 60})
+class RequestIdMiddleware:
+    """ASGI middleware for paths left out of tracing: each request gets a fresh id, as BentoML's server span would
+    give it (the X-BentoML-Request-ID header and the request id of log records), and a non-recording span with
+    random trace and span ids is current while it runs, so log lines carry `(trace=..,span=..,sampled=0)` as usual."""
+
+    def __init__(self, app, paths: tuple[str, ...]):
+        # BentoML 1.4 keeps the request id and its final configuration (read here, in the server) in these.
+        from bentoml._internal.configuration.containers import BentoMLContainer
+        from bentoml._internal.context import trace_context
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+        self.app, self.paths = app, frozenset(paths)
+        self.trace_context, self.ids = trace_context, RandomIdGenerator()
+        exporter = BentoMLContainer.config.tracing.exporter_type.get()
+        if exporter:
+            logging.getLogger("bentoml.serve").warning(
+                "BentoML tracing exports spans (tracing.exporter_type=%s), but %s is left out of tracing: set "
+                "TEXTCLF_TRACING=true to trace it.", exporter, ", ".join(sorted(self.paths)))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        from opentelemetry import trace
+
+        span_id = self.ids.generate_span_id()
+        span = trace.NonRecordingSpan(trace.SpanContext(self.ids.generate_trace_id(), span_id, is_remote=False))
+        self.trace_context.request_id = span_id
+        try:
+            with trace.use_span(span):
+                await self.app(scope, receive, send)
+        finally:
+            self.trace_context.request_id = None
+
+
+@bentoml.service(
+    name="text-classifier", workers=1, traffic={"timeout": 60},
+    **({} if TRACE_CLASSIFY else {"tracing": {"excluded_urls": ["/classify$"]}}),
+)
 class TextClassifierService:
     # The model is fixed when the Bento is built (a Bento argument stored in the Bento), never "whatever is latest".
     model_ref = bentoml.models.BentoModel(
@@ -138,6 +171,8 @@ class TextClassifierService:
         ]
 
 
+if not TRACE_CLASSIFY:  # added first: it wraps the other middlewares, so they all run with the request id set
+    TextClassifierService.add_asgi_middleware(RequestIdMiddleware, paths=("/classify",))
 if os.environ.get("TEXTCLF_API_TOKEN"):
     TextClassifierService.add_asgi_middleware(BearerTokenAuth, token=os.environ["TEXTCLF_API_TOKEN"])
 # Added after the auth middleware, so it runs inside it: it logs `classify` requests answered 200, with their whole

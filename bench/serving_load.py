@@ -8,6 +8,11 @@ short texts (one text per request), at the same concurrency levels:
   bento-batching[B:L]  `bentoml serve service:TextClassifierService` from the repository root, the model imported
                        into a temporary BentoML store, adaptive batching as configured in service.py (B = max
                        batch size, L = max latency in ms; `--batching-settings` runs it once per pair).
+  bento-batching-spans[B:L]
+                       bento-batching started with TEXTCLF_TRACING=true: BentoML wraps every `classify` request
+                       in its OpenTelemetry spans (with no exporter configured, BentoML's default), as the
+                       service did before it left `classify` out of tracing (service.py, TRACE_CLASSIFY); run
+                       after the bento-batching variants, with the service's B:L pair (else the first given).
   bento-no-batching    the same service started with TEXTCLF_ADAPTIVE_BATCHING=false: every request is its own
                        forward pass, one at a time.
   bento-batching-logging[B:L]
@@ -68,7 +73,8 @@ DEFAULT_OUTPUT = REPO / "bench" / "results" / "serving_load.json"
 DEFAULT_WORK = REPO / "bench" / "results" / "work"  # git-ignored (bench/results/)
 ATIS_DIR = REPO.parent / "shared" / "data" / "atis"
 BIN = Path(sys.executable).parent
-VARIANTS = ("in-process", "bento-batching", "bento-batching-logging", "bento-no-batching", "fastapi-pipeline")
+VARIANTS = ("in-process", "bento-batching", "bento-batching-logging", "bento-batching-spans", "bento-no-batching",
+            "fastapi-pipeline")
 IN_PROCESS_BATCH = 64  # the service's largest batch (MAX_TEXTS_PER_REQUEST, MAX_BATCH_SIZE)
 TARGET_CLIENTS, ERROR_FREE_CLIENTS = 32, 64
 REQUEST_LOG_MIN_RATIO = 0.95  # bento-batching-logging req/s >= 95% of bento-batching req/s at TARGET_CLIENTS
@@ -477,13 +483,15 @@ def import_model(model_dir: Path, home: Path) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def bento_env(home: Path, tag: str, batching: tuple[int, int] | None, request_log_dir: Path | None = None) -> dict:
+def bento_env(home: Path, tag: str, batching: tuple[int, int] | None, request_log_dir: Path | None = None,
+              spans: bool = False) -> dict:
     """The server's environment: the request log is off unless `request_log_dir` is given (then on, hashes only,
-    the service's default flush settings, into that folder)."""
+    the service's default flush settings, into that folder); `classify` is traced by BentoML only with `spans`."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("TEXTCLF_API_TOKEN", "TEXTCLF_ADAPTIVE_BATCHING", "TEXTCLF_MAX_BATCH_SIZE",
-                        "TEXTCLF_MAX_LATENCY_MS") and not k.startswith("TEXTCLF_REQUEST_LOG")}
-    env.update(BENTOML_HOME=str(home), TEXTCLF_BENTO_MODEL=tag)
+                        "TEXTCLF_MAX_LATENCY_MS", "TEXTCLF_TRACING", "BENTOML_CONFIG", "BENTOML_CONFIG_OPTIONS")
+           and not k.startswith("TEXTCLF_REQUEST_LOG")}
+    env.update(BENTOML_HOME=str(home), TEXTCLF_BENTO_MODEL=tag, TEXTCLF_TRACING="true" if spans else "false")
     if request_log_dir is None:
         env["TEXTCLF_REQUEST_LOG"] = "false"
     else:
@@ -670,6 +678,17 @@ def logging_server(home: Path, tag: str, pair: tuple[int, int], bentoml_cmd: lis
                            "/readyz"),
             {"max_batch_size": pair[0], "max_latency_ms": pair[1], "request_log": True},
             lambda result: check_request_log(log_dir, result))
+
+
+def spans_server(home: Path, tag: str, pair: tuple[int, int], bentoml_cmd: list[str], run_root: Path) -> tuple:
+    """The bento-batching-spans[B:L] entry of the server list: BentoML's spans on every `classify` request."""
+    label = f"bento-batching-spans[{pair[0]}:{pair[1]}]"
+    return (label, "bento-batching-spans",
+            f"bento-batching with max_batch_size={pair[0]}, max_latency_ms={pair[1]} and TEXTCLF_TRACING=true: "
+            f"BentoML's OpenTelemetry spans on every classify request (no exporter), request log off",
+            lambda: Server(label, bentoml_cmd, bento_env(home, tag, pair, spans=True),
+                           run_root / "logs" / f"{label}.log", "/readyz"),
+            {"max_batch_size": pair[0], "max_latency_ms": pair[1], "tracing": True})
 
 
 def wait_for_idle(limit_s: float, quiet_s: float = 10.0) -> float | None:
@@ -968,6 +987,26 @@ def evaluate_targets(results: dict, label: str | None, with_request_log: bool = 
     return targets
 
 
+def spans_comparison(results: dict, label: str | None) -> dict | None:
+    """What BentoML's spans on every `classify` request cost: bento-batching-spans against bento-batching (the
+    service as it is, `classify` left out of tracing), requests/s and p99 at each number of clients."""
+    spans_label = label.replace("bento-batching[", "bento-batching-spans[", 1) if label else None
+    if spans_label not in results or label not in results:
+        return None
+    levels = {}
+    for clients, without in results[label].get("levels", {}).items():
+        with_spans = level_of(results, spans_label, int(clients))
+        if with_spans and without.get("requests_per_second"):
+            without_rps, with_rps = without["requests_per_second"], with_spans["requests_per_second"]
+            levels[clients] = {
+                "without_spans_rps": without_rps, "with_spans_rps": with_rps,
+                "gain": without_rps / with_rps - 1 if with_rps else None,
+                "without_spans_p99_ms": without["latency_ms"]["p99"],
+                "with_spans_p99_ms": with_spans["latency_ms"]["p99"],
+            }
+    return {"variant": label, "with_spans_variant": spans_label, "levels": levels}
+
+
 def environment() -> dict:
     import aiohttp
     import bentoml
@@ -1078,6 +1117,11 @@ def print_summary(result: dict) -> None:
                       f"ms; server CPU per answer x{fmt(t.get('paired_server_cpu_per_answer_ratio'), 0, 3)} with the "
                       f"log; logged rows {fmt(t.get('paired_logged_rows'))} for {fmt(t.get('paired_answered_ok'))} "
                       f"answers")
+    if spans := result.get("spans"):
+        for clients, level in spans["levels"].items():
+            print(f"  without BentoML's spans on classify, {clients} clients: {fmt(level['without_spans_rps'], 0, 1)} "
+                  f"vs {fmt(level['with_spans_rps'], 0, 1)} req/s with them ({fmt(100 * level['gain'], 0, 1)}%), "
+                  f"p99 {fmt(level['without_spans_p99_ms'])} vs {fmt(level['with_spans_p99_ms'])} ms")
     for note in result["notes"]:
         print(f"  note: {note}")
 
@@ -1115,7 +1159,8 @@ def main(argv: list[str] | None = None) -> dict:
             order.append("in-process")
 
         servers: list[tuple[str, str, str, object, dict]] = []
-        if {"bento-batching", "bento-batching-logging", "bento-no-batching"} & set(args.variants):
+        bento_variants = {"bento-batching", "bento-batching-logging", "bento-batching-spans", "bento-no-batching"}
+        if bento_variants & set(args.variants):
             home = run_root / "bentoml-home"
             tag = import_model(model_dir, home)
             bentoml_cmd = [str(BIN / "bentoml"), "serve", "service:TextClassifierService", "--host", "127.0.0.1",
@@ -1135,6 +1180,8 @@ def main(argv: list[str] | None = None) -> dict:
                         servers.append(logging_server(home, tag, (size, latency), bentoml_cmd, run_root))
             elif "bento-batching-logging" in args.variants:
                 servers.append(logging_server(home, tag, primary_pair(args), bentoml_cmd, run_root))
+            if "bento-batching-spans" in args.variants:
+                servers.append(spans_server(home, tag, primary_pair(args), bentoml_cmd, run_root))
             if "bento-no-batching" in args.variants:
                 servers.append(("bento-no-batching", "bento-no-batching",
                                 "the same service with TEXTCLF_ADAPTIVE_BATCHING=false: one forward pass per "
@@ -1227,6 +1274,7 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": evaluate_targets(results, primary, logged),
         "targets_by_setting": {label: evaluate_targets(results, label, logged and label == primary)
                                for label in batching_labels},
+        "spans": spans_comparison(results, primary),
         "notes": notes,
     }
     result["all_targets_met"] = result["targets"]["all_targets_met"]

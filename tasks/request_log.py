@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import parse_qs
 
+from tasks.env_settings import env_bool, env_number
+
 logger = logging.getLogger("textclf.request_log")
 logger.setLevel(logging.INFO)  # its start-up and shutdown lines show in the server's log
 
@@ -84,36 +86,6 @@ def schema():
 # Settings
 # ----------------------------------------------------------------------------------------------------------
 
-_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
-
-def _env_bool(environ, name: str, default: bool) -> bool:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    if raw.lower() in _TRUE:
-        return True
-    if raw.lower() in _FALSE:
-        return False
-    raise ValueError(f"{name}={raw!r} is not true or false (unset it to use the default, "
-                     f"{str(default).lower()})")
-
-
-def _env_number(environ, name: str, default, kind, minimum):
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        raise ValueError(f"{name}={raw!r} is not {what} (unset it to use the default, {default:g})") from None
-    if not value >= minimum or value != value or value == float("inf"):
-        raise ValueError(f"{name}={raw} must be a finite number, at least {minimum:g} (unset it to use the "
-                         f"default, {default:g})")
-    return value
-
-
 @dataclass(frozen=True)
 class RequestLogSettings:
     enabled: bool = True
@@ -132,12 +104,12 @@ class RequestLogSettings:
         else:
             directory = Path(environ.get("TEXTCLF_HOME", "").strip() or ".textclf").expanduser() / "request-log"
         return cls(
-            enabled=_env_bool(environ, "TEXTCLF_REQUEST_LOG", True),
+            enabled=env_bool("TEXTCLF_REQUEST_LOG", True, environ),
             directory=directory,
-            log_text=_env_bool(environ, "TEXTCLF_REQUEST_LOG_TEXT", False),
-            flush_seconds=float(_env_number(environ, "TEXTCLF_REQUEST_LOG_FLUSH_SECONDS", DEFAULT_FLUSH_SECONDS,
-                                            float, 0.01)),
-            max_records=_env_number(environ, "TEXTCLF_REQUEST_LOG_MAX_RECORDS", DEFAULT_MAX_RECORDS, int, 1),
+            log_text=env_bool("TEXTCLF_REQUEST_LOG_TEXT", False, environ),
+            flush_seconds=float(env_number("TEXTCLF_REQUEST_LOG_FLUSH_SECONDS", DEFAULT_FLUSH_SECONDS, float, 0.01,
+                                           environ)),
+            max_records=env_number("TEXTCLF_REQUEST_LOG_MAX_RECORDS", DEFAULT_MAX_RECORDS, int, 1, environ),
         )
 
     def resolved_directory(self) -> Path:

@@ -47,6 +47,26 @@ def tiny_model_dir(tmp_path_factory, fixture_frame) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bento_env(tmp_path_factory, tuned_fixture) -> dict:
+    """Environment for `bentoml serve` from the repository: a throw-away BentoML store that holds the tuned fixture
+    model (registered model "topics", version 7), named by TEXTCLF_BENTO_MODEL; no API token, no request-log
+    settings but the tests' folder (tests that need other settings add them)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("TEXTCLF_REQUEST_LOG") or k == "TEXTCLF_REQUEST_LOG_DIR"}
+    env.pop("TEXTCLF_API_TOKEN", None)
+    env.update(BENTOML_HOME=str(tmp_path_factory.mktemp("bentoml-home")), BENTOML_DO_NOT_TRACK="true")
+    script = ("import sys; from pathlib import Path; from tasks.bento import import_to_bento_store; "
+              "print(import_to_bento_store(Path(sys.argv[1]), 'text-classifier', 'topics', 7))")
+    done = subprocess.run([sys.executable, "-c", script, str(tuned_fixture.model_dir)], cwd=Path(__file__).parents[1],
+                          env=env, capture_output=True, text=True, check=True)
+    env["TEXTCLF_BENTO_MODEL"] = done.stdout.strip().splitlines()[-1]
+    return env
+
+
+@pytest.fixture(scope="session")
 def servers(tmp_path_factory):
     """A real MLflow tracking server and a real Prefect server, each on a free loopback port and SQLite,
     started with the same code that starts the embedded default stack."""

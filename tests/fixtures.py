@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+ROOT = Path(__file__).resolve().parents[1]
+
 TOPICS = {
     "sport": ["match", "goal", "team", "coach", "league", "striker", "season", "referee", "stadium", "cup"],
     "tech": ["software", "chip", "laptop", "network", "cloud", "robot", "server", "startup", "app", "data"],
@@ -101,3 +103,28 @@ def register_model_versions(servers, prepared_fixture, tuned_fixture, tmp_path, 
                            {"variant": variant}, "test")
         versions.append(version.version)
     return versions
+
+
+def serve_from_repository(env: dict, log: Path, timeout_seconds: float = 180):
+    """`bentoml serve service:TextClassifierService` from the repository on a free loopback port, in its own
+    process group, waited on until `/readyz` answers 200. Returns (process, url); stop it with
+    `tasks.bento.stop_bento_server(process.pid)`."""
+    import subprocess
+    import sys
+
+    from flows.local_stack import free_port
+    from tasks.bento import stop_bento_server, wait_until_ready
+
+    port = free_port()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "bentoml"), "serve", "service:TextClassifierService", "--host",
+         "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, process, log, timeout_seconds)
+    except BaseException:
+        stop_bento_server(process.pid)
+        raise
+    return process, url

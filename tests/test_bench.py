@@ -52,13 +52,14 @@ def test_serving_load_benchmark_runs_every_variant(fixture_frame, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(output.read_text())
     variants = {r["variant"]: r for r in result["results"].values()}
-    assert set(variants) == {"in-process", "bento-batching", "bento-batching-logging", "bento-no-batching",
-                             "fastapi-pipeline"}
+    assert set(variants) == {"in-process", "bento-batching", "bento-batching-logging", "bento-batching-spans",
+                             "bento-no-batching", "fastapi-pipeline"}
     assert variants["in-process"]["texts_per_second"] > 0
     check = variants["bento-batching-logging"]["request_log"]  # counted after the server's graceful stop
     assert check["rows"] == check["answered_ok"] > 0 and check["rows_equal_answered"], check
     assert "request_log_throughput" in result["targets"]
-    for name in ("bento-batching", "bento-batching-logging", "bento-no-batching", "fastapi-pipeline"):
+    for name in ("bento-batching", "bento-batching-logging", "bento-batching-spans", "bento-no-batching",
+                 "fastapi-pipeline"):
         assert "failed" not in variants[name], variants[name]["failed"]
         assert set(variants[name]["levels"]) == {"1", "4"}
         for level in variants[name]["levels"].values():
@@ -68,4 +69,5 @@ def test_serving_load_benchmark_runs_every_variant(fixture_frame, tmp_path):
     assert set(result["targets"]) >= {"requests_per_second_vs_fastapi", "requests_per_second_vs_in_process",
                                       "p99_latency", "errors_at_64_clients", "all_targets_met"}
     assert result["targets"]["variant"].startswith("bento-batching[")
+    assert set(result["spans"]["levels"]) == {"1", "4"}  # BentoML's spans on classify against the service as is
     assert not list((tmp_path / "work").iterdir())  # working files removed

@@ -33,6 +33,7 @@ from tasks.request_log import (
     read_request_log,
     texts_from_request,
 )
+from tests.fixtures import serve_from_repository
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = re.compile(r"^requests-\d{8}T\d{6}\.\d{6}Z-\d+-\d{6}\.parquet$")
@@ -268,29 +269,6 @@ def test_middleware_logs_only_200_answers_and_flushes_at_lifespan_shutdown(tmp_p
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _serve(env: dict, log: Path):
-    from flows.local_stack import free_port
-
-    port = free_port()
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "service:TextClassifierService", "--host",
-         "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGKILL)
-    raise AssertionError(f"bentoml serve did not become ready: {log.read_text()[-3000:]}")
-
-
 def _stop(process, log: Path) -> None:
     """Graceful stop, as an orchestrator does it: SIGTERM, then wait."""
     os.killpg(process.pid, signal.SIGTERM)
@@ -299,20 +277,6 @@ def _stop(process, log: Path) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         raise AssertionError(f"bentoml serve did not stop on SIGTERM: {log.read_text()[-3000:]}") from None
-
-
-@pytest.fixture(scope="module")
-def bento_env(tmp_path_factory, tuned_fixture):
-    home = tmp_path_factory.mktemp("bentoml-home")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTCLF_REQUEST_LOG")}
-    env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true")
-    env.pop("TEXTCLF_API_TOKEN", None)
-    script = ("import sys; from pathlib import Path; from tasks.bento import import_to_bento_store; "
-              "print(import_to_bento_store(Path(sys.argv[1]), 'text-classifier', 'topics', 7))")
-    done = subprocess.run([sys.executable, "-c", script, str(tuned_fixture.model_dir)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, check=True)
-    env["TEXTCLF_BENTO_MODEL"] = done.stdout.strip().splitlines()[-1]
-    return env
 
 
 def _bad_request(url: str, i: int) -> httpx.Response:
@@ -342,7 +306,7 @@ def test_under_concurrent_load_every_served_text_is_logged_once(bento_env, prepa
             return texts, httpx.post(f"{url}/classify", data={"texts": json.dumps(texts)}, timeout=120)
         return texts, httpx.post(f"{url}/classify", json={"texts": texts}, timeout=120)
 
-    process, url = _serve(env, tmp_path / "serve.log")
+    process, url = serve_from_repository(env, tmp_path / "serve.log")
     started = dt.datetime.now(UTC)
     try:
         order = list(range(324))
@@ -384,7 +348,7 @@ def test_texts_are_logged_when_allowed_and_files_appear_while_serving(bento_env,
     env = {**bento_env, "TEXTCLF_REQUEST_LOG_DIR": str(log_dir), "TEXTCLF_REQUEST_LOG_TEXT": "true",
            "TEXTCLF_REQUEST_LOG_FLUSH_SECONDS": "1"}
     texts = ["the striker scored a goal for the team", "Zürich — prices ↑ 5 %, \"quoted\" \\ back\\slash"]
-    process, url = _serve(env, tmp_path / "serve.log")
+    process, url = serve_from_repository(env, tmp_path / "serve.log")
     try:
         answered = httpx.post(f"{url}/classify", json={"texts": texts}, timeout=60)
         assert answered.status_code == 200
@@ -420,8 +384,9 @@ def test_settings_at_service_import(tmp_path):
     assert bad.returncode != 0 and "TEXTCLF_REQUEST_LOG_TEXT='sure'" in bad.stderr
     off = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**env, "TEXTCLF_REQUEST_LOG": "false"},
                          capture_output=True, text=True, timeout=120)
-    assert off.returncode == 0 and off.stdout.splitlines()[0] == "[]", off.stderr[-2000:]
+    assert off.returncode == 0 and off.stdout.splitlines()[0] == "['RequestIdMiddleware']", off.stderr[-2000:]
     on = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=120)
-    assert on.returncode == 0 and on.stdout.splitlines()[0] == "['RequestLogMiddleware']", on.stderr[-2000:]
+    assert on.returncode == 0, on.stderr[-2000:]
+    assert on.stdout.splitlines()[0] == "['RequestIdMiddleware', 'RequestLogMiddleware']"
     assert not (tmp_path / "log").exists()

@@ -4,7 +4,7 @@ consistency, every bad input answered with a 4xx that says what was wrong, docs/
 from __future__ import annotations
 
 import os
-import signal
+import re
 import subprocess
 import sys
 import time
@@ -15,51 +15,23 @@ import httpx
 import pytest
 
 from flows.local_stack import free_port
+from tasks.bento import start_bento_server, stop_bento_server, wait_until_ready
+from tests.fixtures import serve_from_repository
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _serve(env: dict, log: Path):
-    port = free_port()
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "service:TextClassifierService", "--host",
-         "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGKILL)
-    raise AssertionError(f"bentoml serve did not become ready: {log.read_text()[-3000:]}")
+@pytest.fixture(scope="module")
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve") / "serve.log"
 
 
 @pytest.fixture(scope="module")
-def bento_env(tmp_path_factory, tuned_fixture):
-    home = tmp_path_factory.mktemp("bentoml-home")
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    env.pop("TEXTCLF_API_TOKEN", None)
-    script = ("import sys; from pathlib import Path; from tasks.bento import import_to_bento_store; "
-              "print(import_to_bento_store(Path(sys.argv[1]), 'text-classifier', 'topics', 7))")
-    done = subprocess.run([sys.executable, "-c", script, str(tuned_fixture.model_dir)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, check=True)
-    env["TEXTCLF_BENTO_MODEL"] = done.stdout.strip().splitlines()[-1]
-    return env
-
-
-@pytest.fixture(scope="module")
-def server(bento_env, tmp_path_factory):
-    process, url = _serve(bento_env, tmp_path_factory.mktemp("serve") / "serve.log")
+def server(bento_env, server_log):
+    process, url = serve_from_repository(bento_env, server_log)
     yield url
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=30)
+    stop_bento_server(process.pid)
 
 
 def classify(url, texts, **kwargs):
@@ -144,7 +116,7 @@ def test_docs_health_and_prometheus_metrics(server):
 
 
 def test_bearer_token_auth_when_switched_on(bento_env, tmp_path):
-    process, url = _serve({**bento_env, "TEXTCLF_API_TOKEN": "s3cret"}, tmp_path / "serve.log")
+    process, url = serve_from_repository({**bento_env, "TEXTCLF_API_TOKEN": "s3cret"}, tmp_path / "serve.log")
     try:
         assert classify(url, ["no token"]).status_code == 401
         wrong = classify(url, ["wrong token"], headers={"Authorization": "Bearer nope"})
@@ -154,8 +126,7 @@ def test_bearer_token_auth_when_switched_on(bento_env, tmp_path):
         assert httpx.get(f"{url}/metrics").status_code == 200
         assert httpx.get(f"{url}/").status_code == 200 and httpx.get(f"{url}/docs.json").status_code == 200
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        stop_bento_server(process.pid)
 
 
 def test_bentofile_builds_a_bento_with_its_dockerfile_and_the_built_bento_serves(bento_env, tmp_path):
@@ -175,25 +146,63 @@ def test_bentofile_builds_a_bento_with_its_dockerfile_and_the_built_bento_serves
     assert [m["tag"] for m in manifest["services"][0]["models"]] == [bento_env["TEXTCLF_BENTO_MODEL"]]
     assert (bento_dir / "src" / "tasks" / "classifier.py").exists()
 
-    port = free_port()
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path, env={k: v for k, v in bento_env.items() if k != "TEXTCLF_BENTO_MODEL"},
-        stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    port, log = free_port(), tmp_path / "serve" / "serve.log"
+    process = start_bento_server(tag, "127.0.0.1", port, log, env=bento_env)  # drops TEXTCLF_BENTO_MODEL
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-        while True:
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the built Bento did not become ready"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, process, log, 120)
         answer = classify(url, ["the striker scored a goal"])
         assert answer.status_code == 200 and answer.json()[0]["model_version"] == "topics/7"
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        stop_bento_server(process.pid)
+
+
+def _log_line_of(log: Path, request_id: str, timeout_seconds: float = 10) -> str:
+    """The server's access-log line that names `request_id` as its span (log lines are written asynchronously)."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        lines = [line for line in log.read_text(errors="replace").splitlines()
+                 if f"span={request_id}" in line and "/classify" in line]
+        if lines or time.monotonic() > deadline:
+            assert lines, f"no log line names span={request_id}:\n{log.read_text(errors='replace')[-3000:]}"
+            return lines[0]
+        time.sleep(0.2)
+
+
+def test_each_classify_request_has_its_own_id_in_the_header_and_the_log(server, server_log):
+    """No tracing exporter is configured (the default), so `classify` is left out of BentoML's spans and
+    service.RequestIdMiddleware gives each request its id, as BentoML's span does with tracing on."""
+    ids = [classify(server, [f"text number {i}"]).headers["x-bentoml-request-id"] for i in range(5)]
+    assert len(set(ids)) == 5 and all(re.fullmatch(r"[0-9a-f]{16}", i) and i != "0" * 16 for i in ids)
+    line = _log_line_of(server_log, ids[-1])
+    assert "status=200" in line and "sampled=0" in line
+
+
+# BentoML's in-memory span exporter, in its v2 configuration (the form the service's worker reads).
+TRACING_EXPORTER = "services.tracing.exporter_type=in_memory services.tracing.sample_rate=1.0"
+
+
+def test_with_tracing_switched_on_bentoml_traces_classify(bento_env, tmp_path):
+    """TEXTCLF_TRACING=true and an exporter configured: BentoML's own spans cover `classify`, sampled."""
+    log = tmp_path / "serve.log"
+    process, url = serve_from_repository(
+        {**bento_env, "TEXTCLF_TRACING": "true", "BENTOML_CONFIG_OPTIONS": TRACING_EXPORTER}, log)
+    try:
+        answer = classify(url, ["the striker scored a goal"])
+        assert answer.status_code == 200
+        assert "sampled=1" in _log_line_of(log, answer.headers["x-bentoml-request-id"])
+    finally:
+        stop_bento_server(process.pid)
+
+
+def test_an_exporter_without_the_tracing_switch_is_warned_about_and_a_bad_switch_stops_the_start_up():
+    script = ("import service; service.TextClassifierService.inject_config(); "
+              "service.RequestIdMiddleware(None, ('/classify',))")
+    env = {k: v for k, v in os.environ.items() if k != "TEXTCLF_TRACING"}
+    warned = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**env, "BENTOML_CONFIG_OPTIONS": TRACING_EXPORTER})
+    assert warned.returncode == 0, warned.stderr[-2000:]
+    assert "left out of tracing: set TEXTCLF_TRACING=true" in warned.stderr
+    bad = subprocess.run([sys.executable, "-c", "import service"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**env, "TEXTCLF_TRACING": "maybe"})
+    assert bad.returncode != 0 and "TEXTCLF_TRACING='maybe' is not true or false" in bad.stderr
