@@ -16,10 +16,9 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.batch_scoring import batch_scoring
-from flows.local_stack import free_port
 from tasks.batch_score import PARTIAL_MARK, ScoringSource, ScoringSourceError, iter_text_chunks, score_to_parquet
 from tasks.promote import move_aliases
-from tests.fixtures import flow_run_and_artifacts, register_model_versions
+from tests.fixtures import flow_run_and_artifacts, register_model_versions, serve_from_repository
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,22 +135,16 @@ def test_batch_scoring_flow_in_process(project_env, servers, champion, texts_fra
 @pytest.mark.slow
 def test_batch_scoring_flow_through_the_bento_endpoint(project_env, servers, champion, tuned_fixture, texts_frame,
                                                        tmp_path):
-    from tasks.bento import import_to_bento_store, stop_bento_server, wait_until_ready
+    from tasks.bento import import_to_bento_store, stop_bento_server
 
     name, version = champion
     model_tag = import_to_bento_store(tuned_fixture.model_dir, "text-classifier", name, version)
-    port, log = free_port(), tmp_path / "serve.log"
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "service:TextClassifierService", "--host",
-         "127.0.0.1", "--port", str(port)], cwd=ROOT, env={**os.environ, "TEXTCLF_BENTO_MODEL": model_tag},
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    process, url = serve_from_repository({**os.environ, "TEXTCLF_BENTO_MODEL": model_tag}, tmp_path / "serve.log")
     try:
-        wait_until_ready(f"http://127.0.0.1:{port}", process, log, 180)
         source = tmp_path / "incoming.csv"
         texts_frame.to_csv(source, index=False)
         summary = batch_scoring(ScoringSource(source=str(source)), registered_model_name=name, mode="endpoint",
-                                endpoint_url=f"http://127.0.0.1:{port}", chunk_size=20)
+                                endpoint_url=url, chunk_size=20)
     finally:
         stop_bento_server(process.pid)
     assert summary.rows == 50 and summary.model_version == f"{name}/{version}"
