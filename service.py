@@ -41,7 +41,7 @@ BATCH_LATENCY_MS = env_number("TEXTCLF_MAX_LATENCY_MS", MAX_LATENCY_MS, int, min
 # TEXTCLF_REQUEST_LOG_FLUSH_SECONDS (5) and TEXTCLF_REQUEST_LOG_MAX_RECORDS (10,000). A bad value stops the start-up.
 REQUEST_LOG = RequestLogSettings.from_env()
 # Tracing. BentoML wraps every request in OpenTelemetry spans even when no exporter is configured (its default):
-# spans nobody receives, which cost `classify` about 15 % of the server's requests/s (bench/serving_load.py). So
+# spans nobody receives, which cost `classify` 15-20 % of the server's requests/s (bench/serving_load.py). So
 # `classify` is left out of BentoML's tracing (its `tracing.excluded_urls`) unless TEXTCLF_TRACING=true, and
 # RequestIdMiddleware gives each request what the span gave it: the X-BentoML-Request-ID header (which the request
 # log records) and trace and span ids in the server's log lines. Set TEXTCLF_TRACING=true together with BentoML's
@@ -102,10 +102,11 @@ class RequestIdMiddleware:
         # BentoML 1.4 keeps the request id and its final configuration (read here, in the server) in these.
         from bentoml._internal.configuration.containers import BentoMLContainer
         from bentoml._internal.context import trace_context
+        from opentelemetry import trace
         from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
         self.app, self.paths = app, frozenset(paths)
-        self.trace_context, self.ids = trace_context, RandomIdGenerator()
+        self.trace, self.trace_context, self.ids = trace, trace_context, RandomIdGenerator()
         exporter = BentoMLContainer.config.tracing.exporter_type.get()
         if exporter:
             logging.getLogger("bentoml.serve").warning(
@@ -116,13 +117,12 @@ class RequestIdMiddleware:
         if scope["type"] != "http" or scope.get("path") not in self.paths:
             await self.app(scope, receive, send)
             return
-        from opentelemetry import trace
-
         span_id = self.ids.generate_span_id()
-        span = trace.NonRecordingSpan(trace.SpanContext(self.ids.generate_trace_id(), span_id, is_remote=False))
+        span = self.trace.NonRecordingSpan(
+            self.trace.SpanContext(self.ids.generate_trace_id(), span_id, is_remote=False))
         self.trace_context.request_id = span_id
         try:
-            with trace.use_span(span):
+            with self.trace.use_span(span):
                 await self.app(scope, receive, send)
         finally:
             self.trace_context.request_id = None
