@@ -49,14 +49,16 @@ def tiny_model_dir(tmp_path_factory, fixture_frame) -> Path:
 @pytest.fixture(scope="session")
 def bento_env(tmp_path_factory, tuned_fixture) -> dict:
     """Environment for `bentoml serve` from the repository: a throw-away BentoML store that holds the tuned fixture
-    model (registered model "topics", version 7), named by TEXTCLF_BENTO_MODEL; no API token, no request-log
-    settings but the tests' folder (tests that need other settings add them)."""
+    model (registered model "topics", version 7), named by TEXTCLF_BENTO_MODEL; the service's defaults otherwise: no
+    API token, no tracing switch or BentoML configuration, no request-log settings but the tests' folder (tests
+    that need other settings add them)."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("TEXTCLF_REQUEST_LOG") or k == "TEXTCLF_REQUEST_LOG_DIR"}
-    env.pop("TEXTCLF_API_TOKEN", None)
+    for name in ("TEXTCLF_API_TOKEN", "TEXTCLF_TRACING", "BENTOML_CONFIG", "BENTOML_CONFIG_OPTIONS"):
+        env.pop(name, None)
     env.update(BENTOML_HOME=str(tmp_path_factory.mktemp("bentoml-home")), BENTOML_DO_NOT_TRACK="true")
     script = ("import sys; from pathlib import Path; from tasks.bento import import_to_bento_store; "
               "print(import_to_bento_store(Path(sys.argv[1]), 'text-classifier', 'topics', 7))")
