@@ -27,6 +27,7 @@ MAX_TEXT_CHARS = 20_000
 # wait up to 1 s for a batch slot before the server answers 503, which keeps 64 concurrent clients error-free.
 MAX_BATCH_SIZE = 64
 MAX_LATENCY_MS = 1000
+CLASSIFY_PATH = "/classify"  # the route of the `classify` API; the middlewares below and tracing name it too
 
 # Start-up switches, read once at import (for benchmarks, bench/serving_load.py; unset = the settings above):
 # TEXTCLF_ADAPTIVE_BATCHING=false serves `classify` unbatched (each request is its own forward pass, one at a
@@ -130,7 +131,7 @@ class RequestIdMiddleware:
 
 @bentoml.service(
     name="text-classifier", workers=1, traffic={"timeout": 60},
-    **({} if TRACE_CLASSIFY else {"tracing": {"excluded_urls": ["/classify$"]}}),
+    **({} if TRACE_CLASSIFY else {"tracing": {"excluded_urls": [f"{CLASSIFY_PATH}$"]}}),  # a regex on the URL
 )
 class TextClassifierService:
     # The model is fixed when the Bento is built (a Bento argument stored in the Bento), never "whatever is latest".
@@ -146,7 +147,8 @@ class TextClassifierService:
         labels = self.model_ref.info.labels
         self.model_version = f"{labels.get('registered_model', 'model')}/{labels.get('model_version', '?')}"
 
-    @bentoml.api(batchable=ADAPTIVE_BATCHING, max_batch_size=BATCH_SIZE, max_latency_ms=BATCH_LATENCY_MS)
+    @bentoml.api(route=CLASSIFY_PATH, batchable=ADAPTIVE_BATCHING, max_batch_size=BATCH_SIZE,
+                 max_latency_ms=BATCH_LATENCY_MS)
     def classify(
         self,
         texts: Annotated[
@@ -172,10 +174,10 @@ class TextClassifierService:
 
 
 if not TRACE_CLASSIFY:  # added first: it wraps the other middlewares, so they all run with the request id set
-    TextClassifierService.add_asgi_middleware(RequestIdMiddleware, paths=("/classify",))
+    TextClassifierService.add_asgi_middleware(RequestIdMiddleware, paths=(CLASSIFY_PATH,))
 if os.environ.get("TEXTCLF_API_TOKEN"):
     TextClassifierService.add_asgi_middleware(BearerTokenAuth, token=os.environ["TEXTCLF_API_TOKEN"])
 # Added after the auth middleware, so it runs inside it: it logs `classify` requests answered 200, with their whole
 # server-side latency (body, validation, waiting for the adaptive batch, forward pass, answer).
 if REQUEST_LOG.enabled:
-    TextClassifierService.add_asgi_middleware(RequestLogMiddleware, settings=REQUEST_LOG, paths=("/classify",))
+    TextClassifierService.add_asgi_middleware(RequestLogMiddleware, settings=REQUEST_LOG, paths=(CLASSIFY_PATH,))
