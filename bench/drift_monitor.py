@@ -385,7 +385,6 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-
 def print_summary(result: dict) -> None:
     print(f"\ndrift monitor: reference {result['config']['reference_size']} BBC texts, windows of "
           f"{result['config']['window_size']}, {result['config']['references']} references; alpha "

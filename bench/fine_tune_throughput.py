@@ -477,7 +477,6 @@ def combine(runs: list[dict]) -> dict:
     return combined
 
 
-
 def print_summary(result: dict) -> None:
     c, e, ours, plain = result["config"], result["environment"], result["variants"]["ours"], result["variants"]["plain"]
     ratio = result["ratio_ours_over_plain"]

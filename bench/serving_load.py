@@ -901,9 +901,9 @@ def level_of(results: dict, label: str | None, clients: int) -> dict | None:
     return results[label].get("levels", {}).get(str(clients))
 
 
-def logging_label(label: str | None) -> str | None:
-    """bento-batching[B:L] -> bento-batching-logging[B:L]"""
-    return label.replace("bento-batching[", "bento-batching-logging[", 1) if label else None
+def sibling_label(label: str | None, variant: str) -> str | None:
+    """bento-batching[B:L] -> <variant>[B:L], e.g. bento-batching-logging[B:L]"""
+    return label.replace("bento-batching[", f"{variant}[", 1) if label else None
 
 
 def evaluate_targets(results: dict, label: str | None, with_request_log: bool = False) -> dict:
@@ -954,13 +954,14 @@ def evaluate_targets(results: dict, label: str | None, with_request_log: bool = 
              "errors_at_64_clients"]
     if with_request_log:
         names.append("request_log_throughput")
-        logged = level_of(results, logging_label(label), TARGET_CLIENTS)
+        log_label = sibling_label(label, "bento-batching-logging")
+        logged = level_of(results, log_label, TARGET_CLIENTS)
         log_rps = logged["requests_per_second"] if logged else None
-        check = (results.get(logging_label(label)) or {}).get("request_log") or {}
+        check = (results.get(log_label) or {}).get("request_log") or {}
         t = targets["request_log_throughput"] = {
             "target": f"bento-batching-logging req/s >= {REQUEST_LOG_MIN_RATIO:.0%} of bento-batching req/s at "
                       f"{TARGET_CLIENTS} clients",
-            "variant": logging_label(label), "bento_batching_rps": a_rps, "bento_batching_logging_rps": log_rps,
+            "variant": log_label, "bento_batching_rps": a_rps, "bento_batching_logging_rps": log_rps,
             "bento_batching_p50_ms": a32["latency_ms"]["p50"] if a32 else None,
             "bento_batching_p99_ms": a32["latency_ms"]["p99"] if a32 else None,
             "bento_batching_logging_p50_ms": logged["latency_ms"]["p50"] if logged else None,
@@ -990,7 +991,7 @@ def evaluate_targets(results: dict, label: str | None, with_request_log: bool = 
 def spans_comparison(results: dict, label: str | None) -> dict | None:
     """What BentoML's spans on every `classify` request cost: bento-batching-spans against bento-batching (the
     service as it is, `classify` left out of tracing), requests/s and p99 at each number of clients."""
-    spans_label = label.replace("bento-batching[", "bento-batching-spans[", 1) if label else None
+    spans_label = sibling_label(label, "bento-batching-spans")
     if spans_label not in results or label not in results:
         return None
     levels = {}
@@ -1035,7 +1036,6 @@ def environment() -> dict:
         "platform": platform.platform(),
         "code_version": code_version(),
     }
-
 
 
 def fmt(value, width: int = 0, digits: int = 0) -> str:
