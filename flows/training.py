@@ -18,7 +18,7 @@ from flows.settings import Settings
 from tasks.evaluate import evaluate_task
 from tasks.fine_tune import FineTuneConfig, fine_tune_task
 from tasks.ingest import IngestConfig, ingest_task
-from tasks.preprocess import PreprocessConfig, preprocess_task
+from tasks.preprocess import PreprocessConfig, WindowingConfig, preprocess_task
 from tasks.register import RegisterConfig, RegisteredModelVersion, register_task
 from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
 
@@ -40,12 +40,13 @@ class DatasetParameters(BaseModel):
     test_fraction: float = Field(default=0.1, gt=0, lt=0.5, description="Share held out for the test.")
 
 
-class ModelParameters(BaseModel):
+class ModelParameters(WindowingConfig):
+    """The base model and how it reads long texts (max length and truncation strategy)."""
+
     base_model: str = Field(
         default=PACKAGED_BASE_MODEL,
         description=f"'{PACKAGED_BASE_MODEL}' (packaged, no network), a local model folder, or a hub model id.",
     )
-    max_length: int = Field(default=128, ge=8, le=512, description="Tokens per text; longer texts are truncated.")
 
 
 class TrainingParameters(BaseModel):
@@ -103,7 +104,7 @@ def training(
     base_model = resolve_base_model(model.base_model)
     ingest_config = IngestConfig(**dataset.model_dump(include=set(IngestConfig.model_fields)))
     preprocess_config = PreprocessConfig(
-        tokenizer=base_model, max_length=model.max_length, seed=training.seed,
+        tokenizer=base_model, seed=training.seed, **model.model_dump(include=set(WindowingConfig.model_fields)),
         validation_fraction=dataset.validation_fraction, test_fraction=dataset.test_fraction,
     )
     fine_tune_config = FineTuneConfig(base_model=base_model, **training.model_dump(exclude={"timeout_minutes"}))

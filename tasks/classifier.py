@@ -1,6 +1,6 @@
 """Inference on a fine-tuned model folder: one tokenizer and model loaded once, batched prediction.
-Used by evaluation, by the MLflow pyfunc model, and by the service. Depends only on torch, transformers,
-numpy and pandas, because MLflow copies this package into every logged model."""
+Used by evaluation, by the MLflow pyfunc model, batch scoring, drift monitoring and the service. Depends only on
+torch, transformers, numpy, pandas and tasks/windows.py, because MLflow copies these modules into every logged model."""
 
 from __future__ import annotations
 
@@ -10,12 +10,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tasks.windows import EncodedWindows, Windowing, encode_windows, pool_logits, softmax
+
 LABELS_FILE = "labels.json"
+MODEL_SETTINGS_FILE = "textclf.json"  # max length, truncation strategy, base model, data version
 PREDICTION_COLUMNS = ("label", "probability")
 
 
 class TextClassifier:
-    """A fine-tuned sequence classifier, ready to predict label strings from raw texts."""
+    """A fine-tuned sequence classifier, ready to predict label strings from raw texts. Long texts are fed to it
+    with the truncation strategy it was trained with (textclf.json; see tasks/windows.py)."""
 
     def __init__(self, model_dir: str | Path, device: str | None = None):
         import torch
@@ -26,44 +30,35 @@ class TextClassifier:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir).to(self.device).eval()
         self.label_names: list[str] = json.loads((self.model_dir / LABELS_FILE).read_text())
-        self.max_length = int(json.loads((self.model_dir / "textclf.json").read_text())["max_length"])
+        self.windowing = Windowing.from_dict(json.loads((self.model_dir / MODEL_SETTINGS_FILE).read_text()))
+        self.max_length = self.windowing.max_length
+
+    def window_logits(self, encoded: EncodedWindows, batch_size: int = 64) -> np.ndarray:
+        """The model's logits for every window, in window order; windows are batched by length to pad little."""
+        import torch
+
+        lengths = [len(ids) for ids in encoded.input_ids]
+        order = np.argsort(lengths, kind="stable")
+        logits = np.zeros((len(lengths), len(self.label_names)), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                index = order[start : start + batch_size]
+                batch = self.tokenizer.pad({"input_ids": [encoded.input_ids[i] for i in index]}, return_tensors="pt")
+                logits[index] = self.model(**batch.to(self.device)).logits.float().cpu().numpy()
+        return logits
+
+    def classify(self, texts: list[str], batch_size: int = 64) -> tuple[np.ndarray, list[bool]]:
+        """Class probabilities, one row per text in input order, and per text whether it did not fit in one
+        window. Each text is tokenized once; with `chunks` its windows' logits are averaged."""
+        encoded = encode_windows(self.tokenizer, list(texts), self.windowing)
+        if not len(texts):
+            return np.zeros((0, len(self.label_names)), dtype=np.float32), []
+        pooled = pool_logits(self.window_logits(encoded, batch_size), encoded.owner, len(texts))
+        return softmax(pooled), encoded.truncated
 
     def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """Class probabilities, one row per text, in input order. Texts are batched by length to pad little."""
-        import torch
-
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        probabilities = np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                index = order[start : start + batch_size]
-                encoded = self.tokenizer(
-                    [texts[i] for i in index],
-                    truncation=True,
-                    max_length=self.max_length,
-                    padding=True,
-                    return_tensors="pt",
-                ).to(self.device)
-                logits = self.model(**encoded).logits.float()
-                probabilities[index] = torch.softmax(logits, dim=-1).cpu().numpy()
-        return probabilities
-
-    def classify(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
-        """One batch, tokenized once: class probabilities and, per text, whether it was cut at max_length.
-        (The fast tokenizer's overflow mapping says which texts overflowed; only their first window is scored.)"""
-        import torch
-
-        encoded = self.tokenizer(
-            texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt",
-            return_overflowing_tokens=True, stride=0,
-        )
-        sample_of_row = encoded.pop("overflow_to_sample_mapping").tolist()
-        first_rows = [sample_of_row.index(i) for i in range(len(texts))]
-        truncated = [sample_of_row.count(i) > 1 for i in range(len(texts))]
-        inputs = {key: value[first_rows].to(self.device) for key, value in encoded.items()}
-        with torch.inference_mode():
-            logits = self.model(**inputs).logits.float()
-        return torch.softmax(logits, dim=-1).cpu().numpy(), truncated
+        """Class probabilities, one row per text, in input order."""
+        return self.classify(texts, batch_size)[0]
 
     def predict(self, texts: list[str], batch_size: int = 64) -> pd.DataFrame:
         """Label, its probability, and one `proba_<label>` column per class."""

@@ -79,15 +79,29 @@ def tfidf_baseline(train: pd.DataFrame, test: pd.DataFrame, seed: int = 0) -> np
     return pipeline.predict(test["text"])
 
 
-def _length_slices(token_lengths: np.ndarray, max_length: int) -> pd.Series:
-    """Three slices by token length (terciles), plus texts cut at max_length as their own slice."""
+def _length_slices(token_lengths: np.ndarray) -> pd.Series:
+    """Three slices by token length (terciles)."""
     lengths = pd.Series(token_lengths)
     slices = pd.Series("all", index=lengths.index, dtype=object)
     if lengths.nunique() >= 3:
         bins = pd.qcut(lengths, 3, duplicates="drop")
         slices = bins.map(lambda b: f"{int(b.left) + 1}-{int(b.right)} tokens").astype(object)
-    slices[lengths >= max_length] = f"truncated (>= {max_length} tokens)"
     return slices
+
+
+def _slice_scores(slices: pd.Series, labels: np.ndarray, predicted: np.ndarray, baseline: np.ndarray) -> pd.DataFrame:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    frame = pd.DataFrame({"slice": slices.to_numpy(), "y": labels, "p": predicted, "b": baseline})
+    return frame.groupby("slice", sort=False).apply(
+        lambda g: pd.Series({
+            "texts": len(g),
+            "accuracy": accuracy_score(g["y"], g["p"]),
+            "macro_f1": f1_score(g["y"], g["p"], average="macro", zero_division=0),
+            "baseline_accuracy": accuracy_score(g["y"], g["b"]),
+        }),
+        include_groups=False,
+    )
 
 
 def _plots(folder: Path, label_names, confusion, per_bin, per_class: pd.DataFrame) -> None:
@@ -139,7 +153,11 @@ def _plots(folder: Path, label_names, confusion, per_bin, per_class: pd.DataFram
     plt.close(figure)
 
 
-def _report(metrics: dict, per_class: pd.DataFrame, slices: pd.DataFrame, context: dict[str, str]) -> str:
+def _report(metrics: dict, per_class: pd.DataFrame, slices: pd.DataFrame, long_short: pd.DataFrame,
+            context: dict[str, str], truncation: str, max_length: int) -> str:
+    reads = {"head": "only their first tokens", "tail": "only their last tokens",
+             "head+tail": "only their first and last tokens",
+             "chunks": "overlapping windows over the whole text, whose logits are averaged"}[truncation]
     lines = ["# Model report", ""]
     lines += [f"- **{key}**: {value}" for key, value in context.items()]
     lines += [
@@ -162,6 +180,10 @@ def _report(metrics: dict, per_class: pd.DataFrame, slices: pd.DataFrame, contex
         "",
         per_class.to_markdown(floatfmt=".4f"),
         "",
+        f"## Long and short texts (one window is {max_length} tokens; truncation `{truncation}`)",
+        "",
+        long_short.to_markdown(floatfmt=".4f"),
+        "",
         "## By text length",
         "",
         slices.to_markdown(floatfmt=".4f"),
@@ -169,7 +191,7 @@ def _report(metrics: dict, per_class: pd.DataFrame, slices: pd.DataFrame, contex
         "## Known limits",
         "",
         "- Scores come from one test split; small classes have wide uncertainty.",
-        "- Texts longer than the max length are truncated: the model sees only their start.",
+        f"- Texts longer than the max length ({metrics['truncated_share']:.0%} of the test texts): the model reads {reads}.",
         "- The model knows only the classes it was trained on; anything else is forced into one of them.",
         "",
     ]
@@ -199,7 +221,8 @@ def evaluate(
     label_ids = list(range(len(names)))
 
     started = time.perf_counter()
-    probabilities = classifier.predict_proba(texts, batch_size=config.batch_size)
+    probabilities, truncated = classifier.classify(texts, batch_size=config.batch_size)
+    truncated = np.asarray(truncated, dtype=bool)
     batched_ms = (time.perf_counter() - started) * 1000 / max(1, len(texts))
     single = []
     for text in texts[: config.latency_samples]:
@@ -220,15 +243,9 @@ def evaluate(
         index=pd.Index(names, name="class"),
     )
     token_lengths = np.array([len(ids) for ids in classifier.tokenizer(texts, truncation=False)["input_ids"]])
-    frame = pd.DataFrame({"slice": _length_slices(token_lengths, data.max_length), "y": labels, "p": predicted})
-    slices = frame.groupby("slice").apply(
-        lambda g: pd.Series({
-            "texts": len(g),
-            "accuracy": accuracy_score(g["y"], g["p"]),
-            "macro_f1": f1_score(g["y"], g["p"], average="macro", zero_division=0),
-        }),
-        include_groups=False,
-    )
+    slices = _slice_scores(_length_slices(token_lengths), labels, predicted, baseline)
+    fits = pd.Series(np.where(truncated, "long (more than one window)", "short (fits one window)"))
+    long_short = _slice_scores(fits, labels, predicted, baseline)
     metrics = {
         "test_accuracy": accuracy_score(labels, predicted),
         "test_macro_f1": f1_score(labels, predicted, average="macro", labels=label_ids, zero_division=0),
@@ -241,8 +258,12 @@ def evaluate(
         "baseline_weighted_f1": f1_score(labels, baseline, average="weighted", labels=label_ids, zero_division=0),
         "latency_ms_per_text_batched": batched_ms,
         "latency_ms_single_text_p50": float(np.median(single)) if single else float("nan"),
-        "truncated_share": float((token_lengths >= data.max_length).mean()),
+        "truncated_share": float(truncated.mean()) if len(texts) else 0.0,
     }
+    for name, key in (("long (more than one window)", "long"), ("short (fits one window)", "short")):
+        if name in long_short.index:
+            metrics[f"test_macro_f1_{key}_texts"] = long_short.loc[name, "macro_f1"]
+            metrics[f"test_accuracy_{key}_texts"] = long_short.loc[name, "accuracy"]
     for name, row in per_class.iterrows():
         metrics.update({f"test_{k}_{name}": row[k] for k in ("precision", "recall", "f1")})
     metrics = {key: float(value) for key, value in metrics.items()}
@@ -254,11 +275,13 @@ def evaluate(
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
         per_class.to_csv(staging / "per_class.csv")
         slices.to_csv(staging / "length_slices.csv")
+        long_short.to_csv(staging / "long_short_texts.csv")
         pd.DataFrame(
             {"text": texts, "label": [names[i] for i in labels], "predicted": [names[i] for i in predicted],
              "probability": confidence}
         ).to_parquet(staging / "test_predictions.parquet", index=False)
-        (staging / "report.md").write_text(_report(metrics, per_class, slices, context or {}))
+        (staging / "report.md").write_text(_report(metrics, per_class, slices, long_short, context or {},
+                                                   classifier.windowing.strategy, classifier.max_length))
         shutil.rmtree(output_dir, ignore_errors=True)
         staging.rename(output_dir)
     finally:

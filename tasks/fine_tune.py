@@ -19,7 +19,7 @@ from typing import Literal
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.classifier import LABELS_FILE
+from tasks.classifier import LABELS_FILE, MODEL_SETTINGS_FILE
 from tasks.preprocess import PreparedDataset
 from tasks.tracking import TrackingRef
 
@@ -106,12 +106,28 @@ def class_weights(labels: list[int], num_labels: int):
     return counts.sum() / (num_labels * counts)
 
 
-def _macro_f1(eval_prediction) -> dict[str, float]:
+def pooled_macro_f1(text_index):
+    """Validation metrics per text, not per window: a text's windows' logits are averaged first, exactly as the
+    classifier does when it predicts (tasks/windows.py). The eval dataloader keeps the dataset's order."""
     import numpy as np
+
+    from tasks.windows import pool_logits
+
+    owner = np.unique(np.asarray(text_index), return_inverse=True)[1]
+
+    def compute(eval_prediction) -> dict[str, float]:
+        logits = np.asarray(eval_prediction.predictions, dtype=np.float32)
+        texts = int(owner.max()) + 1 if len(owner) else 0
+        pooled = pool_logits(logits, owner, texts)
+        first_window = np.unique(owner, return_index=True)[1]
+        return _scores(pooled.argmax(axis=-1), np.asarray(eval_prediction.label_ids)[first_window])
+
+    return compute
+
+
+def _scores(predicted, labels) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, f1_score
 
-    logits, labels = eval_prediction.predictions, eval_prediction.label_ids
-    predicted = np.asarray(logits).argmax(axis=-1)
     return {
         "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
         "accuracy": float(accuracy_score(labels, predicted)),
@@ -137,8 +153,11 @@ def _mlflow_callback(tracking: TrackingRef):
     return MlflowStepMetrics()
 
 
-class _PaddingWithoutLength:
-    """Dynamic padding to the longest text in the batch; drops the sampler-only `length` field."""
+class _PaddingModelInputs:
+    """Dynamic padding to the longest window in the batch; drops the bookkeeping fields (`length`, which the
+    length-grouped sampler reads, and `text_index`, which the pooled validation metric reads)."""
+
+    BOOKKEEPING = ("length", "text_index")
 
     def __init__(self, tokenizer):
         from transformers import DataCollatorWithPadding
@@ -146,7 +165,7 @@ class _PaddingWithoutLength:
         self.pad = DataCollatorWithPadding(tokenizer)
 
     def __call__(self, features):
-        return self.pad([{k: v for k, v in f.items() if k != "length"} for f in features])
+        return self.pad([{k: v for k, v in f.items() if k not in self.BOOKKEEPING} for f in features])
 
 
 def build_trainer(
@@ -156,8 +175,10 @@ def build_trainer(
     device: str,
     precision: str,
     tracking: TrackingRef | None = None,
+    callbacks: list | None = None,
 ):
-    """The transformers Trainer for this fine-tune; also used by the benchmark."""
+    """The transformers Trainer for this fine-tune; also used by the benchmark and the sweep (`callbacks`: extra
+    transformers TrainerCallbacks, such as a pruning callback)."""
     import datasets
     from transformers import (
         AutoModelForSequenceClassification,
@@ -168,10 +189,9 @@ def build_trainer(
         set_seed,
     )
 
-    # Keep only model inputs and the precomputed `length` (which the length-grouped sampler reads instead of
-    # re-measuring every row); the collator drops `length` before the batch reaches the model.
+    # Model inputs plus the precomputed `length` (which the length-grouped sampler reads instead of re-measuring
+    # every row) and `text_index`; the collator drops both before the batch reaches the model.
     tokenized = datasets.load_from_disk(str(data.tokenized_path))
-    tokenized = tokenized.remove_columns(["text"])
     num_labels = len(data.label_names)
     tokenizer = AutoTokenizer.from_pretrained(config.base_model)
     set_seed(config.seed)  # before the model load: the fresh classification head is initialised here
@@ -219,7 +239,7 @@ def build_trainer(
 
         return F.cross_entropy(outputs.logits.float(), labels, weight=weights)
 
-    callbacks = []
+    callbacks = list(callbacks or [])
     if config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     if tracking is not None:
@@ -230,15 +250,19 @@ def build_trainer(
         train_dataset=tokenized["train"],
         eval_dataset=tokenized["validation"],
         processing_class=tokenizer,
-        data_collator=_PaddingWithoutLength(tokenizer),
-        compute_metrics=_macro_f1,
+        data_collator=_PaddingModelInputs(tokenizer),
+        compute_metrics=pooled_macro_f1(tokenized["validation"]["text_index"]),
         compute_loss_func=weighted_loss if weights is not None else None,
         callbacks=callbacks,
     )
 
 
 def fine_tune(
-    data: PreparedDataset, config: FineTuneConfig, output_root: Path, tracking: TrackingRef | None = None
+    data: PreparedDataset,
+    config: FineTuneConfig,
+    output_root: Path,
+    tracking: TrackingRef | None = None,
+    callbacks: list | None = None,
 ) -> FineTunedModel:
     work_dir = output_root / run_key(data, config)
     checkpoint_dir, model_dir, result_path = work_dir / "checkpoints", work_dir / "model", work_dir / "result.json"
@@ -250,7 +274,7 @@ def fine_tune(
     resume_from = last_complete_checkpoint(checkpoint_dir)
     if resume_from:
         logger.info("Resuming fine-tune from %s", resume_from)
-    trainer = build_trainer(config, data, checkpoint_dir, device, precision, tracking)
+    trainer = build_trainer(config, data, checkpoint_dir, device, precision, tracking, callbacks)
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     runtime = time.perf_counter() - started
@@ -260,9 +284,9 @@ def fine_tune(
     trainer.save_model(str(staging))  # the best epoch's weights: load_best_model_at_end restored them
     trainer.processing_class.save_pretrained(str(staging))
     (staging / LABELS_FILE).write_text(json.dumps(data.label_names, indent=2))
-    (staging / "textclf.json").write_text(
-        json.dumps({"max_length": data.max_length, "base_model": config.base_model, "data_version": data.data_version})
-    )
+    (staging / MODEL_SETTINGS_FILE).write_text(json.dumps({
+        **data.windowing.windowing().as_dict(), "base_model": config.base_model, "data_version": data.data_version,
+    }))
     shutil.rmtree(model_dir, ignore_errors=True)
     staging.rename(model_dir)
 

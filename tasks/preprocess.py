@@ -13,26 +13,54 @@ import tempfile
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.model_selection import train_test_split
 
 from tasks.ingest import DatasetSnapshot, DatasetValidationError
+from tasks.windows import Truncation, Windowing, encode_windows
 
 # Bump when cleaning or splitting changes, so that old caches are not reused.
-PREPROCESS_VERSION = "1"
+PREPROCESS_VERSION = "2"
 SPLITS = ("train", "validation", "test")
 # When a text occurs in several splits, keep the copy in the split that matters most for honest scores.
 SPLIT_PRIORITY = {"test": 0, "validation": 1, "train": 2}
 _WHITESPACE = re.compile(r"\s+")
 
 
-class PreprocessConfig(BaseModel):
+class WindowingConfig(BaseModel):
+    """How texts longer than max_length are fed to the model, in training and wherever the model predicts."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_length: int = Field(default=128, ge=8, le=8192, description="Tokens the model reads at once (one window).")
+    truncation: Truncation = Field(
+        default="chunks",
+        description="Texts longer than max_length: 'head' keeps the start, 'tail' the end, 'head+tail' both ends, "
+        "'chunks' classifies overlapping windows over the whole text and averages their logits.",
+    )
+    head_share: float = Field(default=0.25, ge=0, le=1, description="head+tail: share of the window from the start.")
+    chunk_overlap: float = Field(
+        default=0.25, ge=0, lt=0.5, description="chunks: share of a window that the next window repeats."
+    )
+    max_chunks: int = Field(default=32, ge=1, le=1024, description="chunks: most windows per text when predicting.")
+    chunks_per_training_text: int = Field(
+        default=1, ge=1, le=1024,
+        description="chunks: windows of one training text that the model trains on (the first, then spread evenly "
+        "to the last); validation and test always use every window.",
+    )
+
+    def windowing(self) -> Windowing:
+        return Windowing(strategy=self.truncation, max_length=self.max_length, head_share=self.head_share,
+                         chunk_overlap=self.chunk_overlap, max_chunks=self.max_chunks)
+
+
+class PreprocessConfig(WindowingConfig):
     model_config = ConfigDict(frozen=True)
 
     tokenizer: str = Field(description="Local model folder or hub id whose tokenizer is used.")
-    max_length: int = Field(default=128, ge=8, le=8192, description="Longer texts are truncated to this many tokens.")
     validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     seed: int = Field(default=42, ge=0)
@@ -49,8 +77,12 @@ class PreparedDataset(BaseModel):
     label_names: list[str]
     split_sizes: dict[str, int]
     duplicates_removed: int
-    max_length: int
+    windowing: WindowingConfig
     cache_hit: bool
+
+    @property
+    def max_length(self) -> int:
+        return self.windowing.max_length
 
     @property
     def splits_path(self) -> Path:
@@ -143,6 +175,23 @@ def load_tokenizer(name_or_path: str):
         ) from error
 
 
+def training_windows(owner: np.ndarray, per_text: int) -> np.ndarray:
+    """Which windows a `chunks` model trains on: per text its first window, then up to `per_text` in all, spread
+    evenly to its last. Training on every window would cost as many times more as texts have windows."""
+    keep = np.zeros(len(owner), dtype=bool)
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    ends = np.r_[starts[1:], len(owner)]
+    for start, end in zip(starts, ends):
+        chosen = np.unique(np.linspace(start, end - 1, min(per_text, end - start)).round().astype(int))
+        keep[chosen] = True
+    return keep
+
+
+def _split_rows(frame: pd.DataFrame, split: str) -> pd.DataFrame:
+    rows = frame.loc[frame["split"] == split, ["text", "label_id"]].rename(columns={"label_id": "labels"})
+    return rows.reset_index(drop=True).rename_axis("text_index").reset_index()
+
+
 def _build(snapshot: DatasetSnapshot, config: PreprocessConfig, tokenizer, target: Path) -> dict:
     import datasets
 
@@ -166,17 +215,31 @@ def _build(snapshot: DatasetSnapshot, config: PreprocessConfig, tokenizer, targe
     frame.to_parquet(target / "splits.parquet", index=False)
     (target / "labels.json").write_text(json.dumps(label_names, indent=2))
 
-    def tokenize(batch):
-        encoded = tokenizer(batch["text"], truncation=True, max_length=config.max_length)
-        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
-        return encoded
+    windowing = config.windowing()
+
+    def tokenize(batch, split: str):
+        """One row per window the model sees. Validation and test keep every window of a text and `text_index`
+        (which text it belongs to), so that their scores pool windows exactly as prediction does."""
+        encoded = encode_windows(tokenizer, batch["text"], windowing)
+        keep = np.ones(len(encoded.owner), dtype=bool)
+        if split == "train" and config.truncation == "chunks":
+            keep = training_windows(encoded.owner, config.chunks_per_training_text)
+        rows = np.flatnonzero(keep)
+        input_ids = [encoded.input_ids[i] for i in rows]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": [[1] * len(ids) for ids in input_ids],
+            "labels": [batch["labels"][encoded.owner[i]] for i in rows],
+            "length": [len(ids) for ids in input_ids],
+            "text_index": [int(batch["text_index"][encoded.owner[i]]) for i in rows],
+        }
 
     dataset = datasets.DatasetDict(
         {
             split: datasets.Dataset.from_pandas(
-                frame.loc[frame["split"] == split, ["text", "label_id"]].rename(columns={"label_id": "labels"}),
-                preserve_index=False,
-            ).map(tokenize, batched=True, batch_size=1000, new_fingerprint=f"{target.name}-{split}")
+                _split_rows(frame, split), preserve_index=False,
+            ).map(tokenize, batched=True, batch_size=1000, fn_kwargs={"split": split},
+                  remove_columns=["text", "labels", "text_index"], new_fingerprint=f"{target.name}-{split}")
             for split in SPLITS
         }
     )
@@ -209,7 +272,7 @@ def preprocess(snapshot: DatasetSnapshot, config: PreprocessConfig, cache_dir: P
         path=target,
         cache_key=key,
         data_version=snapshot.version,
-        max_length=config.max_length,
+        windowing=WindowingConfig(**config.model_dump(include=set(WindowingConfig.model_fields))),
         cache_hit=cache_hit,
         **summary,
     )

@@ -51,13 +51,13 @@ class RegisteredModelVersion(BaseModel):
 
 
 def _code_package(staging: Path) -> Path:
-    """A copy of the two modules the pyfunc model imports, laid out as the `tasks` package, so that the
+    """A copy of the modules the pyfunc model imports, laid out as the `tasks` package, so that the
     logged model loads anywhere MLflow and its requirements are installed."""
     source = Path(__file__).parent
     package = staging / "code" / "tasks"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    for module in ("classifier.py", "mlflow_model.py"):
+    for module in ("classifier.py", "windows.py", "mlflow_model.py"):
         shutil.copy2(source / module, package / module)
     return package
 

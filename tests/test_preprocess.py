@@ -168,12 +168,14 @@ def test_tokenized_dataset_on_disk(prepared):
     tokenized = datasets.load_from_disk(str(prepared.tokenized_path))
     assert set(tokenized) == {"train", "validation", "test"}
     for name, part in tokenized.items():
-        assert {"input_ids", "attention_mask", "labels"} <= set(part.column_names)
-        assert part.num_rows == prepared.split_sizes[name]
+        assert {"input_ids", "attention_mask", "labels", "length", "text_index"} == set(part.column_names)
+        # One row per window; every text of the split has at least one, in order, with its own label.
+        owners = list(part["text_index"])
+        assert sorted(set(owners)) == list(range(prepared.split_sizes[name])) and owners == sorted(owners)
         assert all(1 < len(ids) <= 32 for ids in part["input_ids"])
         assert [len(m) for m in part["attention_mask"]] == [len(ids) for ids in part["input_ids"]]
-        assert list(part["labels"]) == prepared.split(name)["label_id"].tolist()
-        assert list(part["text"]) == prepared.split(name)["text"].tolist()
+        labels = prepared.split(name)["label_id"].tolist()
+        assert list(part["labels"]) == [labels[i] for i in owners]
 
 
 def test_summary_persisted(prepared, topics_snapshot):
