@@ -39,6 +39,11 @@ class Settings(BaseSettings):
         default="text-classifier-monitoring", description="MLflow experiment of batch scoring and drift runs."
     )
     registered_model_name: str = Field(default="text-classifier")
+    optuna_storage: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the Optuna studies of the sweep flow (for example "
+        "postgresql+psycopg://user@host:5432/optuna); unset means an SQLite file under the data folder.",
+    )
 
     @property
     def root(self) -> Path:
@@ -59,6 +64,14 @@ class Settings(BaseSettings):
     @property
     def resolved_mlflow_tracking_uri(self) -> str:
         return self.mlflow_tracking_uri or f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def resolved_optuna_storage(self) -> str:
+        return self.optuna_storage or f"sqlite:///{self.root / 'optuna' / 'studies.db'}"
+
+    @property
+    def sweep_dir(self) -> Path:
+        return self.root / "sweeps"
 
     @property
     def snapshot_dir(self) -> Path:

@@ -1,0 +1,107 @@
+"""The sweep flow: a hyperparameter search (Optuna) over the fine-tune, then the best trial's model evaluated on the
+test split and registered as @candidate, exactly as the training flow registers its model. Wiring only; the stages
+are in tasks/sweep.py (the search) and the training stages it reuses."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Annotated
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
+
+from flows.settings import Settings
+from flows.training import DatasetParameters, code_version, resolve_base_model
+from tasks.evaluate import evaluate_task
+from tasks.ingest import IngestConfig, ingest_task
+from tasks.register import RegisterConfig, RegisteredModelVersion, register_task
+from tasks.sweep import (
+    SearchSpace,
+    StudyParameters,
+    StudyRef,
+    TrialConfig,
+    TrialSettings,
+    best_trial_task,
+    prepare_study_task,
+    run_trial_task,
+    summarize_study_task,
+)
+from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
+
+
+@flow(name="sweep", log_prints=True)
+def sweep(
+    dataset: DatasetParameters = DatasetParameters(),
+    search_space: SearchSpace = SearchSpace(),
+    study: StudyParameters = StudyParameters(),
+    trial_settings: TrialSettings = TrialSettings(),
+    registered_model_name: Annotated[
+        str, Field(min_length=1, max_length=256, description="MLflow registered-model name of the best model.")
+    ] = "text-classifier",
+) -> RegisteredModelVersion:
+    settings = Settings()
+    study_ref = StudyRef(storage_url=settings.resolved_optuna_storage, parameters=study)
+    ingest_config = IngestConfig(**dataset.model_dump(include=set(IngestConfig.model_fields)))
+    trial_settings = trial_settings.model_copy(
+        update={"validation_fraction": dataset.validation_fraction, "test_fraction": dataset.test_fraction}
+    )
+    study_dir = settings.sweep_dir / study.study_name
+
+    plan = prepare_study_task(study_ref)
+    # One MLflow parent run per study (keyed by the study's id in its storage): a continued study adds to it.
+    parent = start_tracking_run_task(
+        settings.resolved_mlflow_tracking_uri, settings.experiment_name, run_name=f"sweep-{study.study_name}",
+        idempotency_key=f"sweep:{study.study_name}:{plan.study_key}", tags={"optuna.study_name": study.study_name},
+    )
+    try:
+        snapshot = ingest_task(ingest_config, settings.snapshot_dir)
+        trial_config = TrialConfig(
+            study=study_ref, space=search_space, settings=trial_settings, snapshot=snapshot,
+            base_models={name: resolve_base_model(name) for name in search_space.base_models},
+            parent=parent, experiment_name=settings.experiment_name,
+            preprocess_cache_dir=settings.preprocess_cache_dir, fine_tune_dir=study_dir / "fine-tune",
+            run_tags={"prefect.flow_run_id": str(flow_run.get_id())},
+        )
+        # Trials run in a thread pool of this flow run, `parallel_trials` at a time (the task runner is built here
+        # because its size is a parameter). To spread one study over several workers or machines, start more
+        # sweep runs with the same study name on a shared storage (PostgreSQL) and TEXTCLF_HOME: the study in the
+        # database is what they share, and each run asks it for the next trial.
+        with ThreadPoolTaskRunner(max_workers=study.parallel_trials) as trial_runner:
+            trials = [trial_runner.submit(run_trial_task, {"config": trial_config, "sampler_seed": seed})
+                      for seed in range(plan.first_sampler_seed, plan.first_sampler_seed + plan.trials_to_run)]
+            outcomes = [trial.result() for trial in trials]  # pruned and failed trials return, never raise
+        summary = summarize_study_task(study_ref, parent, study_dir / "summary")
+        create_markdown_artifact(key="sweep-summary", markdown=summary.markdown,
+                                 description=f"Optuna study {study.study_name}: trials, best parameters, pruning.")
+        best = best_trial_task(study_ref, parent)
+        evaluation = evaluate_task(
+            best.model, best.prepared, settings.evaluation_dir / best.tracking.run_id,
+            context={"data source": snapshot.source, "data version": snapshot.version,
+                     "base model": best.model.base_model, "study": study.study_name,
+                     "best trial": str(best.number), "hyperparameters": str(best.params),
+                     "device": f"{best.model.device} ({best.model.precision})"},
+        )
+        version = register_task(
+            best.model, evaluation, snapshot, best.prepared, best.tracking,
+            RegisterConfig(registered_model_name=registered_model_name),
+            params={**ingest_config.model_dump(), **best.prepared.windowing.model_dump(), **best.params,
+                    "optuna_study": study.study_name, "optuna_trial": best.number},
+            code_version=code_version(),
+        )
+        create_markdown_artifact(
+            key="sweep-evaluation-report",
+            markdown=evaluation.report_markdown
+            + f"\n\nBest of {len(outcomes)} trial(s) run now in study `{study.study_name}`: trial {best.number} "
+            f"(validation macro-F1 {best.validation_macro_f1:.4f}). Registered **{version.name}** version "
+            f"**{version.version}** as `@{version.alias}`.\n",
+            description="Test metrics of the sweep's best model next to the TF-IDF baseline.",
+        )
+    except BaseException:
+        with contextlib.suppress(Exception):  # never hide the real error behind a tracking one
+            end_tracking_run(parent, status="FAILED")
+        raise
+    end_tracking_run_task(parent)
+    return version
