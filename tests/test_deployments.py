@@ -48,7 +48,8 @@ def test_every_deployment_is_registered_on_its_pool_with_a_typed_form(production
     api = production_stack["prefect"]
     expected = {("training", "training"): "gpu", ("training", "training-cpu"): "cpu",
                 ("training", "retraining"): "gpu", ("promotion", "promotion"): "cpu", ("rollback", "rollback"): "cpu",
-                ("batch-scoring", "batch-scoring"): "cpu", ("drift-monitoring", "monitoring"): "cpu"}
+                ("batch-scoring", "batch-scoring"): "cpu", ("drift-monitoring", "monitoring"): "cpu",
+                ("sweep", "sweep"): "gpu"}
     for (flow, name), pool in expected.items():
         deployment = _deployment(api, flow, name)
         assert deployment["work_pool_name"] == pool, name

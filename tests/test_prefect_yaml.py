@@ -29,7 +29,8 @@ def test_trigger_parameters_validate_against_the_triggered_flow():
     deployment = next(d for d in config["deployments"] if d["name"] == "promotion")
     (trigger,) = deployment["triggers"]
     assert trigger["expect"] == ["prefect.flow-run.Completed"]
-    assert trigger["match_related"] == {"prefect.resource.role": "flow", "prefect.resource.name": "training"}
+    assert trigger["match_related"] == {"prefect.resource.role": "flow",
+                                        "prefect.resource.name": ["training", "sweep"]}
     rendered = {key: "rendered-value" for key in trigger["parameters"]}
     assert promotion.validate_parameters({**deployment["parameters"], **rendered})
 
@@ -37,8 +38,8 @@ def test_trigger_parameters_validate_against_the_triggered_flow():
 def test_deployments_share_pools_and_schedules_through_definitions():
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     pools = {d["name"]: d["work_pool"]["name"] for d in config["deployments"]}
-    assert pools == {"training": "gpu", "training-cpu": "cpu", "retraining": "gpu", "promotion": "cpu",
-                     "rollback": "cpu", "batch-scoring": "cpu", "monitoring": "cpu"}
+    assert pools == {"training": "gpu", "training-cpu": "cpu", "retraining": "gpu", "sweep": "gpu",
+                     "promotion": "cpu", "rollback": "cpu", "batch-scoring": "cpu", "monitoring": "cpu"}
     retraining = next(d for d in config["deployments"] if d["name"] == "retraining")
     assert retraining["schedules"] == [config["definitions"]["schedules"]["weekly"]]
     assert retraining["schedules"][0]["cron"] == "0 3 * * 1"
