@@ -45,9 +45,6 @@ def sweep(
     settings = Settings()
     study_ref = StudyRef(storage_url=settings.resolved_optuna_storage, parameters=study)
     ingest_config = IngestConfig(**dataset.model_dump(include=set(IngestConfig.model_fields)))
-    trial_settings = trial_settings.model_copy(
-        update={"validation_fraction": dataset.validation_fraction, "test_fraction": dataset.test_fraction}
-    )
     study_dir = settings.sweep_dir / study.study_name
 
     plan = prepare_study_task(study_ref)
@@ -63,6 +60,7 @@ def sweep(
             base_models={name: resolve_base_model(name) for name in search_space.base_models},
             parent=parent, experiment_name=settings.experiment_name,
             preprocess_cache_dir=settings.preprocess_cache_dir, fine_tune_dir=study_dir / "fine-tune",
+            validation_fraction=dataset.validation_fraction, test_fraction=dataset.test_fraction,
             run_tags={"prefect.flow_run_id": str(flow_run.get_id())},
         )
         # Trials run in a thread pool of this flow run, `parallel_trials` at a time (the task runner is built here
@@ -70,9 +68,9 @@ def sweep(
         # sweep runs with the same study name on a shared storage (PostgreSQL) and TEXTCLF_HOME: the study in the
         # database is what they share, and each run asks it for the next trial.
         with ThreadPoolTaskRunner(max_workers=study.parallel_trials) as trial_runner:
-            trials = [trial_runner.submit(run_trial_task, {"config": trial_config, "sampler_seed": seed})
-                      for seed in range(plan.first_sampler_seed, plan.first_sampler_seed + plan.trials_to_run)]
-            outcomes = [trial.result() for trial in trials]  # pruned and failed trials return, never raise
+            trial_futures = [trial_runner.submit(run_trial_task, {"config": trial_config, "sampler_seed": seed})
+                             for seed in range(plan.first_sampler_seed, plan.first_sampler_seed + plan.trials_to_run)]
+            outcomes = [future.result() for future in trial_futures]  # pruned and failed trials return, never raise
         summary = summarize_study_task(study_ref, parent, study_dir / "summary")
         create_markdown_artifact(key="sweep-summary", markdown=summary.markdown,
                                  description=f"Optuna study {study.study_name}: trials, best parameters, pruning.")

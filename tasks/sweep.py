@@ -158,8 +158,6 @@ class TrialSettings(BaseModel):
         default=2, ge=0, le=50, description="Epochs without a better validation macro-F1 before a trial stops; 0 never."
     )
     class_weighted_loss: bool = Field(default=False, description="Weight the loss by inverse class frequency.")
-    validation_fraction: float = Field(default=0.1, gt=0, lt=0.5, description="Share held out for validation.")
-    test_fraction: float = Field(default=0.1, gt=0, lt=0.5, description="Share held out for the test.")
 
 
 class StudyRef(BaseModel):
@@ -345,6 +343,8 @@ class TrialConfig(BaseModel):
     experiment_name: str = Field(description="MLflow experiment of the parent run (the trials' runs go there too).")
     preprocess_cache_dir: Path
     fine_tune_dir: Path
+    validation_fraction: float = Field(default=0.1, gt=0, lt=0.5, description="Share held out for validation.")
+    test_fraction: float = Field(default=0.1, gt=0, lt=0.5, description="Share held out for the test.")
     run_tags: dict[str, str] = Field(default_factory=dict)
 
 
@@ -410,8 +410,8 @@ def _train_trial(config: TrialConfig, trial, outcome: dict) -> float:
     base_model = config.base_models[params["base_model"]]
     preprocess_config = PreprocessConfig(
         tokenizer=base_model, max_length=params["max_length"], truncation=params["truncation"],
-        seed=config.study.parameters.seed, validation_fraction=config.settings.validation_fraction,
-        test_fraction=config.settings.test_fraction,
+        seed=config.study.parameters.seed, validation_fraction=config.validation_fraction,
+        test_fraction=config.test_fraction,
     )
     with _PREPROCESS_LOCK:
         prepared = preprocess(config.snapshot, preprocess_config, config.preprocess_cache_dir)
