@@ -71,3 +71,25 @@ def test_serving_load_benchmark_runs_every_variant(fixture_frame, tmp_path):
     assert result["targets"]["variant"].startswith("bento-batching[")
     assert set(result["spans"]["levels"]) == {"1", "4"}  # BentoML's spans on classify against the service as is
     assert not list((tmp_path / "work").iterdir())  # working files removed
+
+
+@pytest.mark.slow
+def test_sweep_benchmark_compares_the_sweep_with_the_default(fixture_csv, tiny_model_dir, tmp_path):
+    """Two one-epoch trials on the fixture: both variants scored on the test split, the pruning figures present, and
+    a dataset that is absent (ATIS without ../shared) skipped with a note rather than failing the run."""
+    output = tmp_path / "sweep.json"
+    done = subprocess.run(
+        [sys.executable, "bench/sweep.py", "--datasets", f"{fixture_csv},atis", "--shared-data",
+         str(tmp_path / "no-shared"), "--base-model", str(tiny_model_dir), "--max-length", "32", "--trials", "2",
+         "--epochs-max", "1", "--output", str(output), "--work-dir", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(output.read_text())
+    topics = result["results"]["topics"]
+    assert 0 <= topics["default"]["test_macro_f1"] <= 1 and 0 <= topics["sweep"]["test_macro_f1"] <= 1
+    assert len(topics["sweep"]["trials"]) == 2
+    assert topics["sweep"]["trial_epochs_run"] <= topics["sweep"]["trial_epochs_without_pruning"] == 2
+    assert "test_macro_f1_sweep_minus_default" in topics
+    assert any("ATIS skipped" in note for note in result["notes"])
+    assert not (tmp_path / "work").exists()  # working files removed
