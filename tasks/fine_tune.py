@@ -29,20 +29,28 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class FineTuneConfig(BaseModel):
+    """How to fine-tune. These fields own their defaults and bounds: the training flow's form and `textclf train`
+    reuse them (flows/training.py `TrainingParameters`)."""
+
     model_config = ConfigDict(frozen=True)
 
     base_model: str = Field(description="Local model folder or hub id to fine-tune.")
-    epochs: int = Field(default=3, ge=1, le=100)
-    batch_size: int = Field(default=16, ge=1, le=1024)
-    learning_rate: float = Field(default=5e-5, gt=0, le=1)
-    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
-    weight_decay: float = Field(default=0.01, ge=0, le=1)
+    epochs: int = Field(default=3, ge=1, le=100, description="Most epochs to train (early stopping may end sooner).")
+    batch_size: int = Field(default=16, ge=1, le=1024, description="Training batch size.")
+    learning_rate: float = Field(default=1e-4, gt=0, le=0.1, description="Peak learning rate (AdamW).")
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of the steps with a linear warmup.")
+    weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay.")
     class_weighted_loss: bool = Field(default=False, description="Weight the loss by inverse class frequency.")
     early_stopping_patience: int = Field(
         default=2, ge=0, le=100, description="Epochs without a better validation macro-F1 before stopping; 0: never."
     )
-    seed: int = Field(default=42, ge=0)
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    seed: int = Field(
+        default=42, ge=0,
+        description="Seed of the weight initialisation and the data order (the training flow splits the data with it too).",
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="auto: CUDA (bf16/fp16) when a GPU is visible, else all CPU cores in fp32."
+    )
 
 
 class FineTunedModel(BaseModel):
@@ -180,6 +188,7 @@ def build_trainer(
     """The transformers Trainer for this fine-tune; also used by the benchmark and the sweep (`callbacks`: extra
     transformers TrainerCallbacks, such as a pruning callback)."""
     import datasets
+    from torch.utils.data import SequentialSampler
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -239,12 +248,21 @@ def build_trainer(
 
         return F.cross_entropy(outputs.logits.float(), labels, weight=weights)
 
+    class WindowTrainer(Trainer):
+        """The pooled validation metric needs the eval predictions in the dataset's order (text_index tells which
+        text each window belongs to). transformers length-groups (shuffles) eval batches with group_by_length."""
+
+        def _get_eval_sampler(self, eval_dataset):
+            if eval_dataset is None or self.args.world_size > 1:
+                return super()._get_eval_sampler(eval_dataset)
+            return SequentialSampler(eval_dataset)
+
     callbacks = list(callbacks or [])
     if config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     if tracking is not None:
         callbacks.append(_mlflow_callback(tracking))
-    return Trainer(
+    return WindowTrainer(
         model=model,
         args=arguments,
         train_dataset=tokenized["train"],

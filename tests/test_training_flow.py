@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.training import DatasetParameters, ModelParameters, TrainingParameters, training
-from tests.fixtures import TOPICS, flow_run_and_artifacts
+from tests.fixtures import flow_run_and_artifacts
 
 pytestmark = pytest.mark.slow
 MODEL_NAME = "e2e-topics"
@@ -18,7 +18,7 @@ def _run(csv, model_dir, name=MODEL_NAME):
     return training(
         DatasetParameters(source=str(csv)),
         ModelParameters(base_model=str(model_dir), max_length=32),
-        TrainingParameters(epochs=3, batch_size=8, learning_rate=2e-3, early_stopping_patience=0),
+        TrainingParameters(epochs=8, batch_size=8, learning_rate=2e-3, early_stopping_patience=0),
         registered_model_name=name,
         return_state=True,
     )
@@ -44,7 +44,10 @@ def test_training_flow_registers_a_candidate_that_predicts_labels(project_env, s
                    "baseline_macro_f1", "latency_ms_per_text_batched", "test_f1_sport"):
         assert metric in run.data.metrics, metric
     assert client.get_metric_history(version.run_id, "train/loss"), "step metrics were not logged while training"
-    assert run.data.params["epochs"] == "3" and run.data.params["max_length"] == "32"
+    assert run.data.params["epochs"] == "8" and run.data.params["max_length"] == "32"
+    assert run.data.params["truncation"] == "chunks"
+    # The tiny model really learned the separable fixture (its topic words decide the label), not just ran.
+    assert run.data.metrics["test_macro_f1"] >= 0.9, run.data.metrics["test_macro_f1"]
     assert run.data.tags["data_version"] and run.data.tags["code_version"]
     artifacts = {a.path for a in client.list_artifacts(version.run_id, "evaluation")}
     for name in ("report.md", "confusion_matrix.png", "reliability_diagram.png", "per_class_f1.png", "metrics.json"):
@@ -57,7 +60,7 @@ def test_training_flow_registers_a_candidate_that_predicts_labels(project_env, s
     loaded = mlflow.pyfunc.load_model(version.alias_uri)
     texts = ["the striker scored a goal for the team", "a new laptop chip for the cloud server"]
     predictions = loaded.predict(pd.DataFrame({"text": texts}))
-    assert len(predictions) == 2 and set(predictions["label"]) <= set(TOPICS)
+    assert predictions["label"].tolist() == ["sport", "tech"]
     assert predictions["probability"].between(0, 1).all()
     assert loaded.predict(texts)["label"].tolist() == predictions["label"].tolist()  # a plain list works too
 
