@@ -1,16 +1,30 @@
 """`textclf`: the command line. `textclf train` starts the embedded stack when needed, runs the training flow
 and prints where to look; `textclf promote` gates the candidate and builds the champion's Bento; `textclf serve`
-serves the champion on loopback; `textclf rollback` brings the previous champion back; `textclf stack
-up|down|status` manages the embedded Prefect and MLflow servers (and stops the Bento server)."""
+serves the champion on loopback; `textclf rollback` brings the previous champion back; `textclf score` scores new
+texts with the champion; `textclf monitor` checks the champion's inputs for drift; `textclf stack up|down|status`
+manages the embedded Prefect and MLflow servers (and stops the Bento server).
+
+The options of the flow commands are generated from the flows' parameters (flows/cli_options.py): the same
+fields, defaults, bounds and descriptions as the Prefect UI's run form."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
+from pydantic import BaseModel, Field
+
+from flows.cli_options import FlowOptions, HelpFormatter, parameter_field
 from flows.settings import Settings
+
+REGISTERED_MODEL_NOTE = "TEXTCLF_REGISTERED_MODEL_NAME, when set, replaces this default."
 
 
 def _stack_up(settings: Settings) -> tuple[str, str]:
@@ -44,16 +58,32 @@ def _failed(flow_name: str, state, settings: Settings) -> int:
     return 1
 
 
+def _flow_parameters(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """The flow's keyword arguments from the generated options; TEXTCLF_REGISTERED_MODEL_NAME (when set) is the
+    default registered model of every command."""
+    fallbacks = ({"registered_model_name": settings.registered_model_name}
+                 if "registered_model_name" in settings.model_fields_set else {})
+    return args.options.values(args, fallbacks)
+
+
+def _ui(settings: Settings) -> str:
+    return settings.resolved_prefect_api_url.removesuffix("/api")
+
+
+def _mlflow_run_url(mlflow_uri: str, run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    experiment_id = MlflowClient(mlflow_uri).get_run(run_id).info.experiment_id
+    return f"{mlflow_uri}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def _train(args: argparse.Namespace) -> int:
-    from flows.training import DatasetParameters, ModelParameters, TrainingParameters, training
+    from flows.training import training
 
     settings = Settings()
-    dataset = DatasetParameters(source=args.source, text_column=args.text_column, label_column=args.label_column)
-    model = ModelParameters(base_model=args.base_model, max_length=args.max_length)
-    params = TrainingParameters(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate)
+    parameters = _flow_parameters(args, settings)
     started = time.perf_counter()
-    state = _run_flow(settings, training, dataset=dataset, model=model, training=params,
-                      registered_model_name=args.registered_model_name)
+    state = _run_flow(settings, training, **parameters)
     elapsed = time.perf_counter() - started
     mlflow_uri, ui = settings.resolved_mlflow_tracking_uri, settings.resolved_prefect_api_url.removesuffix("/api")
     if not state.is_completed():
@@ -78,13 +108,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _promote(args: argparse.Namespace) -> int:
     from flows.promotion import promotion
-    from tasks.promote import GateConfig
 
     settings = Settings()
-    gate = GateConfig(min_macro_f1_gain=args.min_macro_f1_gain, max_class_f1_drop=args.max_class_f1_drop,
-                      min_macro_f1_first_champion=args.first_champion_floor)
-    state = _run_flow(settings, promotion, registered_model_name=args.registered_model_name,
-                      candidate_version=args.candidate_version, gate=gate)
+    state = _run_flow(settings, promotion, **_flow_parameters(args, settings))
     if not state.is_completed():
         return _failed("promotion", state, settings)
     result = state.result()
@@ -104,7 +130,7 @@ def _rollback(args: argparse.Namespace) -> int:
     from flows.promotion import rollback
 
     settings = Settings()
-    state = _run_flow(settings, rollback, registered_model_name=args.registered_model_name)
+    state = _run_flow(settings, rollback, **_flow_parameters(args, settings))
     if not state.is_completed():
         return _failed("rollback", state, settings)
     result = state.result()
@@ -125,8 +151,9 @@ def _serve(args: argparse.Namespace) -> int:
     from tasks.promote import CHAMPION_ALIAS, resolve_alias
 
     settings = Settings()
+    options = _flow_parameters(args, settings)
     _, mlflow_uri = _stack_up(settings)
-    name = args.registered_model_name
+    name = options.get("registered_model_name", settings.registered_model_name)
     champion = resolve_alias(mlflow_uri, name, CHAMPION_ALIAS)
     if champion is None:
         print(f"Registered model '{name}' has no @{CHAMPION_ALIAS} yet: run `.venv/bin/textclf promote` after "
@@ -138,7 +165,7 @@ def _serve(args: argparse.Namespace) -> int:
               f"`.venv/bin/textclf promote --candidate-version {champion}` or `.venv/bin/textclf rollback`; "
               f"check BENTOML_HOME if you built it elsewhere.", file=sys.stderr)
         return 1
-    server = serve_bento(settings.root, bento_tag, settings.host, args.port or settings.bento_port)
+    server = serve_bento(settings.root, bento_tag, settings.host, options.get("port", settings.bento_port))
     body = {"texts": ["Shares rose sharply after the bank reported record profits."]}
     token = os.environ.get("TEXTCLF_API_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -161,9 +188,10 @@ def _deploy(args: argparse.Namespace) -> int:
 
     settings = Settings()
     prefect_url, _ = _stack_up(settings)
-    names = deploy(prefect_url, args.pool_type, args.project_dir)
+    options = args.options.values(args).get("deploy", DeployOptions())
+    names = deploy(prefect_url, options.pool_type, options.project_dir)
     ui = prefect_url.removesuffix("/api")
-    print(f"\nWork pools 'gpu' and 'cpu' ({args.pool_type}) and deployments {', '.join(names)} are on {ui}.\n"
+    print(f"\nWork pools 'gpu' and 'cpu' ({options.pool_type}) and deployments {', '.join(names)} are on {ui}.\n"
           f"  Start the workers (a GPU machine for 'gpu'; on a machine without one the fine-tune runs on the CPU):\n"
           f"    PREFECT_API_URL={prefect_url} .venv/bin/prefect worker start --pool cpu\n"
           f"    PREFECT_API_URL={prefect_url} .venv/bin/prefect worker start --pool gpu\n"
@@ -186,51 +214,177 @@ def _stack(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from flows.training import PACKAGED_BASE_MODEL
+def _score(args: argparse.Namespace) -> int:
+    from flows.batch_scoring import batch_scoring
 
-    parser = argparse.ArgumentParser(prog="textclf", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="Run the training flow (starts the embedded stack if needed).")
-    train.add_argument("--source", default="bbc-news", help="Dataset source (default: bbc-news, packaged).")
-    train.add_argument("--text-column", default="text")
-    train.add_argument("--label-column", default="label")
-    train.add_argument("--base-model", default=PACKAGED_BASE_MODEL)
-    train.add_argument("--max-length", type=int, default=128)
-    train.add_argument("--epochs", type=int, default=3)
-    train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--learning-rate", type=float, default=1e-4)
-    train.add_argument("--registered-model-name", default=Settings().registered_model_name)
-    train.set_defaults(run=_train)
-    default_name = Settings().registered_model_name
-    promote = commands.add_parser("promote", help="Gate @candidate against @champion; on a win build, check and "
-                                                   "containerize the Bento, then move @champion.")
-    promote.add_argument("--registered-model-name", default=default_name)
-    promote.add_argument("--candidate-version", type=int, default=None,
-                         help="Version to gate (default: the one behind @candidate).")
-    promote.add_argument("--min-macro-f1-gain", type=float, default=0.0)
-    promote.add_argument("--max-class-f1-drop", type=float, default=0.05)
-    promote.add_argument("--first-champion-floor", type=float, default=0.5,
-                         help="Macro-F1 the first champion needs when there is none yet.")
-    promote.set_defaults(run=_promote)
-    rollback = commands.add_parser("rollback", help="Point @champion back at @previous-champion and rebuild its Bento.")
-    rollback.add_argument("--registered-model-name", default=default_name)
-    rollback.set_defaults(run=_rollback)
-    serve = commands.add_parser("serve", help="Serve the champion's Bento on loopback (default port 3000).")
-    serve.add_argument("--registered-model-name", default=default_name)
-    serve.add_argument("--port", type=int, default=None, help="Port (default TEXTCLF_BENTO_PORT or 3000).")
-    serve.set_defaults(run=_serve)
-    deploy = commands.add_parser("deploy", help="Create the gpu and cpu work pools and register every deployment "
-                                                 "of prefect.yaml.")
-    deploy.add_argument("--pool-type", choices=["process", "docker", "kubernetes"], default="process",
-                        help="Work-pool type (default: process, workers on this machine).")
-    deploy.add_argument("--project-dir", default=None,
-                        help="Where workers find the code (default: this repository; /opt/textclf in the images).")
-    deploy.set_defaults(run=_deploy)
-    stack = commands.add_parser("stack", help="Manage the embedded Prefect and MLflow servers.")
-    stack.add_argument("action", choices=["up", "down", "status"])
-    stack.set_defaults(run=_stack)
-    args = parser.parse_args(argv)
+    settings = Settings()
+    parameters = _flow_parameters(args, settings)
+    state = _run_flow(settings, batch_scoring, **parameters)
+    if not state.is_completed():
+        return _failed("batch-scoring", state, settings)
+    summary = state.result()
+    flow_run_id = state.state_details.flow_run_id
+    source = parameters["source"].source
+    if summary.output_path is None:
+        print(f"\nNothing to score: {source} holds no texts (a glob without a match is not an error).")
+    else:
+        labels = ", ".join(f"{label} {count}" for label, count in
+                           sorted(summary.label_counts.items(), key=lambda item: -item[1]))
+        confidence = ("" if summary.mean_probability is None else
+                      f"  Confidence:   mean {summary.mean_probability:.3f}; {summary.low_confidence_share:.1%} "
+                      f"below the low-confidence threshold\n")
+        print(f"\nScored {summary.rows} texts from {source} with {summary.model_version} in {summary.seconds:.1f} s "
+              f"({summary.texts_per_second:.0f} texts/s; {summary.blank_texts} blank, kept without a label).\n"
+              f"  Predictions:  {summary.output_path}\n"
+              f"  Labels:       {labels or 'none'}\n{confidence}"
+              f"  Read them:    pandas.read_parquet('{summary.output_path}')")
+    mlflow_uri = settings.resolved_mlflow_tracking_uri
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(mlflow_uri).get_experiment_by_name(settings.monitoring_experiment_name)
+    runs = [] if experiment is None else MlflowClient(mlflow_uri).search_runs(
+        [experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=1)
+    if runs:
+        print(f"  MLflow run:   {mlflow_uri}/#/experiments/{experiment.experiment_id}/runs/{runs[0].info.run_id}")
+    print(f"  Prefect UI:   {_ui(settings)}/runs/flow-run/{flow_run_id}")
+    return 0
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    from flows.monitoring import drift_monitoring
+
+    settings = Settings()
+    state = _run_flow(settings, drift_monitoring, **_flow_parameters(args, settings))
+    if not state.is_completed():
+        return _failed("drift-monitoring", state, settings)
+    result = state.result()
+    fired = [f"{t.title} ({t.effect_name} {t.effect:.3g} >= {t.threshold:g})" for t in result.tests if t.drift]
+    lines = [
+        f"\n{result.registered_model_name} version {result.model_version}: {result.status.upper().replace('_', ' ')}",
+        f"  Reason:       {result.reason}",
+        f"  Window:       {result.window_size} texts; reference (the champion's test split): "
+        f"{result.reference_size} texts",
+    ]
+    if fired:
+        lines.append(f"  Fired:        {'; '.join(fired)}")
+    lines.append(f"  Report:       {result.report_path}")
+    if result.event_id:
+        lines.append(f"  Event:        textclf.drift.detected ({result.event_id}); notified: "
+                     f"{'yes' if result.notified else 'no (no notification block set; a WARNING was logged)'}")
+    if result.retraining_flow_run_id:
+        lines.append(f"  Retraining:   {_ui(settings)}/runs/flow-run/{result.retraining_flow_run_id} "
+                     f"(on {result.retraining_dataset})")
+    lines += [f"  MLflow run:   {_mlflow_run_url(settings.resolved_mlflow_tracking_uri, result.mlflow_run_id)}",
+              f"  Prefect UI:   {_ui(settings)}/runs/flow-run/{state.state_details.flow_run_id}"]
+    print("\n".join(lines))
+    return 0
+
+
+def _run_and_report(flow_name: str, load: Callable[[], Any]) -> Callable[[argparse.Namespace], int]:
+    """A command for any flow: run it with the generated options, print its result and the flow run's URL."""
+
+    def run(args: argparse.Namespace) -> int:
+        settings = Settings()
+        state = _run_flow(settings, load(), **_flow_parameters(args, settings))
+        if not state.is_completed():
+            return _failed(flow_name, state, settings)
+        result = state.result()
+        shown = result.model_dump_json(indent=2) if isinstance(result, BaseModel) else repr(result)
+        print(f"\nThe {flow_name} flow run completed:\n{shown}\n"
+              f"  Prefect UI:   {_ui(settings)}/runs/flow-run/{state.state_details.flow_run_id}")
+        return 0
+
+    return run
+
+
+class DeployOptions(BaseModel):
+    pool_type: Literal["process", "docker", "kubernetes"] = Field(
+        default="process", description="Work-pool type: process runs workers on this machine.")
+    project_dir: str | None = Field(
+        default=None, description="Where workers find the code; unset: this repository for process pools, "
+        "/opt/textclf (the images' WORKDIR) for docker and kubernetes.")
+
+
+def _flow(module: str, name: str) -> Callable[[], Any]:
+    return lambda: getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One `textclf` command. `options` adds its options (importing what it needs only when this command runs,
+    so that `textclf stack status` does not import every flow)."""
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    options: Callable[[FlowOptions], Any] | None = None
+    available: Callable[[], bool] = lambda: True
+
+
+def _serve_options(options: FlowOptions) -> None:
+    from flows.promotion import promotion
+
+    options.add_field("registered_model_name", parameter_field(promotion, "registered_model_name"),
+                      note=REGISTERED_MODEL_NOTE)
+    options.add_field("port", Settings.model_fields["bento_port"],
+                      note="TEXTCLF_BENTO_PORT, when set, replaces this default.")
+
+
+def _flow_options(module: str, name: str, **kwargs) -> Callable[[FlowOptions], Any]:
+    notes = {"registered_model_name": REGISTERED_MODEL_NOTE}
+    return lambda options: options.add_flow(_flow(module, name)(), notes=notes, **kwargs)
+
+
+COMMANDS = [
+    Command("train", "Run the training flow (starts the embedded stack if needed): the new version gets @candidate.",
+            _train, _flow_options("flows.training", "training")),
+    Command("promote", "Gate @candidate against @champion; on a win build, check and containerize the Bento, then "
+            "move @champion.", _promote,
+            _flow_options("flows.promotion", "promotion", exclude=("training_flow_run_id",),
+                          aliases={"gate.min_macro_f1_first_champion": ["--first-champion-floor"]})),
+    Command("rollback", "Point @champion back at @previous-champion and rebuild its Bento.", _rollback,
+            _flow_options("flows.promotion", "rollback")),
+    Command("serve", "Serve the champion's Bento on loopback.", _serve, _serve_options),
+    Command("score", "Batch scoring: score new texts with @champion; predictions to Parquet, summary to MLflow.",
+            _score, _flow_options("flows.batch_scoring", "batch_scoring")),
+    Command("monitor", "Drift monitoring: compare the champion's recent inputs (request log, or --source texts) with "
+            "its test split.", _monitor, _flow_options("flows.monitoring", "drift_monitoring")),
+    # Any further flow is a few lines: its parameters become options, its result is printed.
+    Command("sweep", "Hyperparameter sweep (Optuna) over the fine-tune; the best trial's model is registered as "
+            "@candidate.", _run_and_report("sweep", _flow("flows.sweep", "sweep")),
+            _flow_options("flows.sweep", "sweep"), available=lambda: importlib.util.find_spec("flows.sweep") is not None),
+    Command("deploy", "Create the gpu and cpu work pools and register every deployment of prefect.yaml.", _deploy,
+            lambda options: options.add_model("deploy", DeployOptions, default=DeployOptions(), title="")),
+    Command("stack", "Manage the embedded Prefect and MLflow servers (and stop the Bento server).", _stack),
+]
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser, with the options of the command named in `argv` (the others list only their help line)."""
+    parser = argparse.ArgumentParser(prog="textclf", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    for command in COMMANDS:
+        if not command.available():
+            continue
+        sub = commands.add_parser(command.name, help=command.help, description=command.help,
+                                  formatter_class=HelpFormatter)
+        sub.set_defaults(run=command.run, options=None)
+        if command.name == "stack":
+            sub.add_argument("action", choices=["up", "down", "status"],
+                             help="up: start (or reuse) the servers; down: stop them and the Bento server; status: "
+                                  "show whether they answer.")
+        if command.options is not None and command.name == chosen:
+            options = FlowOptions(sub)
+            command.options(options)
+            sub.set_defaults(options=options)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     return args.run(args)
 
 

@@ -7,7 +7,7 @@ import contextlib
 import importlib.util
 import subprocess
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -25,23 +25,29 @@ from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracki
 PACKAGED_BASE_MODEL = "all-MiniLM-L6-v2"
 
 
-class DatasetParameters(BaseModel):
-    source: str = Field(
-        default="bbc-news",
-        description="bbc-news or drug-reviews (packaged); a CSV/TSV/JSONL/Parquet file; a folder of split files "
-        "or of one sub-folder of .txt files per class; or a Hugging Face hub dataset name.",
-    )
-    text_column: str = Field(default="text", description="Column that holds the text.")
-    label_column: str = Field(default="label", description="Column that holds the label.")
-    split_column: str | None = Field(default=None, description="Column with train/validation/test, if any.")
-    hub_config: str | None = Field(default=None, description="Hub dataset configuration.")
-    hub_split: str | None = Field(default=None, description="Hub dataset split; empty reads all of them.")
-    validation_fraction: float = Field(default=0.1, gt=0, lt=0.5, description="Share held out for validation.")
-    test_fraction: float = Field(default=0.1, gt=0, lt=0.5, description="Share held out for the test.")
+def stage_field(config: type[BaseModel], name: str) -> Any:
+    """The stage config's own field (default, bounds, description): the flow form, `textclf train --help` and the
+    stage then show and enforce the same thing, written once, in the stage's config class."""
+    return config.model_fields[name]
+
+
+# The parameter models reuse the stages' fields (inheritance or `stage_field`), so each default, bound and
+# description lives once, in the stage's config class; only what the flow adds is defined here.
+
+
+class DatasetParameters(IngestConfig):
+    """Where the labelled data comes from, how it is read and how it is split."""
+
+    # Reading: IngestConfig's fields (tasks/ingest.py). Splitting: PreprocessConfig's (tasks/preprocess.py).
+
+    validation_fraction: float = stage_field(PreprocessConfig, "validation_fraction")
+    test_fraction: float = stage_field(PreprocessConfig, "test_fraction")
 
 
 class ModelParameters(WindowingConfig):
-    """The base model and how it reads long texts (max length and truncation strategy)."""
+    """The base model and how it reads texts longer than max_length."""
+
+    # max_length, truncation and the window settings: WindowingConfig's fields (tasks/preprocess.py).
 
     base_model: str = Field(
         default=PACKAGED_BASE_MODEL,
@@ -50,14 +56,20 @@ class ModelParameters(WindowingConfig):
 
 
 class TrainingParameters(BaseModel):
-    epochs: int = Field(default=3, ge=1, le=50, description="Most epochs to train (early stopping may end sooner).")
-    batch_size: int = Field(default=16, ge=1, le=512, description="Training batch size.")
-    learning_rate: float = Field(default=1e-4, gt=0, le=0.1, description="Peak learning rate (AdamW).")
-    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of steps for linear warmup.")
-    class_weighted_loss: bool = Field(default=False, description="Weight the loss by inverse class frequency.")
-    early_stopping_patience: int = Field(default=2, ge=0, le=50, description="Epochs without gain before stopping; 0 never.")
-    seed: int = Field(default=42, ge=0, description="Seed for splitting and training.")
-    timeout_minutes: int = Field(default=360, ge=1, le=7 * 24 * 60, description="Fine-tune time limit.")
+    """How to fine-tune, and for how long at most."""
+
+    # FineTuneConfig's fields (tasks/fine_tune.py), but base_model (ModelParameters); the time limit is the flow's.
+
+    epochs: int = stage_field(FineTuneConfig, "epochs")
+    batch_size: int = stage_field(FineTuneConfig, "batch_size")
+    learning_rate: float = stage_field(FineTuneConfig, "learning_rate")
+    warmup_ratio: float = stage_field(FineTuneConfig, "warmup_ratio")
+    weight_decay: float = stage_field(FineTuneConfig, "weight_decay")
+    class_weighted_loss: bool = stage_field(FineTuneConfig, "class_weighted_loss")
+    early_stopping_patience: int = stage_field(FineTuneConfig, "early_stopping_patience")
+    seed: int = stage_field(FineTuneConfig, "seed")
+    device: Literal["auto", "cuda", "cpu"] = stage_field(FineTuneConfig, "device")
+    timeout_minutes: int = Field(default=360, ge=1, le=7 * 24 * 60, description="Fine-tune time limit (minutes).")
 
 
 def resolve_base_model(name: str) -> str:

@@ -7,6 +7,7 @@ import codecs
 import hashlib
 import importlib.util
 import io
+import json
 import os
 import tempfile
 import zipfile
@@ -81,12 +82,52 @@ class DatasetSnapshot(BaseModel):
     has_splits: bool
 
 
+def setting(*names: str) -> str:
+    """How a user sets these IngestConfig fields: the `textclf train` options and the training flow's form fields,
+    e.g. '--encoding / --fallback-encoding (dataset.encoding / dataset.fallback_encoding in the Prefect form)'."""
+    flags = " / ".join("--" + name.replace("_", "-") for name in names)
+    return f"{flags} ({' / '.join(f'dataset.{name}' for name in names)} in the Prefect form)"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------------------
 
+# Files that are not text at all, by their first bytes: named as what they are, with what to do.
+_ARCHIVES = {
+    b"\x1f\x8b": ("a gzip file", "decompress it (`gunzip {name}`)"),
+    b"PK\x03\x04": ("a zip archive", "extract it (`unzip {name}`)"),
+    b"BZh": ("a bzip2 file", "decompress it (`bunzip2 {name}`)"),
+    b"\xfd7zXZ\x00": ("an xz file", "decompress it (`unxz {name}`)"),
+    b"\x28\xb5\x2f\xfd": ("a zstd file", "decompress it (`unzstd {name}`)"),
+}
+ARCHIVE_SUFFIXES = {".gz", ".zip", ".bz2", ".xz", ".zst"}
+_WIDE_ENCODINGS = ("utf-16", "utf-32")  # text in these has NUL bytes
+
+
+def _refuse_archive(head: bytes, path: Path) -> None:
+    for magic, (what, action) in _ARCHIVES.items():
+        if head.startswith(magic):
+            raise DatasetValidationError(
+                f"{path} is {what}; {action.format(name=path.name)} and pass the .csv/.tsv/.jsonl/.parquet file inside, "
+                f"or a folder of them, as the source."
+            )
+
+
+def _refuse_binary(raw: bytes, path: Path, config: IngestConfig) -> None:
+    """A compressed or binary file gets a message that says so, not a decoding error at some byte."""
+    _refuse_archive(raw, path)
+    names = {codecs.lookup(e).name for e in (config.encoding, config.fallback_encoding) if e}
+    nul = raw.find(b"\x00", 0, 1 << 16)
+    if nul >= 0 and not any(name.startswith(_WIDE_ENCODINGS) for name in names):
+        raise DatasetValidationError(
+            f"{path} is a binary file (a NUL byte at byte {nul}), not {path.suffix[1:].upper() or 'text'}. "
+            f"Pass the text file itself; if it is UTF-16 text, set {setting('encoding')} to utf-16."
+        )
+
 
 def _decode(raw: bytes, path: Path, config: IngestConfig) -> str:
+    _refuse_binary(raw, path, config)
     # A UTF-8 byte-order mark is skipped here (not with 'utf-8-sig', whose error offsets would then be relative
     # to the text after the mark, so the reported line and byte would be wrong), for every spelling of UTF-8.
     is_utf8 = codecs.lookup(config.encoding).name == "utf-8"
@@ -100,8 +141,8 @@ def _decode(raw: bytes, path: Path, config: IngestConfig) -> str:
         line = raw[:start].count(b"\n") + 1
         raise DatasetValidationError(
             f"{path}: not valid {config.encoding} at line {line} (byte {start}: {raw[start:start + 1]!r}). "
-            f"Re-save the file as UTF-8 (e.g. `iconv -f cp1252 -t utf-8`), or set encoding / fallback_encoding "
-            f"to the file's real encoding."
+            f"Re-save the file as UTF-8 (e.g. `iconv -f cp1252 -t utf-8`), or set "
+            f"{setting('encoding', 'fallback_encoding')} to the file's real encoding (e.g. cp1252)."
         ) from None
 
 
@@ -115,11 +156,35 @@ def _read_table(path: Path, config: IngestConfig) -> pd.DataFrame:
             return pd.read_csv(
                 io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False
             )
-        return pd.read_json(io.StringIO(text), lines=True, dtype=False)
+        try:
+            return pd.read_json(io.StringIO(text), lines=True, dtype=False)
+        except ValueError:
+            _raise_bad_json_line(text, path)
+            raise
     except DatasetValidationError:
         raise
     except Exception as error:  # the parsers' own errors, with the file named
         raise DatasetValidationError(f"{path}: cannot be read as {suffix[1:].upper()}: {error}") from error
+
+
+def _raise_bad_json_line(text: str, path: Path) -> None:
+    """Name the first line of a JSONL file that is not one JSON object (only called once pandas has failed)."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DatasetValidationError(
+                f"{path} line {number} is not valid JSON: {error.msg} (column {error.colno}): {line[:80]!r}. "
+                f"Each line must be one JSON object such as {{\"text\": \"...\", \"label\": \"...\"}}; fix or "
+                f"remove that line."
+            ) from None
+        if not isinstance(value, dict):
+            raise DatasetValidationError(
+                f"{path} line {number} is a JSON {type(value).__name__}, not an object: {line[:80]!r}. Each line must "
+                f"be one JSON object such as {{\"text\": \"...\", \"label\": \"...\"}}."
+            )
 
 
 def _from_table(frame: pd.DataFrame, origin: str, config: IngestConfig, split: str | None) -> pd.DataFrame:
@@ -127,13 +192,14 @@ def _from_table(frame: pd.DataFrame, origin: str, config: IngestConfig, split: s
     if missing:
         raise DatasetValidationError(
             f"{origin}: no column {', '.join(repr(c) for c in missing)} (columns found: "
-            f"{', '.join(map(str, frame.columns)) or 'none'}). Set text_column / label_column to the right names."
+            f"{', '.join(map(str, frame.columns)) or 'none'}). Set {setting('text_column', 'label_column')} to the "
+            f"right names."
         )
     split_column = config.split_column or ("split" if "split" in frame.columns and split is None else None)
     if config.split_column and config.split_column not in frame.columns:
         raise DatasetValidationError(
             f"{origin}: no split column {config.split_column!r} (columns found: {', '.join(map(str, frame.columns))}). "
-            f"Unset split_column to split automatically, or name the right column."
+            f"Unset {setting('split_column')} to split automatically, or name the right column."
         )
     out = pd.DataFrame(
         {
@@ -149,6 +215,8 @@ def _from_table(frame: pd.DataFrame, origin: str, config: IngestConfig, split: s
 
 def _read_local_file(path: Path, config: IngestConfig) -> pd.DataFrame:
     if path.suffix.lower() not in TABLE_SUFFIXES:
+        with path.open("rb") as handle:
+            _refuse_archive(handle.read(8), path)  # data.csv.gz: "a gzip file", not "unsupported type '.gz'"
         raise DatasetValidationError(
             f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(sorted(TABLE_SUFFIXES))}."
         )
@@ -255,7 +323,7 @@ def _read_hub(name: str, config: IngestConfig) -> pd.DataFrame:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in TABLE_SUFFIXES | {".txt"}
+    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in TABLE_SUFFIXES | ARCHIVE_SUFFIXES | {".txt"}
 
 
 def read_source(config: IngestConfig) -> pd.DataFrame:
@@ -338,7 +406,7 @@ def validate(frame: pd.DataFrame, config: IngestConfig) -> pd.DataFrame:
         raise DatasetValidationError(
             f"Too few examples to split for class(es) {listed}: each class needs at least "
             f"{config.min_examples_per_class} training examples. Add examples, merge or drop those classes, "
-            f"or lower min_examples_per_class."
+            f"or lower {setting('min_examples_per_class')}."
         )
     return frame
 

@@ -61,9 +61,13 @@ class PreprocessConfig(WindowingConfig):
     model_config = ConfigDict(frozen=True)
 
     tokenizer: str = Field(description="Local model folder or hub id whose tokenizer is used.")
-    validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
-    test_fraction: float = Field(default=0.1, gt=0, lt=0.5)
-    seed: int = Field(default=42, ge=0)
+    validation_fraction: float = Field(
+        default=0.1, gt=0, lt=0.5, description="Share of the data held out for validation (sources without splits)."
+    )
+    test_fraction: float = Field(
+        default=0.1, gt=0, lt=0.5, description="Share of the data held out for the test (sources without splits)."
+    )
+    seed: int = Field(default=42, ge=0, description="Seed of the stratified split.")
 
 
 class PreparedDataset(BaseModel):

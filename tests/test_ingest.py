@@ -561,7 +561,7 @@ def test_unsupported_file_type(tmp_path, snapshots, name):
 def test_unparseable_files_name_the_file(tmp_path, snapshots):
     jsonl = tmp_path / "broken.jsonl"
     jsonl.write_text('{"text": "a", "label": "x"}\n{not json\n')
-    with pytest.raises(DatasetValidationError, match="cannot be read as JSONL") as error:
+    with pytest.raises(DatasetValidationError, match="line 2 is not valid JSON") as error:
         run(jsonl, snapshots)
     assert str(jsonl) in str(error.value)
 
@@ -712,3 +712,88 @@ def test_a_class_called_none_is_a_label_not_a_gap(tmp_path):
     path.write_text("text,label\n" + "\n".join(rows) + "\n")
     snapshot = ingest(IngestConfig(source=str(path)), tmp_path / "snapshots")
     assert snapshot.label_counts == {"None": 5, "spam": 5}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hints that name what the file is and the options that exist
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_encoding_hint_names_the_cli_options_and_form_fields(tmp_path, snapshots):
+    with pytest.raises(DatasetValidationError) as error:
+        run(cp1252_csv(tmp_path / "latin.csv"), snapshots)
+    assert "--encoding / --fallback-encoding (dataset.encoding / dataset.fallback_encoding in the Prefect form)" in str(
+        error.value)
+
+
+def test_the_options_named_in_hints_exist_on_the_cli_and_in_the_form():
+    from flows.cli import build_parser
+    from flows.training import DatasetParameters
+
+    help_text = build_parser(["train"])._subparsers._group_actions[0].choices["train"].format_help()
+    for field in ("encoding", "fallback_encoding", "text_column", "label_column", "split_column",
+                  "min_examples_per_class"):
+        assert field in DatasetParameters.model_fields
+        assert f"--{field.replace('_', '-')} " in help_text
+        assert f"--{field.replace('_', '-')}" in ingest_module.setting(field)
+
+
+@pytest.mark.parametrize("name", ["data.csv.gz", "data.csv"])
+def test_a_gzip_file_is_called_that(tmp_path, snapshots, name):
+    import gzip
+
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(labelled().to_csv(index=False).encode()))
+    with pytest.raises(DatasetValidationError) as error:
+        run(path, snapshots)
+    message = str(error.value)
+    assert message.startswith(f"{path} is a gzip file; decompress it (`gunzip {name}`)")
+    assert "utf-8" not in message and "unsupported file type" not in message
+    assert files_in(snapshots) == []
+
+
+def test_a_zip_archive_is_called_that(tmp_path, snapshots):
+    import zipfile
+
+    path = tmp_path / "data.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("data.csv", labelled().to_csv(index=False))
+    with pytest.raises(DatasetValidationError, match=r"data.zip is a zip archive; extract it \(`unzip data.zip`\)"):
+        run(path, snapshots)
+
+
+def test_a_binary_file_is_called_that_not_invalid_utf8(tmp_path, snapshots):
+    path = tmp_path / "data.csv"
+    path.write_bytes(b"text,label\n\x00\x01\x02\x03binary junk\xff\xfe\x00")
+    with pytest.raises(DatasetValidationError) as error:
+        run(path, snapshots)
+    message = str(error.value)
+    assert message.startswith(f"{path} is a binary file (a NUL byte at byte 11), not CSV")
+    assert "not valid utf-8" not in message and "--encoding" in message
+
+
+def test_utf16_text_is_read_when_its_encoding_is_set(tmp_path, snapshots):
+    path = tmp_path / "wide.csv"
+    path.write_bytes(labelled().to_csv(index=False).encode("utf-16"))
+    with pytest.raises(DatasetValidationError, match="binary file"):
+        run(path, snapshots)
+    assert run(path, snapshots, encoding="utf-16").num_rows == 12
+
+
+def test_a_broken_jsonl_line_is_named_by_its_number(tmp_path, snapshots):
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps({"text": f"review {i}", "label": "pos" if i % 2 else "neg"}) for i in range(10)]
+    lines[6] = '{"text": "broken, "label": "pos"}'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetValidationError) as error:
+        run(path, snapshots)
+    message = str(error.value)
+    assert message.startswith(f"{path} line 7 is not valid JSON: Expecting ',' delimiter (column ")
+    assert "fix or remove that line" in message
+
+
+def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path, snapshots):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n\n["a", "x"]\n')
+    with pytest.raises(DatasetValidationError, match=r"data.jsonl line 3 is a JSON list, not an object"):
+        run(path, snapshots)

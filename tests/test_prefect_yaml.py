@@ -32,7 +32,7 @@ def test_trigger_parameters_validate_against_the_triggered_flow():
     assert trigger["match_related"] == {"prefect.resource.role": "flow",
                                         "prefect.resource.name": ["training", "sweep"]}
     rendered = {key: "rendered-value" for key in trigger["parameters"]}
-    assert promotion.validate_parameters({**deployment["parameters"], **rendered})
+    assert promotion.validate_parameters({**deployment.get("parameters", {}), **rendered})
 
 
 def test_deployments_share_pools_and_schedules_through_definitions():
@@ -80,3 +80,29 @@ def test_flow_parameter_schema_has_descriptions_for_the_ui_form():
     for model in ("DatasetParameters", "ModelParameters", "TrainingParameters"):
         for name, field in definitions[model]["properties"].items():
             assert field.get("description"), f"{model}.{name} has no description in the UI form"
+
+
+def test_deployments_set_only_what_differs_from_the_flow_defaults():
+    """Defaults live in the flows' parameter models: a deployment repeating one would silently pin it."""
+    import inspect
+    import typing
+
+    from pydantic import BaseModel
+
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    for deployment in config["deployments"]:
+        path, name = deployment["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+        signature = inspect.signature(flow.fn)
+        for parameter, value in deployment.get("parameters", {}).items():
+            default = signature.parameters[parameter].default
+            if isinstance(default, BaseModel):
+                for field, field_value in value.items():
+                    assert field_value != getattr(default, field), f"{deployment['name']}: {parameter}.{field}"
+            elif isinstance(value, dict):  # a required model parameter: compare with its model's field defaults
+                model = typing.get_type_hints(flow.fn)[parameter]
+                for field, field_value in value.items():
+                    info = model.model_fields[field]
+                    assert info.is_required() or field_value != info.default, f"{deployment['name']}: {parameter}.{field}"
+            else:
+                assert value != default, f"{deployment['name']}: {parameter} repeats the flow's default {default!r}"
