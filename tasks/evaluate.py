@@ -266,6 +266,7 @@ def evaluate(
             metrics[f"test_accuracy_{key}_texts"] = long_short.loc[name, "accuracy"]
     for name, row in per_class.iterrows():
         metrics.update({f"test_{k}_{name}": row[k] for k in ("precision", "recall", "f1")})
+        metrics[f"baseline_f1_{name}"] = row["baseline_f1"]
     metrics = {key: float(value) for key, value in metrics.items()}
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -93,3 +93,31 @@ def test_sweep_benchmark_compares_the_sweep_with_the_default(fixture_csv, tiny_m
     assert "test_macro_f1_sweep_minus_default" in topics
     assert any("ATIS skipped" in note for note in result["notes"])
     assert not (tmp_path / "work").exists()  # working files removed
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_quality_benchmark_runs_the_training_flow_on_each_real_dataset(tiny_model_dir, tmp_path):
+    """A smoke run (tiny model, a few hundred rows a dataset, one epoch): the product's training flow completes on
+    each dataset and the JSON holds its figures, the anchors and the target checks."""
+    from tests.conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "atis").exists() or not (SHARED_DATA / "sms_spam_collection").exists():
+        pytest.skip(f"the shared datasets are absent ({SHARED_DATA})")
+    output = tmp_path / "quality.json"
+    done = subprocess.run(
+        [sys.executable, "bench/quality.py", "--datasets", "atis,sms-spam,drug-reviews", "--base-model",
+         str(tiny_model_dir), "--max-length", "32", "--epochs", "1", "--max-rows", "200", "--output", str(output),
+         "--work-dir", str(tmp_path / "work"), "--shared-data", str(SHARED_DATA)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(output.read_text())
+    assert set(result["results"]) == {"atis", "sms-spam", "drug-reviews"}
+    for figures in result["results"].values():
+        assert figures["status"] == "completed" and 0 <= figures["test_macro_f1"] <= 1
+        assert 0 <= figures["baseline_macro_f1"] <= 1 and figures["wall_seconds"] > 0
+    assert result["results"]["atis"]["anchors"]["joint_bert_intent_accuracy"] == 0.975
+    assert result["results"]["atis"]["unlearnable_test_rows"] >= 1
+    assert "test_spam_f1" in result["results"]["sms-spam"]
+    assert {"atis_accuracy_at_least_0.975", "sms_accuracy_at_least_0.992"} <= set(result["targets"])
