@@ -77,33 +77,37 @@ def _mlflow_run_url(mlflow_uri: str, run_id: str) -> str:
     return f"{mlflow_uri}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def _train(args: argparse.Namespace) -> int:
-    from flows.training import training
+def _registers_a_candidate(flow_name: str, load: Callable[[], Any]) -> Callable[[argparse.Namespace], int]:
+    """A command for a flow that registers a model version as @candidate (training, sweep): run it with the
+    generated options, then print the version, its test scores and where to look."""
 
-    settings = Settings()
-    parameters = _flow_parameters(args, settings)
-    started = time.perf_counter()
-    state = _run_flow(settings, training, **parameters)
-    elapsed = time.perf_counter() - started
-    mlflow_uri, ui = settings.resolved_mlflow_tracking_uri, settings.resolved_prefect_api_url.removesuffix("/api")
-    if not state.is_completed():
-        return _failed("training", state, settings)
-    version = state.result()
-    from mlflow import MlflowClient
+    def run(args: argparse.Namespace) -> int:
+        settings = Settings()
+        parameters = _flow_parameters(args, settings)
+        started = time.perf_counter()
+        state = _run_flow(settings, load(), **parameters)
+        elapsed = time.perf_counter() - started
+        mlflow_uri, ui = settings.resolved_mlflow_tracking_uri, _ui(settings)
+        if not state.is_completed():
+            return _failed(flow_name, state, settings)
+        version = state.result()
+        from mlflow import MlflowClient
 
-    run = MlflowClient(mlflow_uri).get_run(version.run_id)
-    experiment_id, metrics = run.info.experiment_id, run.data.metrics
-    print(
-        f"\nDone in {elapsed / 60:.1f} min.\n"
-        f"  Registered model: {version.name} version {version.version}, alias @{version.alias}\n"
-        f"  Test macro-F1:    {metrics.get('test_macro_f1', float('nan')):.4f} "
-        f"(TF-IDF + logistic regression baseline: {metrics.get('baseline_macro_f1', float('nan')):.4f})\n"
-        f"  Load it:          mlflow.pyfunc.load_model('{version.alias_uri}')  (MLFLOW_TRACKING_URI={mlflow_uri})\n"
-        f"  MLflow UI:        {mlflow_uri}/#/models/{version.name}\n"
-        f"  MLflow run:       {mlflow_uri}/#/experiments/{experiment_id}/runs/{version.run_id}\n"
-        f"  Prefect UI:       {ui}/runs/flow-run/{state.state_details.flow_run_id}\n"
-    )
-    return 0
+        run = MlflowClient(mlflow_uri).get_run(version.run_id)
+        experiment_id, metrics = run.info.experiment_id, run.data.metrics
+        print(
+            f"\nDone in {elapsed / 60:.1f} min.\n"
+            f"  Registered model: {version.name} version {version.version}, alias @{version.alias}\n"
+            f"  Test macro-F1:    {metrics.get('test_macro_f1', float('nan')):.4f} "
+            f"(TF-IDF + logistic regression baseline: {metrics.get('baseline_macro_f1', float('nan')):.4f})\n"
+            f"  Load it:          mlflow.pyfunc.load_model('{version.alias_uri}')  (MLFLOW_TRACKING_URI={mlflow_uri})\n"
+            f"  MLflow UI:        {mlflow_uri}/#/models/{version.name}\n"
+            f"  MLflow run:       {mlflow_uri}/#/experiments/{experiment_id}/runs/{version.run_id}\n"
+            f"  Prefect UI:       {ui}/runs/flow-run/{state.state_details.flow_run_id}\n"
+        )
+        return 0
+
+    return run
 
 
 def _promote(args: argparse.Namespace) -> int:
@@ -337,7 +341,8 @@ def _flow_options(module: str, name: str, **kwargs) -> Callable[[FlowOptions], A
 
 COMMANDS = [
     Command("train", "Run the training flow (starts the embedded stack if needed): the new version gets @candidate.",
-            _train, _flow_options("flows.training", "training")),
+            _registers_a_candidate("training", _flow("flows.training", "training")),
+            _flow_options("flows.training", "training")),
     Command("promote", "Gate @candidate against @champion; on a win build, check and containerize the Bento, then "
             "move @champion.", _promote,
             _flow_options("flows.promotion", "promotion", exclude=("training_flow_run_id",),
@@ -349,9 +354,9 @@ COMMANDS = [
             _score, _flow_options("flows.batch_scoring", "batch_scoring")),
     Command("monitor", "Drift monitoring: compare the champion's recent inputs (request log, or --source texts) with "
             "its test split.", _monitor, _flow_options("flows.monitoring", "drift_monitoring")),
-    # Any further flow is a few lines: its parameters become options, its result is printed.
+    # Another flow is one entry: its parameters become the options, `_run_and_report` prints any result.
     Command("sweep", "Hyperparameter sweep (Optuna) over the fine-tune; the best trial's model is registered as "
-            "@candidate.", _run_and_report("sweep", _flow("flows.sweep", "sweep")),
+            "@candidate.", _registers_a_candidate("sweep", _flow("flows.sweep", "sweep")),
             _flow_options("flows.sweep", "sweep"), available=lambda: importlib.util.find_spec("flows.sweep") is not None),
     Command("deploy", "Create the gpu and cpu work pools and register every deployment of prefect.yaml.", _deploy,
             lambda options: options.add_model("deploy", DeployOptions, default=DeployOptions(), title="")),

@@ -240,3 +240,16 @@ def test_deploy_and_serve_options(monkeypatch):
     assert args.options.values(args) == {"deploy": DeployOptions(pool_type="docker", project_dir="/opt/x")}
     args = build_parser(["serve"]).parse_args(["serve", "--port", "3100"])
     assert args.options.values(args) == {"port": 3100}
+
+
+@pytest.mark.skipif("sweep" not in FLOW_COMMANDS, reason="flows/sweep.py is not there")
+def test_sweep_list_options_take_several_values():
+    argv = ["sweep", "--batch-sizes", "8", "16", "--truncations", "head", "chunks", "--n-trials", "3"]
+    args = build_parser(argv).parse_args(argv)
+    parameters = args.options.values(args)
+    assert parameters["search_space"].batch_sizes == [8, 16]
+    assert parameters["search_space"].truncations == ["head", "chunks"]
+    assert parameters["study"].n_trials == 3
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", "--batch-sizes", "0"])
+    assert exit_.value.code == 2
