@@ -91,7 +91,7 @@ def dataset_parameters(name: str, args, work: Path):
             return None, f"skipped: {args.shared_data / 'atis'} (train/dev/test.tsv) is absent"
         left_out = dict(frame.attrs)
         source = str(write_table(capped(frame, args.max_rows), work / "atis.parquet"))
-        extra = {"split_column": "split", "min_examples_per_class": 1}  # its own split; 1-2-example intents stay
+        extra = {"split_column": "split", "min_examples_per_class": 2}  # its own split; 2-example intents stay
     elif name == "sms-spam":
         frame = sms_spam_frame(args.shared_data)
         if frame is None:

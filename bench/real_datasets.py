@@ -20,11 +20,12 @@ def _tsv_rows(path: Path) -> list[list[str]]:
         return [row for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if len(row) >= 2]
 
 
-def atis_frame(shared: Path = DEFAULT_SHARED, multi_intent: str = "keep") -> pd.DataFrame | None:
+def atis_frame(shared: Path = DEFAULT_SHARED, multi_intent: str = "keep", min_examples: int = 2) -> pd.DataFrame | None:
     """ATIS intents with the source's own train/dev/test split (dev -> validation). `multi_intent`: "keep" the
     combined `a#b` labels as classes (the protocol of the published 97.5 % anchor, Chen et al. 2019) or map them
-    to their "first" intent. Test rows whose label never occurs in train or validation cannot be learned by a
-    single-label classifier: they are left out, and `attrs["unlearnable_test_rows"]` says how many."""
+    to their "first" intent. Classes with fewer than `min_examples` rows in train and validation are left out
+    (four 1-row combined intents, none in the test split), and so are test rows whose label never occurs in train
+    or validation, which a single-label classifier cannot learn: `attrs["unlearnable_test_rows"]` counts them."""
     files = {split: shared / "atis" / f"{split}.tsv" for split in ATIS_SPLITS}
     if not all(path.exists() for path in files.values()):
         return None
@@ -32,9 +33,10 @@ def atis_frame(shared: Path = DEFAULT_SHARED, multi_intent: str = "keep") -> pd.
              "split": ATIS_SPLITS[split]}
             for split, path in files.items() for row in _tsv_rows(path)]
     frame = pd.DataFrame(rows)
-    learnable = set(frame.loc[frame["split"] != "test", "label"])
+    learning_counts = frame.loc[frame["split"] != "test", "label"].value_counts()
+    learnable = set(learning_counts[learning_counts >= min_examples].index)
     unlearnable = (frame["split"] == "test") & ~frame["label"].isin(learnable)
-    kept = frame[~unlearnable].reset_index(drop=True)
+    kept = frame[frame["label"].isin(learnable)].reset_index(drop=True)
     kept.attrs.update(unlearnable_test_rows=int(unlearnable.sum()), source_test_rows=int((frame["split"] == "test").sum()))
     return kept
 

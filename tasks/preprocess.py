@@ -37,7 +37,7 @@ class WindowingConfig(BaseModel):
 
     max_length: int = Field(default=128, ge=8, le=8192, description="Tokens the model reads at once (one window).")
     truncation: Truncation = Field(
-        default="chunks",
+        default="head",
         description="Texts longer than max_length: 'head' keeps the start, 'tail' the end, 'head+tail' both ends, "
         "'chunks' classifies overlapping windows over the whole text and averages their logits.",
     )

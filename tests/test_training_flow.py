@@ -45,7 +45,7 @@ def test_training_flow_registers_a_candidate_that_predicts_labels(project_env, s
         assert metric in run.data.metrics, metric
     assert client.get_metric_history(version.run_id, "train/loss"), "step metrics were not logged while training"
     assert run.data.params["epochs"] == "8" and run.data.params["max_length"] == "32"
-    assert run.data.params["truncation"] == "chunks"
+    assert run.data.params["truncation"] == "head"
     # The tiny model really learned the separable fixture (its topic words decide the label), not just ran.
     assert run.data.metrics["test_macro_f1"] >= 0.9, run.data.metrics["test_macro_f1"]
     assert run.data.tags["data_version"] and run.data.tags["code_version"]
