@@ -68,7 +68,8 @@ class Prediction(BaseModel):
     label: str = Field(description="The predicted class.")
     probability: float = Field(description="Probability of the predicted class.")
     probabilities: dict[str, float] = Field(description="Probability of every class.")
-    truncated: bool = Field(description="True when the text was longer than the model's max length and cut.")
+    truncated: bool = Field(description="True when the text did not fit in one window of the model's max length: it "
+                            "was cut, or (truncation 'chunks') read in several windows whose logits were averaged.")
     model_version: str = Field(description="Registered model name and version that answered.")
 
 
