@@ -25,7 +25,6 @@ from __future__ import annotations
 import offline_env  # noqa: F401  (first: no hub look-ups, no telemetry; see bench/offline_env.py)
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
 import datetime as dt  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
@@ -34,6 +33,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from real_datasets import DEFAULT_SHARED, atis_frame, write_table  # noqa: E402
 from results_json import write_json_atomically  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +42,6 @@ if str(REPO) not in sys.path:
 
 DEFAULT_OUTPUT = REPO / "bench" / "results" / "sweep.json"
 DEFAULT_WORK = REPO / "bench" / "results" / "work-sweep"  # git-ignored (bench/results/)
-DEFAULT_SHARED = REPO.parent / "shared" / "data"
-ATIS_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,27 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def atis_table(folder: Path, target: Path) -> Path | None:
-    """ATIS as one CSV with a split column (train, dev -> validation, test). Multi-intent labels (`a#b`) become
-    their first intent, and test rows whose intent never occurs in training are left out (a single-label
-    classifier cannot get them right; see atis/README)."""
-    files = {split: folder / "atis" / f"{split}.tsv" for split in ATIS_SPLITS}
-    if not all(path.exists() for path in files.values()):
-        return None
-    rows = []
-    for split, path in files.items():
-        with path.open(encoding="utf-8", newline="") as handle:
-            rows += [{"text": row[1], "label": row[0].split("#")[0], "split": ATIS_SPLITS[split]}
-                     for row in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if len(row) >= 2]
-    import pandas as pd
-
-    frame = pd.DataFrame(rows)
-    frame.attrs["source_rows"] = len(frame)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(target, index=False)
-    return target
 
 
 def capped_table(snapshot_path: Path, target: Path, train_samples: int | None, eval_samples: int | None,
@@ -215,10 +192,10 @@ def run_sweep(snapshot, base_model, args, work: Path, name: str) -> dict:
 def dataset_source(name: str, args, work: Path) -> tuple[str | None, str | None]:
     """(ingest source, note); the source is None when the dataset is absent."""
     if name == "atis":
-        table = atis_table(args.shared_data, work / "atis.csv")
-        if table is None:
+        frame = atis_frame(args.shared_data, multi_intent="first")
+        if frame is None:
             return None, f"ATIS skipped: {args.shared_data / 'atis'} (train/dev/test.tsv) is absent."
-        return str(table), "multi-intent labels mapped to their first intent"
+        return str(write_table(frame, work / "atis.parquet")), "multi-intent labels mapped to their first intent"
     return name, None
 
 
