@@ -7,7 +7,6 @@ Everything goes through an explicit `MlflowClient` for a given tracking URI: no 
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -244,10 +243,6 @@ def decide(
     )
 
 
-def _metric_key(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", text)[:200]
-
-
 def record_decision(
     tracking: TrackingRef, name: str, decision: GateDecision, config: GateConfig | None = None
 ) -> None:
@@ -271,7 +266,7 @@ def record_decision(
     if decision.macro_f1_delta is not None:
         metrics["macro_f1_delta"] = decision.macro_f1_delta
     for label, delta in decision.per_class_f1_delta.items():
-        metrics[_metric_key(f"f1_delta_{label}")] = delta
+        metrics[f"f1_delta_{label}"] = delta  # log_metrics makes any class name a valid MLflow key
     log_metrics(tracking, metrics)
     params: dict[str, object] = {
         "registered_model_name": name,

@@ -3,12 +3,14 @@ tracking URI: no global MLflow state is touched."""
 
 from __future__ import annotations
 
+import re
 import time
 
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 IDEMPOTENCY_TAG = "textclf.idempotency_key"
+_NOT_IN_MLFLOW_KEYS = re.compile(r"[^/\w.\- :]")
 
 
 class TrackingRef(BaseModel):
@@ -78,11 +80,17 @@ def end_tracking_run(tracking: TrackingRef, status: str = "FINISHED") -> None:
     tracking.client().set_terminated(tracking.run_id, status=status, end_time=int(time.time() * 1000))
 
 
+def mlflow_key(name: str) -> str:
+    """A metric or param name MLflow accepts: class names such as ATIS's `atis_flight#atis_airfare` appear in
+    per-class metric names, and MLflow refuses any character but letters, digits, `_ - . : /` and spaces."""
+    return _NOT_IN_MLFLOW_KEYS.sub("_", name)[:250]
+
+
 def log_metrics(tracking: TrackingRef, metrics: dict[str, float], step: int = 0) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+    batch = [Metric(mlflow_key(key), float(value), now, step) for key, value in metrics.items()]
     for start in range(0, len(batch), 900):  # the tracking server takes at most 1000 metrics a call
         tracking.client().log_batch(tracking.run_id, metrics=batch[start : start + 900])
 
@@ -92,7 +100,7 @@ def log_params(tracking: TrackingRef, params: dict[str, object]) -> None:
 
     existing = tracking.client().get_run(tracking.run_id).data.params
     # Params are write-once in MLflow; a retried task logs only the new ones.
-    fresh = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    fresh = [Param(mlflow_key(k), str(v)[:6000]) for k, v in params.items() if mlflow_key(k) not in existing]
     for start in range(0, len(fresh), 90):
         tracking.client().log_batch(tracking.run_id, params=fresh[start : start + 90])
 

@@ -45,3 +45,12 @@ def test_register_twice_for_one_run_makes_one_version(servers, prepared_fixture,
 def test_registered_model_name_is_validated():
     with pytest.raises(ValueError, match="registered_model_name"):
         RegisterConfig(registered_model_name="bad name/with slash")
+
+
+def test_class_names_mlflow_refuses_in_metric_names_are_made_valid():
+    from tasks.tracking import mlflow_key
+
+    # ATIS's combined intents: MLflow refuses '#' in a metric name, which failed the whole training run.
+    assert mlflow_key("test_f1_atis_flight#atis_airfare") == "test_f1_atis_flight_atis_airfare"
+    assert mlflow_key("test_f1_ok-name.v2/a b:c") == "test_f1_ok-name.v2/a b:c"
+    assert len(mlflow_key("x" * 400)) == 250
