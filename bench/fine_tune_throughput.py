@@ -144,6 +144,7 @@ def subset(prepared, n_train: int, validation: str, seed: int, target: Path):
     )
     target.mkdir(parents=True, exist_ok=True)
     parts.save_to_disk(str(target / "tokenized"))
+    shutil.copy2(prepared.splits_path, target / "splits.parquet")  # the texts the windows' text_index names
     key = hashlib.sha256(f"{prepared.cache_key}|train={n_train}|validation={n_val}|seed={seed}".encode())
     return prepared.model_copy(
         update={
@@ -167,9 +168,14 @@ def tokenize_plain(prepared, base_model: str, max_length: int):
     def tokenize_function(examples):
         return tokenizer(examples["text"], padding="max_length", truncation=True, max_length=max_length)
 
-    plain = ours.select_columns(["text", "labels"]).map(tokenize_function, batched=True)
+    def texts_and_labels(split: str, rows):
+        # The tokenized rows are windows; `text_index` names the text of the split each one comes from.
+        texts = prepared.split(split)["text"].tolist()
+        return datasets.Dataset.from_dict({"text": [texts[i] for i in rows["text_index"]], "labels": rows["labels"]})
+
+    plain = texts_and_labels("train", ours).map(tokenize_function, batched=True)
     validation = datasets.load_from_disk(str(prepared.tokenized_path))["validation"]
-    plain_validation = validation.select_columns(["text", "labels"]).map(tokenize_function, batched=True)
+    plain_validation = texts_and_labels("validation", validation).map(tokenize_function, batched=True)
     same = all(
         list(ids[: sum(mask)]) == list(reference)
         for ids, mask, reference in zip(plain["input_ids"], plain["attention_mask"], ours["input_ids"])

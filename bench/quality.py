@@ -106,10 +106,13 @@ def dataset_parameters(name: str, args, work: Path):
 def capped(frame, max_rows: int | None):
     if not max_rows or len(frame) <= max_rows:
         return frame
-    # Per class (and split, where the source has one), at least one row each: no class is lost from training.
+    # Per class (and split, where the source has one), at least two rows each (ingest's fewest): no class is lost.
     keys = ["label", "split"] if "split" in frame.columns else ["label"]
-    return frame.groupby(keys, group_keys=False).apply(
-        lambda rows: rows.sample(max(1, round(len(rows) * max_rows / len(frame))), random_state=0))
+    import pandas as pd
+
+    share = max_rows / len(frame)
+    return pd.concat([rows.sample(min(len(rows), max(2, round(len(rows) * share))), random_state=0)
+                      for _, rows in frame.groupby(keys)])
 
 
 def capped_packaged(name: str, max_rows: int, work: Path) -> Path:
