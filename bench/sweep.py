@@ -72,8 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def capped_table(snapshot_path: Path, target: Path, train_samples: int | None, eval_samples: int | None,
                  seed: int) -> tuple[Path, dict]:
-    """The snapshot with each split capped (seeded, per class in proportion), and classes with fewer than 6
-    training rows left out (the split and the per-class scores need a few of each)."""
+    """The snapshot with each split capped (seeded, per class in proportion, at least 5 rows a class: what ingest
+    asks for by default), and classes with fewer than 6 training rows left out (the split and the per-class scores
+    need a few of each)."""
     import pandas as pd
 
     frame = pd.read_parquet(snapshot_path)[["text", "label", "split"]]
@@ -96,7 +97,7 @@ def capped_table(snapshot_path: Path, target: Path, train_samples: int | None, e
     for split, part in frame.groupby("split"):
         cap = train_samples if split == "train" else eval_samples
         if cap and len(part) > cap:
-            part = pd.concat([rows.sample(min(len(rows), max(2, round(len(rows) * cap / len(part)))),
+            part = pd.concat([rows.sample(min(len(rows), max(5, round(len(rows) * cap / len(part)))),
                                           random_state=seed) for _, rows in part.groupby("label")])
         parts.append(part)
     capped = pd.concat(parts).sample(frac=1.0, random_state=seed)
