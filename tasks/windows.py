@@ -18,6 +18,7 @@ copies this module into every logged model and the Bento ships it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -100,7 +101,8 @@ def _quiet(tokenizer):
     return tokenizer
 
 
-def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+@lru_cache(maxsize=16)  # once per tokenizer, not on every serving batch
+def special_tokens(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The ids the tokenizer puts before and after a single text ([CLS] and [SEP] for BERT, <s> and </s> for
     RoBERTa, none for GPT-2), read off a probe text encoded with and without them."""
     probe = "windows probe"
@@ -108,7 +110,7 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     full = tokenizer(probe, add_special_tokens=True)["input_ids"]
     for start in range(len(full) - len(plain) + 1):
         if full[start : start + len(plain)] == plain:
-            return list(full[:start]), list(full[start + len(plain) :])
+            return tuple(full[:start]), tuple(full[start + len(plain) :])
     raise ValueError(f"Cannot tell the special tokens of {type(tokenizer).__name__}: {full} does not contain {plain}")
 
 
@@ -122,7 +124,7 @@ def encode_windows(tokenizer, texts: list[str], windowing: Windowing) -> Encoded
     for index, ids in enumerate(content):
         truncated.append(len(ids) > budget)
         for window in content_windows(ids, budget, windowing):
-            input_ids.append(prefix + window + suffix)
+            input_ids.append([*prefix, *window, *suffix])
             owner.append(index)
     return EncodedWindows(input_ids=input_ids, owner=np.asarray(owner, dtype=np.int64), truncated=truncated)
 
