@@ -146,7 +146,7 @@ class TextClassifierService:
 
         self.classifier = TextClassifier(self.model_ref.path)
         labels = self.model_ref.info.labels
-        self.model_version = f"{labels.get('registered_model', 'model')}/{labels.get('model_version', '?')}"
+        self.model_version = f"{labels.get('registered_model', 'model')}/{labels.get('model_version', '?')}+{self.classifier.runtime}"
 
     @bentoml.api(route=CLASSIFY_PATH, batchable=ADAPTIVE_BATCHING, max_batch_size=BATCH_SIZE,
                  max_latency_ms=BATCH_LATENCY_MS)

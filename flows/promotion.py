@@ -1,7 +1,9 @@
 """The promotion flow: gate a candidate model version against the current champion on the candidate's held-out
-test split; when the candidate wins, build the Bento that serves it, serve it on loopback and check its answers,
-and only then move `@champion` (and `@previous-champion`). And the rollback flow: the previous champion back,
-rebuilt and checked the same way. Wiring only; the stages are in `tasks/promote.py` and `tasks/bento.py`."""
+test split; when the candidate wins, choose its inference runtime (ONNX int8 / fp32 / PyTorch, each gated on the
+same test split against the registered PyTorch model), build the Bento that serves it, serve it on loopback and
+check its answers, and only then move `@champion` (and `@previous-champion`). And the rollback flow: the previous
+champion back (with the runtime its promotion chose), rebuilt and checked the same way. Wiring only; the stages are
+in `tasks/promote.py`, `tasks/optimize_runtime.py` and `tasks/bento.py`."""
 
 from __future__ import annotations
 
@@ -42,6 +44,13 @@ from tasks.promote import (
     version_of_flow_run_task,
     score_versions_task,
 )
+from tasks.optimize_runtime import (
+    RuntimeGate,
+    RuntimeGateConfig,
+    optimize_runtime_task,
+    record_runtime_task,
+    runtime_markdown,
+)
 from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
 
 RegisteredModelName = Annotated[str, Field(min_length=1, max_length=256, description="MLflow registered-model name.")]
@@ -64,6 +73,7 @@ class ServedBento(BaseModel):
 
     bento_tag: str
     model_version: int
+    runtime: str
     dockerfile: Path
     container_image: str | None
     container_message: str
@@ -77,6 +87,7 @@ class PromotionResult(BaseModel):
     champion_version: int | None
     previous_champion_version: int | None
     bento: ServedBento | None = None
+    runtime: RuntimeGate | None = None  # the runtime gate's figures and choice (promoted candidates only)
 
 
 class RollbackResult(BaseModel):
@@ -88,7 +99,8 @@ class RollbackResult(BaseModel):
     bento: ServedBento
 
 
-def decision_markdown(name: str, decision: GateDecision, scores: dict[int, dict]) -> str:
+def decision_markdown(name: str, decision: GateDecision, scores: dict[int, dict], runtime: RuntimeGate | None = None,
+                      runtime_config: RuntimeGateConfig = RuntimeGateConfig()) -> str:
     rows = [f"| version {v} | {s['macro_f1']:.4f} | {s['accuracy']:.4f} | {s['n']} |" for v, s in scores.items()]
     lines = [
         f"# Promotion of {name} version {decision.candidate_version}: **{decision.label}**", "",
@@ -98,6 +110,9 @@ def decision_markdown(name: str, decision: GateDecision, scores: dict[int, dict]
     if decision.per_class_f1_delta:
         lines += ["| class | F1 change (candidate - champion) |", "|---|---|"]
         lines += [f"| {label} | {delta:+.4f} |" for label, delta in sorted(decision.per_class_f1_delta.items())]
+        lines.append("")
+    if runtime is not None:
+        lines.append(runtime_markdown(runtime, runtime_config))
     return "\n".join(lines) + "\n"
 
 
@@ -118,12 +133,13 @@ def build_and_check_bento(
 
 def served_bento(build: BentoBuild, containerize: bool) -> ServedBento:
     if not containerize:
-        return ServedBento(bento_tag=build.bento_tag, model_version=build.model_version, dockerfile=build.dockerfile,
-                           container_image=None, container_message="containerize=False: no image built.")
+        return ServedBento(bento_tag=build.bento_tag, model_version=build.model_version, runtime=build.runtime,
+                           dockerfile=build.dockerfile, container_image=None,
+                           container_message="containerize=False: no image built.")
     image = containerize_bento_task(build)
     get_run_logger().info(image.message)
-    return ServedBento(bento_tag=build.bento_tag, model_version=build.model_version, dockerfile=image.dockerfile,
-                       container_image=image.image, container_message=image.message)
+    return ServedBento(bento_tag=build.bento_tag, model_version=build.model_version, runtime=build.runtime,
+                       dockerfile=image.dockerfile, container_image=image.image, container_message=image.message)
 
 
 @flow(name="promotion", log_prints=True)
@@ -137,6 +153,7 @@ def promotion(
                                       "after training passes); overrides candidate_version.")
     ] = None,
     gate: GateConfig = GateConfig(),
+    runtime: RuntimeGateConfig = RuntimeGateConfig(),
     smoke_test_texts: SmokeTestTexts = 16,
     smoke_test_timeout_seconds: SmokeTestTimeout = 300,
     containerize: Containerize = True,
@@ -163,7 +180,15 @@ def promotion(
         scores = score_versions_task(uri, name, [v for v in (candidate, champion) if v is not None], test_split)
         decision = decide_task(scores[candidate], scores.get(champion), gate, candidate, champion)
         record_decision_task(tracking, name, decision, gate)
-        create_markdown_artifact(key="promotion-decision", markdown=decision_markdown(name, decision, scores),
+        runtime_gate = None
+        if decision.promote:  # the runtime the Bento, batch scoring and monitoring will answer with
+            downloaded = download_model_version_task(uri, name, candidate, settings.model_download_dir)
+            runtime_gate = optimize_runtime_task(downloaded.model_dir, test_split,
+                                                 settings.promotion_dir / tracking.run_id / "runtime", runtime)
+            record_runtime_task(tracking, name, candidate, runtime_gate, runtime)
+            print(f"Inference runtime: {runtime_gate.reason}")
+        create_markdown_artifact(key="promotion-decision",
+                                 markdown=decision_markdown(name, decision, scores, runtime_gate, runtime),
                                  description=f"Gate decision for {name} version {candidate}.")
         print(f"{name} version {candidate}: {decision.label}. {decision.reason}")
         result = PromotionResult(registered_model_name=name, decision=decision, champion_version=champion,
@@ -176,7 +201,8 @@ def promotion(
             print(f"@{CHAMPION_ALIAS} -> version {new_champion}; @{PREVIOUS_CHAMPION_ALIAS} -> version {previous}; "
                   f"Bento {build.bento_tag}")
             result = PromotionResult(registered_model_name=name, decision=decision, champion_version=new_champion,
-                                     previous_champion_version=previous, bento=served_bento(build, containerize))
+                                     previous_champion_version=previous, bento=served_bento(build, containerize),
+                                     runtime=runtime_gate)
     except BaseException as error:
         with contextlib.suppress(Exception):  # never hide the real error behind a tracking one
             end_tracking_run(tracking, status="FAILED")

@@ -285,6 +285,12 @@ def score_to_parquet(
 
 def score_in_process(config: ScoringSource, model_dir: Path, model_version: str, output_path: Path,
                      chunk_size: int = 10_000, low_confidence_threshold: float = 0.5) -> ScoringSummary:
+    """Score with the model folder in this process. `model_version` (`<name>/<version>`) is recorded as the service
+    answers it, with the runtime that answered: `<name>/<version>+<runtime>` (the folder's, tasks/onnx_runtime.py)."""
+    from tasks.onnx_runtime import folder_runtime
+
+    if "+" not in model_version:
+        model_version = f"{model_version}+{folder_runtime(model_dir)}"
     scorer, labels = in_process_scorer(model_dir)
     return score_to_parquet(config, scorer, labels, model_version, output_path, chunk_size, low_confidence_threshold)
 

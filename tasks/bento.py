@@ -1,8 +1,10 @@
 """Stage 7, package: turn a registered model version into a served Bento.
 
-1. `download_model_version`: fetch the version's pyfunc model from MLflow (the fine-tuned folder is inside it).
-2. `import_to_bento_store`: copy the fine-tuned folder into the BentoML model store, labelled with the registered
-   model and version (reused when that version is already there).
+1. `download_model_version`: fetch the version's pyfunc model from MLflow (the fine-tuned folder is inside it), and
+   the optimized runtime its tags name (tasks/optimize_runtime.py `fetch_runtime`: runtime.json and the ONNX file),
+   so the Bento, batch scoring and drift monitoring all answer with the same runtime.
+2. `import_to_bento_store`: copy the fine-tuned folder (runtime files included) into the BentoML model store,
+   labelled with the registered model, version and runtime (reused when that version and runtime are there).
 3. `build_bento`: `bentoml build` from `bentofile.yaml`, the one build configuration, with labels naming the
    registered model and version.
 4. `smoke_test_bento`: serve the built Bento on a free loopback port and check its answers against the
@@ -52,11 +54,12 @@ class BentoBuild(BaseModel):
     model_version: int
     bento_dir: Path
     dockerfile: Path
+    runtime: str = "pytorch"  # the inference runtime the packed model folder answers with (tasks/onnx_runtime.py)
 
     @property
     def served_version(self) -> str:
-        """What the service puts in each answer's `model_version`."""
-        return f"{self.registered_model}/{self.model_version}"
+        """What the service puts in each answer's `model_version`: `<registered model>/<version>+<runtime>`."""
+        return f"{self.registered_model}/{self.model_version}+{self.runtime}"
 
 
 class SmokeTest(BaseModel):
@@ -94,6 +97,8 @@ def download_model_version(tracking_uri: str, name: str, version: int, target_ro
     import yaml
     from mlflow import MlflowClient
 
+    from tasks.optimize_runtime import fetch_runtime
+
     target = target_root / name / str(version)
     if not (target / "MLmodel").exists():
         source = MlflowClient(tracking_uri=tracking_uri).get_model_version_download_uri(name, str(version))
@@ -114,6 +119,7 @@ def download_model_version(tracking_uri: str, name: str, version: int, target_ro
             f"Model version {name}/{version} is not a textclf model: its MLmodel has no '{MODEL_DIR_ARTIFACT}' "
             f"artifact. Register models with the training flow."
         )
+    fetch_runtime(tracking_uri, name, version, target / artifact)
     return DownloadedModel(pyfunc_dir=target, model_dir=target / artifact)
 
 
@@ -140,11 +146,17 @@ def import_to_bento_store(
     model_dir: Path, bento_model_name: str, registered_model: str, version: int
 ) -> str:
     """Copy the model folder into the BentoML model store; return its tag (name:version). A model already
-    imported for the same registered model and version is reused, so a rebuild (rollback) adds nothing."""
+    imported for the same registered model, version and runtime (and the same runtime file) is reused, so a rebuild
+    (rollback) adds nothing."""
     import bentoml
     from bentoml.exceptions import NotFound
 
-    labels = {"registered_model": registered_model, "model_version": str(version)}
+    from tasks.onnx_runtime import read_runtime_file
+
+    spec = read_runtime_file(model_dir)
+    labels = {"registered_model": registered_model, "model_version": str(version), "runtime": spec["runtime"]}
+    if spec.get("sha256"):
+        labels["runtime_sha256"] = spec["sha256"][:16]
     try:
         existing = bentoml.models.list(bento_model_name)
     except NotFound:  # no model of that name yet
@@ -164,6 +176,8 @@ def build_bento(
     and version."""
     import bentoml
     import yaml
+
+    from tasks.onnx_runtime import folder_runtime
 
     command = [
         bentoml_executable(), "build", str(project_dir), "--output", "tag",
@@ -188,6 +202,7 @@ def build_bento(
     return BentoBuild(
         bento_tag=str(bento.tag), model_tag=model_tag, registered_model=registered_model, model_version=int(version),
         bento_dir=bento_dir, dockerfile=bento_dir / "env" / "docker" / "Dockerfile",
+        runtime=folder_runtime(bentoml.models.get(model_tag).path),
     )
 
 

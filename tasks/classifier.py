@@ -1,6 +1,11 @@
 """Inference on a fine-tuned model folder: one tokenizer and model loaded once, batched prediction.
 Used by evaluation, by the MLflow pyfunc model, batch scoring, drift monitoring and the service. Depends only on
-torch, transformers, numpy, pandas and tasks/windows.py, because MLflow copies these modules into every logged model."""
+torch, transformers, numpy, pandas, tasks/windows.py and tasks/onnx_runtime.py, because MLflow copies these modules
+into every logged model.
+
+The runtime that computes the logits is the folder's (its runtime.json, written by the promotion flow: PyTorch,
+ONNX fp32 or ONNX int8; see tasks/onnx_runtime.py) unless `runtime=` names one. torch is imported only for the
+PyTorch runtime, so a folder that answers with ONNX Runtime needs no torch at inference."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tasks.onnx_runtime import PYTORCH, OnnxLogits, check_runtime, folder_runtime, onnx_file
 from tasks.windows import EncodedWindows, Windowing, encode_windows, pool_logits, softmax
 
 LABELS_FILE = "labels.json"
@@ -19,30 +25,46 @@ PREDICTION_COLUMNS = ("label", "probability")
 
 class TextClassifier:
     """A fine-tuned sequence classifier, ready to predict label strings from raw texts. Long texts are fed to it
-    with the truncation strategy it was trained with (textclf.json; see tasks/windows.py)."""
+    with the truncation strategy it was trained with (textclf.json; see tasks/windows.py).
 
-    def __init__(self, model_dir: str | Path, device: str | None = None):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    `runtime`: None answers with what the folder says (runtime.json, else PyTorch); "pytorch", "onnx-fp32" or
+    "onnx-int8" overrides it. `self.runtime` is the runtime that answers. `device` applies to PyTorch (ONNX Runtime
+    runs on the CPU)."""
+
+    def __init__(self, model_dir: str | Path, device: str | None = None, runtime: str | None = None):
+        from transformers import AutoTokenizer
 
         self.model_dir = Path(model_dir)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.runtime = check_runtime(runtime) if runtime is not None else folder_runtime(self.model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir).to(self.device).eval()
+        if self.runtime == PYTORCH:
+            import torch
+            from transformers import AutoModelForSequenceClassification
+
+            self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir).to(self.device).eval()
+        else:
+            self.device = "cpu"
+            self.model = OnnxLogits(onnx_file(self.model_dir, self.runtime))
         self.label_names: list[str] = json.loads((self.model_dir / LABELS_FILE).read_text())
         self.windowing = Windowing.from_dict(json.loads((self.model_dir / MODEL_SETTINGS_FILE).read_text()))
         self.max_length = self.windowing.max_length
 
     def window_logits(self, encoded: EncodedWindows, batch_size: int = 64) -> np.ndarray:
-        """The model's logits for every window, in window order; windows are batched by length to pad little."""
-        import torch
-
+        """The model's logits for every window, in window order; windows are batched by length to pad little.
+        The one place where the runtimes differ."""
         lengths = [len(ids) for ids in encoded.input_ids]
         order = np.argsort(lengths, kind="stable")
         logits = np.zeros((len(lengths), len(self.label_names)), dtype=np.float32)
+        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        if self.runtime != PYTORCH:
+            for index in batches:
+                logits[index] = self.model(self.tokenizer, [encoded.input_ids[i] for i in index])
+            return logits
+        import torch
+
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                index = order[start : start + batch_size]
+            for index in batches:
                 batch = self.tokenizer.pad({"input_ids": [encoded.input_ids[i] for i in index]}, return_tensors="pt")
                 logits[index] = self.model(**batch.to(self.device)).logits.float().cpu().numpy()
         return logits

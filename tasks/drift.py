@@ -613,9 +613,12 @@ def window_from_request_log_frame(log: pd.DataFrame, model_version: str, target:
                          f"{', '.join(REQUEST_LOG_COLUMNS)}.")
     notes = []
     rows = len(log)
-    served = log[log["model_version"].astype(str) == model_version]
+    # The service answers `<name>/<version>+<runtime>` (the runtime that answered, tasks/onnx_runtime.py): every
+    # runtime of the version counts as that version (older logs have no `+<runtime>`).
+    ours = log["model_version"].astype(str).str.split("+", n=1).str[0] == model_version.split("+", 1)[0]
+    served = log[ours]
     if len(served) < rows:
-        others = log.loc[log["model_version"].astype(str) != model_version, "model_version"].astype(str)
+        others = log.loc[~ours, "model_version"].astype(str)
         notes.append(f"{rows - len(served)} of {rows} requests were served by other model versions "
                      f"({', '.join(sorted(others.unique())[:5])}) and are not compared with {model_version}'s reference.")
     served = served[served["label"].notna() & served["probability"].notna()]

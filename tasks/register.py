@@ -22,7 +22,8 @@ from tasks.tracking import TrackingRef, log_metrics, log_params
 MODEL_ARTIFACT_PATH = "model"
 FLOW_RUN_TAG = "prefect.flow_run_id"  # set on the training run by the flow, copied onto the model version
 # What a model's environment needs to load and run it (exact versions of this environment).
-MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "numpy", "pandas", "safetensors")
+# onnxruntime: a model folder fetched with its promoted runtime (runtime.json, onnx/) answers with ONNX Runtime.
+MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "numpy", "pandas", "safetensors", "onnxruntime")
 
 
 class RegisterConfig(BaseModel):
@@ -57,7 +58,7 @@ def _code_package(staging: Path) -> Path:
     package = staging / "code" / "tasks"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    for module in ("classifier.py", "windows.py", "mlflow_model.py"):
+    for module in ("classifier.py", "windows.py", "onnx_runtime.py", "mlflow_model.py"):
         shutil.copy2(source / module, package / module)
     return package
 

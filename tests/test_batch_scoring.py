@@ -100,7 +100,7 @@ def test_batch_scoring_flow_in_process(project_env, servers, champion, texts_fra
                           chunk_size=16, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
-    assert summary.rows == 50 and summary.blank_texts == 1 and summary.model_version == f"{name}/{version}"
+    assert summary.rows == 50 and summary.blank_texts == 1 and summary.model_version == f"{name}/{version}+pytorch"
     assert summary.output_path.parent == project_env.resolve() / "predictions" / name
 
     table = pq.read_table(summary.output_path)
@@ -147,7 +147,7 @@ def test_batch_scoring_flow_through_the_bento_endpoint(project_env, servers, cha
                                 endpoint_url=url, chunk_size=20)
     finally:
         stop_bento_server(process.pid)
-    assert summary.rows == 50 and summary.model_version == f"{name}/{version}"
+    assert summary.rows == 50 and summary.model_version == f"{name}/{version}+pytorch"
     frame = pd.read_parquet(summary.output_path)
     assert frame["id"].tolist() == [f"incoming.csv:{i}" for i in range(50)]
     from tasks.classifier import TextClassifier

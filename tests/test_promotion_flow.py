@@ -90,7 +90,7 @@ def test_promotion_gates_builds_serves_and_rolls_back(project_env, servers, prep
     finally:
         stop_bento_server(process.pid)
     assert [a["label"] for a in answers] == expected
-    assert {a["model_version"] for a in answers} == {f"{name}/{good}"}
+    assert {a["model_version"] for a in answers} == {f"{name}/{good}+{better.bento.runtime}"}
 
     # 4. Rollback: the former champion serves again (rebuilt and checked), the demoted one stays one step away.
     state = rollback(name, return_state=True)

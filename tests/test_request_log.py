@@ -332,7 +332,7 @@ def test_under_concurrent_load_every_served_text_is_logged_once(bento_env, prepa
     assert Counter(got) == Counter(expected)
     assert log["request_id"].nunique() == len(served)
     assert log["text"].isna().all()
-    assert set(log["model_version"]) == {"topics/7"}
+    assert set(log["model_version"]) == {"topics/7+pytorch"}
     if any(texts == requests[5] for texts, _ in served):
         assert log.loc[log["text_sha256"] == sha(long_text + " #5"), "truncated"].tolist() == [True]
     assert ((log["time"] >= started - dt.timedelta(seconds=1)) & (log["time"] <= stopped)).all()

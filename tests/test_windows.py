@@ -205,4 +205,4 @@ def test_the_service_pools_the_same_and_says_which_texts_were_truncated(chunked,
     assert [a["truncated"] for a in answers] == truncated and any(truncated)
     served = np.array([[a["probabilities"][name] for name in classifier.label_names] for a in answers])
     assert np.allclose(served, probabilities, atol=1e-5)
-    assert {a["model_version"] for a in answers} == {"chunked/3"}
+    assert {a["model_version"] for a in answers} == {"chunked/3+pytorch"}
