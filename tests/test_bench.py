@@ -121,3 +121,36 @@ def test_quality_benchmark_runs_the_training_flow_on_each_real_dataset(tiny_mode
     assert result["results"]["atis"]["unlearnable_test_rows"] >= 1
     assert "test_spam_f1" in result["results"]["sms-spam"]
     assert {"atis_accuracy_at_least_0.975", "sms_accuracy_at_least_0.992"} <= set(result["targets"])
+
+
+@pytest.mark.slow
+def test_inference_runtimes_benchmark_measures_every_runtime(fixture_frame, tmp_path):
+    """Tiny model, two batch sizes, a fraction of a second each: PyTorch, ONNX fp32 and ONNX int8 are all measured,
+    the ONNX variants compared with PyTorch, and the working files removed."""
+    from tests.fixtures import make_tiny_bert
+
+    texts = fixture_frame["text"].tolist()
+    model_dir = make_tiny_bert(tmp_path / "model", texts)
+    (model_dir / "labels.json").write_text(json.dumps(["negative", "positive"]))  # the tiny BERT has 2 labels
+    (model_dir / "textclf.json").write_text(json.dumps({"max_length": 32}))
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    output = tmp_path / "runtimes.json"
+    done = subprocess.run(
+        [sys.executable, "bench/inference_runtimes.py", "--model-dir", str(model_dir), "--texts",
+         str(tmp_path / "texts.txt"), "--batch-sizes", "1,8", "--duration", "0.4", "--rounds", "2",
+         "--agreement-texts", "32", "--output", str(output), "--work-dir", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(output.read_text())
+    assert set(result["results"]) == {"pytorch", "onnx-fp32", "onnx-int8"}
+    for figures in result["results"].values():
+        assert set(figures["batch_sizes"]) == {"1", "8"} and figures["best_batch_size"] in (1, 8)
+        assert figures["best_texts_per_second"] > 0
+        assert all(len(level["texts_per_second_by_round"]) == 2 for level in figures["batch_sizes"].values())
+    assert result["agreement_with_pytorch"]["onnx-fp32"]["max_abs_probability_diff"] < 1e-4
+    assert result["agreement_with_pytorch"]["onnx-fp32"]["label_agreement"] == 1.0
+    assert 0 <= result["agreement_with_pytorch"]["onnx-int8"]["label_agreement"] <= 1
+    assert set(result["speedup_at_best_batch"]) == {"onnx-fp32_over_pytorch", "onnx-int8_over_pytorch"}
+    assert result["anchor"]["onnx-int8_over_pytorch"] == 3.0
+    assert not list((tmp_path / "work").iterdir())  # working files removed
