@@ -3,14 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install browser bench clean-stack
+.PHONY: run test install browser prometheus bench clean-stack
 
 run: install  ## (1) train on the packaged default, promote the winner, serve the champion on loopback
 	$(BIN)/textclf train
 	$(BIN)/textclf promote
 	$(BIN)/textclf serve
 
-test: install browser  ## (2) the whole test suite (no network needed at test time)
+test: install browser prometheus  ## (2) the whole test suite (no network needed at test time)
 	$(BIN)/pytest
 
 install: $(VENV)/.installed
@@ -28,6 +28,21 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  echo "Installing Debian's chromium for the browser tests"; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+# The monitoring test (tests/test_monitoring_dashboards.py) asks a real Prometheus every PromQL query of the Grafana
+# dashboard: Debian's package ships `prometheus` and `promtool`. Installed without starting its system service (a
+# policy-rc.d that denies it, if the machine has none) and without the recommended node exporter.
+prometheus:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "Installing Debian's prometheus (prometheus, promtool) for the monitoring dashboard test"; \
+	  POLICY=; [ -e /usr/sbin/policy-rc.d ] || { POLICY=/usr/sbin/policy-rc.d; \
+	    printf '#!/bin/sh\nexit 101\n' | $$SUDO tee $$POLICY >/dev/null && $$SUDO chmod +x $$POLICY; }; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    prometheus >/dev/null; STATUS=$$?; \
+	  [ -z "$$POLICY" ] || $$SUDO rm -f $$POLICY; \
+	  command -v systemctl >/dev/null 2>&1 && $$SUDO systemctl disable --now prometheus >/dev/null 2>&1; \
+	  exit $$STATUS; }
 
 bench: install  ## fine-tune throughput: our task against a plain transformers Trainer
 	$(BIN)/python bench/fine_tune_throughput.py

@@ -337,8 +337,8 @@ def test_every_image_is_a_dockerfile_target_the_bento_or_a_pinned_upstream_image
                     == DOCKERFILE.resolve(), where
         elif image in ("${BENTO_IMAGE:-text-classifier:latest}", f"{BENTO_IMAGE}:latest"):
             pass
-        elif image.startswith(("prefecthq/prefect:", "postgres:")):
-            assert re.search(r":\d", image), f"{where}: {image} is not pinned to a version"
+        elif image.startswith(("prefecthq/prefect:", "postgres:", "prom/prometheus:", "grafana/grafana:")):
+            assert re.search(r":v?\d", image), f"{where}: {image} is not pinned to a version"
         else:
             raise AssertionError(f"{where}: unknown image {image}")
 
