@@ -60,13 +60,14 @@ class RuntimeGateConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    optimize: bool = Field(default=True, description="Export ONNX fp32 and int8 variants of the candidate at "
+    optimize_runtime: bool = Field(default=True, description="Export ONNX fp32 and int8 variants of the candidate at "
                            "promotion and serve the fastest one that passes the runtime gate (PyTorch otherwise).")
     min_label_agreement: float = Field(default=0.995, ge=0, le=1, description="Share of the test texts on which a "
                                        "variant's label must equal the PyTorch model's.")
     max_macro_f1_drop: float = Field(default=0.005, ge=0, le=1, description="Most a variant's test macro-F1 may be "
                                      "below the PyTorch model's (0.005 = 0.5 points).")
-    batch_size: int = Field(default=64, ge=1, le=512, description="Batch size of the gate's scoring and timing.")
+    runtime_batch_size: int = Field(default=64, ge=1, le=512, description="Batch size of the runtime gate's scoring "
+                                    "and timing.")
 
 
 class VariantScore(BaseModel):
@@ -244,7 +245,7 @@ def gate_runtimes(model_dir: Path, variants: dict[str, Path | str], test: pd.Dat
     classes = sorted(set(truth))
     reference = TextClassifier(model_dir, runtime=PYTORCH)
     names = reference.label_names
-    ref_probabilities, ref_speed = _classify(reference, texts, config.batch_size)
+    ref_probabilities, ref_speed = _classify(reference, texts, config.runtime_batch_size)
     del reference
     ref_labels = [names[i] for i in ref_probabilities.argmax(axis=1)]
     ref_f1 = _f1_scores(truth, ref_labels, classes)["macro_f1"]
@@ -259,7 +260,7 @@ def gate_runtimes(model_dir: Path, variants: dict[str, Path | str], test: pd.Dat
                 continue
             try:
                 classifier = TextClassifier(folder, runtime=runtime)
-                probabilities, speed = _classify(classifier, texts, config.batch_size)
+                probabilities, speed = _classify(classifier, texts, config.runtime_batch_size)
                 del classifier
             except Exception as error:  # a variant that does not load or run is not served, and says why
                 scores.append(VariantScore(runtime=runtime, passed=False,
@@ -309,10 +310,10 @@ def optimize_runtime(model_dir: Path, test: pd.DataFrame | Path, work_dir: Path,
                      config: RuntimeGateConfig = RuntimeGateConfig()) -> RuntimeGate:
     """Export, quantize and gate: the runtime the model version should be served with, and its files."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    variants = export_variants(model_dir, work_dir) if config.optimize else {}
+    variants = export_variants(model_dir, work_dir) if config.optimize_runtime else {}
     gate = gate_runtimes(model_dir, variants, test, config, work_dir)
-    if not config.optimize:
-        gate = gate.model_copy(update={"reason": "PyTorch serves: runtime optimization is off (optimize=false)"})
+    if not config.optimize_runtime:
+        gate = gate.model_copy(update={"reason": "PyTorch serves: runtime optimization is off (optimize_runtime=false)"})
     return gate
 
 

@@ -264,3 +264,12 @@ def _packed_model(dockerfile: Path) -> str:
 
     manifest = yaml.safe_load((dockerfile.parents[2] / "bento.yaml").read_text())
     return manifest["services"][0]["models"][0]["tag"]
+
+
+def test_with_optimization_off_pytorch_serves_and_nothing_is_exported(tuned_fixture, test_split, tmp_path):
+    from tasks.optimize_runtime import optimize_runtime
+
+    gate = optimize_runtime(tuned_fixture.model_dir, test_split, tmp_path / "work",
+                            RuntimeGateConfig(optimize_runtime=False))
+    assert gate.chosen == "pytorch" and "optimization is off" in gate.reason
+    assert [s.runtime for s in gate.variants] == ["pytorch"] and not (tmp_path / "work" / ONNX_DIR).exists()
