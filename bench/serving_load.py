@@ -28,6 +28,10 @@ short texts (one text per request), at the same concurrency levels:
   in-process           no server: `TextClassifier.classify` on full batches of 64 of the same texts, the most
                        this machine can do; reported in texts per second.
 
+--runtime pytorch|onnx-fp32|onnx-int8 serves (and runs in-process) the model folder with that inference runtime
+(tasks/optimize_runtime.py `folder_with_runtime`: exported and quantized here, no gate); by default the folder
+answers with what its runtime.json says (PyTorch for a folder from training or the default model).
+
 For each server and each number of clients, the load generator (one asyncio process, aiohttp, a connection
 limit equal to the number of clients) runs a closed loop per client: send one text, wait for the answer, send
 the next. After an untimed warm-up it counts, for `--duration` seconds, the requests that completed: successful
@@ -109,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base-model", default="all-MiniLM-L6-v2",
                         help="Base model of the default model folder: all-MiniLM-L6-v2 (packaged) or a folder.")
     parser.add_argument("--max-length", type=int, default=128, help="max_length of the default model folder.")
+    parser.add_argument("--runtime", choices=("pytorch", "onnx-fp32", "onnx-int8"), default=None,
+                        help="Inference runtime of the served (and in-process) model: exported here from the model "
+                             "folder. Default: what the folder's runtime.json says (PyTorch without one).")
     parser.add_argument("--texts", type=Path, default=None,
                         help="A file with one text per line. Default: the ATIS queries in ../shared/data/atis, "
                              "else the first sentences of the packaged BBC news.")
@@ -1153,6 +1160,15 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"building the default model folder: {args.base_model} with a fresh 5-class head", flush=True)
             model_dir = build_default_model(args.base_model, args.max_length, run_root / "model")
             max_length, model_name = args.max_length, f"{args.base_model} + untrained 5-class head"
+        if args.runtime is not None:
+            from tasks.optimize_runtime import folder_with_runtime
+
+            print(f"preparing the model folder with runtime {args.runtime}", flush=True)
+            model_dir = folder_with_runtime(model_dir, args.runtime, run_root / f"model-{args.runtime}")
+            model_name = f"{model_name} ({args.runtime})"
+        from tasks.onnx_runtime import folder_runtime
+
+        runtime = folder_runtime(model_dir)
 
         if "in-process" in args.variants:
             results["in-process"] = run_in_process_until_quiet(model_dir, texts, args)
@@ -1248,6 +1264,7 @@ def main(argv: list[str] | None = None) -> dict:
             "model_dir": str(model_dir) if args.model_dir is not None else None,
             "base_model": args.base_model if args.model_dir is None else None,
             "max_length": max_length,
+            "runtime": runtime,
             "texts_source": texts_source,
             "texts_count": len(texts),
             "texts_mean_words": sum(len(t.split()) for t in texts) / len(texts),

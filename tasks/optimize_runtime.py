@@ -317,6 +317,30 @@ def optimize_runtime(model_dir: Path, test: pd.DataFrame | Path, work_dir: Path,
     return gate
 
 
+def folder_with_runtime(model_dir: Path, runtime: str, target: Path) -> Path:
+    """A copy of `model_dir` at `target` that answers with `runtime` (exported here when it is an ONNX one), without
+    any gate: for benchmarks and experiments that want one runtime whatever the gate would say."""
+    from tasks.onnx_runtime import check_runtime
+
+    check_runtime(runtime)
+    shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns(RUNTIME_FILE, ONNX_DIR))
+    if runtime == PYTORCH:
+        return target
+    made = export_variants(target, target.parent / f".{target.name}-export")
+    try:
+        if not isinstance(made[runtime], Path):
+            raise RuntimeError(f"{runtime} for {model_dir}: {made[runtime]}")
+        files = target.parent / f".{target.name}-export" / "files"
+        (files / ONNX_DIR).mkdir(parents=True)
+        shutil.copy2(made[runtime], files / ONNX_DIR / made[runtime].name)
+        (files / RUNTIME_FILE).write_text(json.dumps({"runtime": runtime, "file": f"{ONNX_DIR}/{made[runtime].name}",
+                                                      "sha256": sha256_of(made[runtime])}))
+        install_runtime(target, files)
+    finally:
+        shutil.rmtree(target.parent / f".{target.name}-export", ignore_errors=True)
+    return target
+
+
 # ----------------------------------------------------------------------------------------------------------
 # MLflow: record the choice, and bring it to every consumer of the model version
 # ----------------------------------------------------------------------------------------------------------
