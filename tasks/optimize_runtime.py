@@ -225,7 +225,7 @@ def judge_variant(runtime: str, labels: list[str], reference: list[str], truth: 
         problems.append(f"label agreement {agreement:.2%} < {config.min_label_agreement:.2%}")
     if drop > config.max_macro_f1_drop + TOLERANCE:
         problems.append(f"macro-F1 drop {drop * 100:.2f} points > {config.max_macro_f1_drop * 100:.2f}")
-    figures = f"agreement {agreement:.2%}, macro-F1 {macro_f1:.4f} ({-drop * 100:+.2f} points)"
+    figures = f"agreement {agreement:.2%}, macro-F1 {macro_f1:.4f} ({-drop * 100 + 0.0:+.2f} points)"
     return (not problems, f"{runtime}: {figures}" + (f": fails, {'; '.join(problems)}" if problems else ": passes"),
             agreement, macro_f1, drop)
 
