@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import unicodedata
 from typing import Annotated
 
 import bentoml
@@ -27,6 +26,7 @@ from tasks.http_guard import (
     one_line_client_errors,
 )
 from tasks.request_log import RequestLogMiddleware, RequestLogSettings
+from tasks.windows import has_visible_character
 
 # Documented request limits (README, OpenAPI): bad input gets a 400 that names the limit, never a 500.
 MAX_TEXTS_PER_REQUEST = 64
@@ -40,7 +40,7 @@ MAX_REQUEST_CHARS = 128_000
 # Retry-After), so the dispatcher's own shedding (a 503 when a request's estimated latency exceeds
 # max_latency_ms) is set out of the way: it answered 1.6-8.2 % of 64 clients with 503s at 1,000 ms.
 MAX_BATCH_SIZE = 64
-MAX_LATENCY_MS = 30_000
+MAX_LATENCY_MS = 30000
 CLASSIFY_PATH = "/classify"  # the route of the `classify` API; the middlewares below and tracing name it too
 
 # Start-up switches, read once at import (for benchmarks, bench/serving_load.py; unset = the settings above):
@@ -65,14 +65,12 @@ TRACE_CLASSIFY = env_bool("TEXTCLF_TRACING", False)
 # Body size, admission and queueing (tasks/http_guard.py ServingLimits): TEXTCLF_MAX_BODY_BYTES (8 MiB),
 # TEXTCLF_MAX_IN_FLIGHT (64), TEXTCLF_MAX_QUEUED (512), TEXTCLF_QUEUE_TIMEOUT_SECONDS (2); a bad value stops the start-up.
 LIMITS = ServingLimits.from_env()
-
-
-def _visible(character: str) -> bool:
-    return not unicodedata.category(character).startswith(("Z", "C"))  # separators, controls, format (zero-width)
+# TEXTCLF_FORGET_BATCH_WAIT=false keeps BentoML's dispatcher as it is (for bench/overload.py's comparison).
+FORGET_BATCH_WAIT = env_bool("TEXTCLF_FORGET_BATCH_WAIT", True)
 
 
 def _not_blank(text: str) -> str:
-    if not any(_visible(c) for c in text):
+    if not has_visible_character(text):
         raise ValueError("text is empty or whitespace-only (it has no visible character: only spaces, control or "
                          "zero-width characters): send the text to classify")
     return text
@@ -196,7 +194,8 @@ class TextClassifierService:
 # In the server process: unknown paths share one metric label, lone requests after a load are not corked, and client
 # errors are logged as one line (tasks/http_guard.py says why each is needed with BentoML 1.4).
 bound_metric_labels()
-forget_stale_batch_wait()
+if FORGET_BATCH_WAIT:
+    forget_stale_batch_wait()
 one_line_client_errors()
 # Middlewares, outermost first.
 if not TRACE_CLASSIFY:  # added first: it wraps the other middlewares, so they all run with the request id set

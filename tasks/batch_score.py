@@ -19,9 +19,14 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.processes import process_alive
+from tasks.windows import has_visible_character
+
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".json": None, ".parquet": None}
 PARTIAL_MARK = ".partial-"
 ENDPOINT_MAX_TEXT_CHARS = 20_000  # service.py's MAX_TEXT_CHARS; the model reads far fewer tokens anyway
+ENDPOINT_MAX_REQUEST_CHARS = 128_000  # service.py's MAX_REQUEST_CHARS: the characters one request may hold in all
+ENDPOINT_RETRIES = 5  # 503 "at capacity" answers retried after their Retry-After
 
 
 class ScoringSource(BaseModel):
@@ -181,19 +186,34 @@ def endpoint_scorer(url: str, token: str | None = None, batch_size: int = 64) ->
                           headers={"Authorization": f"Bearer {token}"} if token else {})
 
     def classify(texts: list[str]) -> list[dict]:
-        response = client.post("/classify", json={"texts": [t[:ENDPOINT_MAX_TEXT_CHARS] for t in texts]})
+        for attempt in range(ENDPOINT_RETRIES + 1):
+            response = client.post("/classify", json={"texts": texts})
+            if response.status_code != 503 or attempt == ENDPOINT_RETRIES:
+                break
+            time.sleep(float(response.headers.get("retry-after", "1") or 1))  # the server is at capacity
         if response.status_code != 200:
             raise RuntimeError(f"{url}/classify answered {response.status_code}: {response.text[:500]}")
         return response.json()
+
+    def requests_of(texts: list[str]) -> Iterator[list[str]]:
+        """At most `batch_size` texts and ENDPOINT_MAX_REQUEST_CHARS characters a request (the service's limits)."""
+        batch, chars = [], 0
+        for text in (t[:ENDPOINT_MAX_TEXT_CHARS] for t in texts):
+            if batch and (len(batch) == batch_size or chars + len(text) > ENDPOINT_MAX_REQUEST_CHARS):
+                yield batch
+                batch, chars = [], 0
+            batch.append(text)
+            chars += len(text)
+        if batch:
+            yield batch
 
     probe = classify(["probe"])[0]  # the label set and model version come from the service itself
     labels, version = list(probe["probabilities"]), probe["model_version"]
 
     def score(texts: list[str]) -> np.ndarray:
         rows = []
-        for start in range(0, len(texts), batch_size):
-            rows += [[answer["probabilities"][label] for label in labels]
-                     for answer in classify(texts[start : start + batch_size])]
+        for request in requests_of(texts):
+            rows += [[answer["probabilities"][label] for label in labels] for answer in classify(request)]
         return np.asarray(rows, dtype=np.float32).reshape(len(texts), len(labels))
 
     return score, labels, version
@@ -217,16 +237,6 @@ def _prediction_table(chunk: pd.DataFrame, probabilities: np.ndarray, blank: np.
     return pa.table(columns)
 
 
-def _process_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def score_to_parquet(
     config: ScoringSource, scorer: Scorer, labels: list[str], model_version: str, output_path: Path,
     chunk_size: int = 10_000, low_confidence_threshold: float = 0.5, progress: bool = True,
@@ -238,7 +248,7 @@ def score_to_parquet(
 
     output_path.parent.mkdir(parents=True, exist_ok=True)
     for stale in output_path.parent.glob(f".*{PARTIAL_MARK}*"):
-        if not _process_alive(stale.name.rsplit(PARTIAL_MARK, 1)[1]):
+        if not process_alive(stale.name.rsplit(PARTIAL_MARK, 1)[1]):
             stale.unlink(missing_ok=True)  # left by an interrupted run
     partial = output_path.parent / f".{output_path.name}{PARTIAL_MARK}{os.getpid()}"
     started, rows, blanks = time.perf_counter(), 0, 0
@@ -249,7 +259,7 @@ def score_to_parquet(
     try:
         for chunk in iter_text_chunks(config, chunk_size):
             texts = chunk["text"].astype(object).where(chunk["text"].notna(), "").astype(str).tolist()
-            blank = np.array([not t.strip() for t in texts], dtype=bool)
+            blank = np.array([not has_visible_character(t) for t in texts], dtype=bool)
             kept = [t for t, b in zip(texts, blank) if not b]
             probabilities = scorer(kept) if kept else np.zeros((0, len(labels)), dtype=np.float32)
             table = _prediction_table(chunk, probabilities, blank, labels, model_version,

@@ -16,6 +16,7 @@ BentoML keeps its stores under `BENTOML_HOME` (default `~/bentoml`); every step 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -243,22 +244,29 @@ def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, timeou
 
 
 def stop_bento_server(process_id: int, timeout_seconds: float = 30) -> None:
-    """SIGTERM the server's process group (the server and its workers), SIGKILL if it does not go."""
+    """SIGTERM the server's process group, SIGKILL what is left after `timeout_seconds`: the group and every process
+    below the server (BentoML's workers run in process groups of their own). Returns once all of them are gone."""
+    from tasks.processes import descendants, process_alive
+
+    tree = [process_id, *descendants(process_id)]
     try:
         os.killpg(process_id, signal.SIGTERM)
     except ProcessLookupError:
-        return
+        pass
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
-        try:
-            os.killpg(process_id, 0)
-        except ProcessLookupError:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(process_id, os.WNOHANG)  # reap it when it is our child, or it stays a zombie
+        if not any(process_alive(pid) for pid in tree):
             return
-        time.sleep(0.2)
-    try:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process_id, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(process_id, 0)
 
 
 def smoke_test_bento(

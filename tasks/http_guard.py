@@ -2,7 +2,8 @@
 bearer auth, one-line logs for client errors, truthful OpenAPI, and route-bounded metric labels.
 
 - `RequestGuard` (ASGI middleware, the outermost of service.py's): every `/classify` request is checked before
-  BentoML reads it: only `POST` with `Content-Type: application/json` (UTF-8) and no `Content-Encoding` (else 415),
+  BentoML reads it: only `POST` with `Content-Type: application/json` (or a form with a `texts` field, which
+  BentoML also reads), UTF-8, and no `Content-Encoding` (else 415),
   a body of at most `max_body_bytes` (else 413, by its Content-Length or while it streams in). Then admission: at
   most `max_in_flight` requests inside the server at once, up to `max_queued` more waiting in FIFO order for at most
   `queue_timeout_seconds`; what cannot be served in time gets 503 with `Retry-After` and a JSON message saying the
@@ -98,19 +99,30 @@ async def drain(receive) -> None:
             return
 
 
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")  # BentoML reads `texts` from a form too
+
+
 def media_type_error(content_type: str | None, content_encoding: str | None) -> str | None:
-    """Why this Content-Type / Content-Encoding cannot be read as a classify request, or None when it can."""
+    """Why this Content-Type / Content-Encoding cannot be read as a classify request, or None when it can: JSON
+    (the documented body), or a form whose `texts` field holds a JSON list, which BentoML also reads."""
     if content_encoding and content_encoding.strip().lower() not in ("identity", ""):
         return (f"Content-Encoding {content_encoding!r} is not supported: send the JSON body uncompressed "
                 f"(no Content-Encoding header).")
     media, _, params = (content_type or "application/json").partition(";")
-    if media.strip().lower() != "application/json":
-        return (f"Content-Type {media.strip()!r} is not supported: send a JSON body with "
-                f"Content-Type: application/json, like {{\"texts\": [\"first text\", \"second text\"]}}.")
+    media = media.strip().lower()
+    parameters = {}
     for param in params.split(";"):
         key, _, value = param.partition("=")
-        if key.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
-            return f"charset {value.strip()!r} is not supported: send the JSON body as UTF-8 (charset=utf-8)."
+        parameters[key.strip().lower()] = value.strip().strip('"')
+    if media not in ("application/json", *FORM_TYPES):
+        return (f"Content-Type {media!r} is not supported: send a JSON body with "
+                f"Content-Type: application/json, like {{\"texts\": [\"first text\", \"second text\"]}}.")
+    if media == "multipart/form-data" and not parameters.get("boundary"):
+        return ("Content-Type 'multipart/form-data' without a boundary cannot be read: send JSON with "
+                "Content-Type: application/json (or a form with its boundary, as HTTP clients make it).")
+    charset = parameters.get("charset", "utf-8").lower()
+    if charset not in ("utf-8", "utf8"):
+        return f"charset {charset!r} is not supported: send the body as UTF-8 (charset=utf-8)."
     return None
 
 
@@ -429,8 +441,8 @@ def openapi_document(document: dict, limits: ServingLimits) -> dict:
                                  "blank or too long, too many texts or characters.", "ValidationError")
         responses["401"] = error("Missing or wrong bearer token (only when the server has an API token).")
         responses["413"] = error(f"The body is larger than {limits.max_body_bytes} bytes.")
-        responses["415"] = error("The body is not JSON (Content-Type other than application/json, a charset "
-                                 "other than UTF-8, or a Content-Encoding).")
+        responses["415"] = error("The body cannot be read: a Content-Type other than application/json (or a form "
+                                 "with its boundary), a charset other than UTF-8, or a Content-Encoding.")
         responses["503"] = error(
             "The server is at capacity: retry after the number of seconds in Retry-After.",
             headers={"Retry-After": {"description": "Seconds to wait before retrying.",

@@ -13,6 +13,11 @@ the body, validation, waiting for its adaptive batch, the forward pass and writi
   hidden temporary name renamed to `requests-<UTC time>-<pid>-<seq>.parquet`, so readers only see whole files.
   `close()` writes everything left (the middleware calls it at the ASGI lifespan shutdown, after the server has
   finished its in-flight requests; an `atexit` hook is the fallback).
+- Crash safety: every row the thread takes in is first appended to a hidden journal file
+  (`.journal-<pid>-<seq>.jsonl`, one JSON row per line, plain `write`s, which the kernel keeps when the process is
+  SIGKILLed or OOM-killed); a journal is dropped once its rows are in a Parquet file. A writer that starts (the
+  next server, or the worker BentoML restarts) turns the journals of dead processes into Parquet files. What a
+  kill can lose is what had not reached the thread yet: milliseconds of traffic (bench/request_log_crash.py).
 - `read_request_log(log_dir, since, until)` reads them back as one pandas DataFrame (the drift flow's input).
 
 Settings (environment, read once by `RequestLogSettings.from_env()`; a bad value raises a ValueError naming it):
@@ -47,6 +52,7 @@ from typing import Any, Iterable
 from urllib.parse import parse_qs
 
 from tasks.env_settings import env_bool, env_number
+from tasks.processes import process_alive
 
 logger = logging.getLogger("textclf.request_log")
 logger.setLevel(logging.INFO)  # its start-up and shutdown lines show in the server's log
@@ -62,6 +68,7 @@ _TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 # name's time; the margin covers a wall clock stepped backwards between a request and the write).
 _PRUNE_MARGIN = dt.timedelta(minutes=10)
 _STOP = object()
+JOURNAL_PREFIX = ".journal-"
 
 
 def schema():
@@ -248,10 +255,15 @@ class RequestLogWriter:
         self.records_written = 0
         self.files_written = 0
         self.records_lost = 0
+        self.records_recovered = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._sequence = itertools.count(1)
+        self._journal_segments = itertools.count(1)
+        self._journal_fd: int | None = None
+        self._journal_file: Path | None = None
+        self._journal_broken = False
 
     @property
     def running(self) -> bool:
@@ -269,6 +281,7 @@ class RequestLogWriter:
         except OSError as error:
             raise RuntimeError(f"the request log directory {self.directory} is not writable ({error}); set "
                                f"TEXTCLF_REQUEST_LOG_DIR to a writable folder, or TEXTCLF_REQUEST_LOG=false") from error
+        self.recover_journals()
         self._thread = threading.Thread(target=self._run, name="textclf-request-log", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -317,6 +330,58 @@ class RequestLogWriter:
                 self.records_lost += len(chunk)
                 logger.error("request log: %d rows could not be written to %s", len(chunk), self.directory)
 
+    # --- journal: what a crash must not lose ---------------------------------------------------------------
+
+    def _journal_append(self, records: list[dict]) -> None:
+        if not records or self._journal_broken:
+            return
+        try:
+            if self._journal_fd is None:
+                self._journal_file = self.directory / (
+                    f"{JOURNAL_PREFIX}{os.getpid()}-{next(self._journal_segments):06d}.jsonl")
+                self._journal_fd = os.open(self._journal_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            lines = "".join(json.dumps({**r, "time": _micros(r.get("time"))}, default=str) + "\n" for r in records)
+            os.write(self._journal_fd, lines.encode("ascii"))
+        except Exception as error:  # noqa: BLE001 - the log itself goes on; only its crash safety is gone
+            self._journal_broken = True
+            logger.error("request log: cannot write the journal in %s (%s): rows still go to Parquet files, but a "
+                         "crash would lose the unwritten ones", self.directory, error)
+
+    def _journal_restart(self, remaining: list[dict]) -> None:
+        """The rows in the journal were written to Parquet: a new journal holds only `remaining`."""
+        old_fd, old_file = self._journal_fd, self._journal_file
+        self._journal_fd = self._journal_file = None
+        self._journal_append(remaining)
+        if old_fd is not None:
+            os.close(old_fd)
+            old_file.unlink(missing_ok=True)
+
+    def recover_journals(self) -> int:
+        """Write the rows of journals left by processes that are gone (killed before they wrote them to Parquet)
+        as Parquet files, then drop those journals. Returns the number of rows recovered."""
+        recovered = 0
+        for journal in sorted(self.directory.glob(f"{JOURNAL_PREFIX}*.jsonl")):
+            try:
+                pid = int(journal.name[len(JOURNAL_PREFIX):].split("-", 1)[0])
+            except ValueError:
+                continue
+            if pid == os.getpid() or process_alive(pid):
+                continue
+            rows = []
+            for line in journal.read_text(encoding="ascii", errors="replace").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # the last line, cut by the kill
+                    continue
+            if rows and not self._write(rows):
+                continue  # keep the journal for the next start
+            journal.unlink(missing_ok=True)
+            recovered += len(rows)
+        if recovered:
+            logger.warning("request log: recovered %d rows from the journal of a server that was killed", recovered)
+        self.records_recovered += recovered
+        return recovered
+
     def _run(self) -> None:
         buffer: list[dict] = []
         oldest = 0.0  # monotonic time the oldest buffered row arrived
@@ -335,19 +400,30 @@ class RequestLogWriter:
                 records = self._records(item)
                 if records and not buffer:
                     oldest = time.monotonic()
+                self._journal_append(records)
                 buffer += records
+            written = False
             while len(buffer) >= self.max_records:
                 if not self._write(buffer[:self.max_records]):
                     break
-                buffer = buffer[self.max_records:]
+                buffer, written = buffer[self.max_records:], True
                 oldest = time.monotonic()
             if buffer and (stopping or time.monotonic() - oldest >= self.flush_seconds):
                 if self._write(buffer):
-                    buffer = []
+                    buffer, written = [], True
                 elif not stopping:
                     oldest = time.monotonic()  # keep the rows, try again one interval later
+            if written:
+                self._journal_restart(buffer)
         if buffer:
+            lost_before = self.records_lost
             self._write_now(buffer)  # what could not be written (max_records chunks), one last try
+            if self.records_lost == lost_before:
+                self._journal_restart([])
+        # a journal left here (rows that could not be written) is recovered by the next writer that starts
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
 
     def _write(self, records: list[dict]) -> bool:
         """One part file, written under a hidden temporary name and renamed: readers see whole files only."""

@@ -17,6 +17,8 @@ copies this module into every logged model and the Bento ships it)."""
 
 from __future__ import annotations
 
+import unicodedata
+
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -26,6 +28,12 @@ import numpy as np
 Truncation = Literal["head", "tail", "head+tail", "chunks"]
 TRUNCATION_STRATEGIES: tuple[str, ...] = ("head", "tail", "head+tail", "chunks")
 
+
+
+def has_visible_character(text: str) -> bool:
+    """Whether `text` holds anything to read: a character that is not a separator (spaces), a control or a format
+    character (zero-width ones, NUL). The service refuses texts without one; batch scoring leaves them unscored."""
+    return any(not unicodedata.category(character).startswith(("Z", "C")) for character in text)
 
 @dataclass(frozen=True)
 class Windowing:

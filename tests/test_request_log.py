@@ -33,6 +33,7 @@ from tasks.request_log import (
     read_request_log,
     texts_from_request,
 )
+from tasks.processes import descendants, process_alive
 from tests.fixtures import serve_from_repository
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -384,9 +385,114 @@ def test_settings_at_service_import(tmp_path):
     assert bad.returncode != 0 and "TEXTCLF_REQUEST_LOG_TEXT='sure'" in bad.stderr
     off = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**env, "TEXTCLF_REQUEST_LOG": "false"},
                          capture_output=True, text=True, timeout=120)
-    assert off.returncode == 0 and off.stdout.splitlines()[0] == "['RequestIdMiddleware']", off.stderr[-2000:]
+    assert off.returncode == 0, off.stderr[-2000:]
+    assert off.stdout.splitlines()[0] == "['RequestIdMiddleware', 'RequestGuard']"
     on = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=120)
     assert on.returncode == 0, on.stderr[-2000:]
-    assert on.stdout.splitlines()[0] == "['RequestIdMiddleware', 'RequestLogMiddleware']"
+    assert on.stdout.splitlines()[0] == "['RequestIdMiddleware', 'RequestGuard', 'RequestLogMiddleware']"
     assert not (tmp_path / "log").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Crashes: SIGKILL of a writer, of the whole server, of its worker alone
+# ----------------------------------------------------------------------------------------------------------
+
+KILLED_WRITER = """
+import sys, time, datetime as dt
+from tasks.request_log import RequestLogWriter
+writer = RequestLogWriter(sys.argv[1], flush_seconds=600).start()
+when = dt.datetime(2026, 12, 3, tzinfo=dt.timezone.utc)
+for i in range(5):
+    writer.put([{"time": when, "request_id": f"r{i}", "text_sha256": f"{i}{j}", "label": "sport"} for j in range(10)])
+while writer._journal_file is None or writer._journal_file.read_text().count(chr(10)) < 50:
+    time.sleep(0.01)
+print("journaled", flush=True)
+time.sleep(600)
+"""
+
+
+def test_rows_a_killed_writer_held_are_recovered_by_the_next_writer_and_a_live_ones_are_left_alone(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        assert process.stdout.readline().strip() == "journaled"
+        alive = RequestLogWriter(tmp_path).start()  # the writer process still runs: its journal is its own
+        alive.close()
+        assert alive.records_recovered == 0 and not part_files(tmp_path)
+    finally:
+        process.kill()
+        process.wait()
+    assert not part_files(tmp_path) and len(list(tmp_path.glob(".journal-*.jsonl"))) == 1  # 600 s flush: no file
+    recovering = RequestLogWriter(tmp_path).start()
+    recovering.close()
+    assert recovering.records_recovered == 50
+    log = read_request_log(tmp_path)
+    assert sorted(log["text_sha256"]) == sorted(f"{i}{j}" for i in range(5) for j in range(10))
+    assert not list(tmp_path.glob(".journal-*"))  # dropped once written
+
+
+def test_a_writer_keeps_no_journal_for_rows_it_has_written(tmp_path):
+    writer = RequestLogWriter(tmp_path, flush_seconds=0.05).start()
+    writer.put([row(dt.datetime(2026, 12, 3, tzinfo=UTC))])
+    deadline = time.monotonic() + 10
+    while not part_files(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    assert part_files(tmp_path) and not list(tmp_path.glob(".journal-*"))
+    writer.close()
+    assert len(read_request_log(tmp_path)) == 1
+
+
+def _worker_pid(server_pid: int) -> int:
+    """The pid of the BentoML worker under `bentoml serve` (the process that loads the model and logs requests)."""
+    for pid in descendants(server_pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "_bentoml_impl.worker.service" in command:
+            return pid
+    raise AssertionError(f"no BentoML worker under {server_pid}")
+
+
+def _serve_and_send(env: dict, log: Path, count: int, tag: str):
+    process, url = serve_from_repository(env, log)
+    texts = [f"the striker scored a goal {tag} #{i}" for i in range(count)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda t: httpx.post(f"{url}/classify", json={"texts": [t]}, timeout=60), texts))
+    assert all(a.status_code == 200 for a in answers)
+    return process, url, texts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["server", "worker"])
+def test_a_sigkill_loses_no_served_row(bento_env, tmp_path, victim):
+    """Default flush interval (5 s): the rows of the last seconds are still in memory when the server (or its
+    worker alone, as the OOM killer does it) is SIGKILLed right after the last answer. None may be lost."""
+    log_dir = tmp_path / "request-log"
+    env = {**bento_env, "TEXTCLF_REQUEST_LOG_DIR": str(log_dir)}
+    env.pop("TEXTCLF_REQUEST_LOG_FLUSH_SECONDS", None)
+    process, url, texts = _serve_and_send(env, tmp_path / "serve.log", 60, victim)
+    if victim == "server":  # all of it at once, as when a container or its node dies
+        worker = _worker_pid(process.pid)
+        os.killpg(process.pid, signal.SIGKILL)
+        os.kill(worker, signal.SIGKILL)  # in a process group of its own
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while process_alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = sorted(p.name for p in log_dir.iterdir())
+        assert len(read_request_log(log_dir)) < len(texts) and any(n.startswith(".journal-") for n in left), left
+        RequestLogWriter(log_dir).start().close()  # the next server's writer, in-process here
+    else:
+        os.kill(_worker_pid(process.pid), signal.SIGKILL)
+        try:  # BentoML starts a new worker, whose writer recovers the journal of the killed one
+            deadline = time.monotonic() + 120
+            while len(read_request_log(log_dir)) < len(texts) and time.monotonic() < deadline:
+                time.sleep(0.5)
+        finally:
+            _stop(process, tmp_path / "serve.log")
+    log = read_request_log(log_dir)
+    assert sorted(log["text_sha256"]) == sorted(sha(t) for t in texts)
+    assert not list(log_dir.glob(".journal-*"))

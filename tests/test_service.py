@@ -49,7 +49,7 @@ def test_classify_returns_label_probabilities_version_and_truncation(server, tun
         assert prediction["label"] in prepared.label_names
         assert set(prediction["probabilities"]) == set(prepared.label_names)
         assert prediction["probability"] == pytest.approx(max(prediction["probabilities"].values()))
-        assert prediction["model_version"] == "topics/7"
+        assert prediction["model_version"] == "topics/7+pytorch"
     assert (short["truncated"], long["truncated"]) == (False, True)
 
 
@@ -152,7 +152,7 @@ def test_bentofile_builds_a_bento_with_its_dockerfile_and_the_built_bento_serves
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(url, process, log, 120)
         answer = classify(url, ["the striker scored a goal"])
-        assert answer.status_code == 200 and answer.json()[0]["model_version"] == "topics/7"
+        assert answer.status_code == 200 and answer.json()[0]["model_version"] == "topics/7+pytorch"
     finally:
         stop_bento_server(process.pid)
 
