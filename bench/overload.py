@@ -134,18 +134,26 @@ def single_latencies(url: str, text: str, seconds: float, every: float = 0.5) ->
 
 
 def recovered_after(samples: list[tuple[float, float, int]], idle_ms: float) -> float | None:
-    """The first time from which every later single request took at most 2x the idle latency (None: never)."""
-    for index, (when, _, _) in enumerate(samples):
-        if all(latency <= 2 * idle_ms and status == 200 for _, latency, status in samples[index:]):
-            return when
+    """The first time from which the median of every 3 consecutive single requests is at most 2x the idle latency
+    and all of them are answered 200 (a median, so one request delayed by something else on the machine does not
+    count as not recovered). None: never within the samples."""
+    def fine(window):
+        return all(s == 200 for _, _, s in window) and statistics.median(l for _, l, _ in window) <= 2 * idle_ms
+
+    windows = [samples[i:i + 3] for i in range(max(0, len(samples) - 2))]
+    for index in range(len(windows)):
+        if all(fine(w) for w in windows[index:]):
+            return windows[index][0][0]
     return None
 
 
 def run_variant(name: str, overrides: dict, home: Path, tag: str, texts: Path, probe_text: str,
                 args: argparse.Namespace, work: Path) -> dict:
     env = {**bento_env(home, tag, None), **overrides}
-    env.pop("TEXTCLF_ADAPTIVE_BATCHING", None)  # batching on, with the service's batch size
+    env.pop("TEXTCLF_ADAPTIVE_BATCHING", None)  # batching on, with the service's batch size unless given
     env.pop("TEXTCLF_MAX_BATCH_SIZE", None)
+    if args.max_batch_size:
+        env["TEXTCLF_MAX_BATCH_SIZE"] = str(args.max_batch_size)
     server = Server(name, [str(BIN / "bentoml"), "serve", "service:TextClassifierService", "--host", "127.0.0.1",
                            "--port", "{port}"], env, work / f"{name}.log", "/readyz")
     try:
@@ -199,6 +207,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--idle-seconds", type=float, default=5)
     parser.add_argument("--recovery-seconds", type=float, default=15)
     parser.add_argument("--model-dir", type=Path, default=None, help="A TextClassifier folder (default: MiniLM).")
+    parser.add_argument("--runtime", choices=("pytorch", "onnx-fp32", "onnx-int8"), default=None,
+                        help="Serve the folder with this inference runtime (exported here, no gate; default: what its "
+                             "runtime.json says, PyTorch without one).")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="TEXTCLF_MAX_BATCH_SIZE for both servers (default: service.py's MAX_BATCH_SIZE).")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     args.connections = [int(c) for c in args.connections.split(",")]
@@ -207,11 +220,18 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="textclf-overload-"))
     try:
         model_dir = args.model_dir or build_default_model("all-MiniLM-L6-v2", 128, work / "model")
+        if args.runtime:
+            from tasks.optimize_runtime import folder_with_runtime
+
+            model_dir = folder_with_runtime(model_dir, args.runtime, work / f"model-{args.runtime}")
         home = work / "bentoml"
         tag = import_model(model_dir, home)
         texts, source = texts_file(args.texts, work / "texts.jsonl")
         probe = json.loads(texts.read_text(encoding="utf-8").splitlines()[0])
-        result = {"benchmark": "overload", "texts": source, "connections": args.connections,
+        from tasks.onnx_runtime import folder_runtime
+
+        result = {"benchmark": "overload", "texts": source, "runtime": folder_runtime(model_dir),
+                  "max_batch_size": args.max_batch_size or "service default", "connections": args.connections,
                   "duration_s": args.duration, "load_generator": "wrk 4.1 (Debian), closed loop, 2 threads",
                   "cpus": __import__("os").cpu_count(), "variants": {}}
         for name in args.variants.split(","):

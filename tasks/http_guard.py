@@ -257,10 +257,22 @@ class RequestGuard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        try:
-            await self.admission.acquire()
-        except AtCapacity as full:
-            await self._reject_at_capacity(send, str(full))
+        # Wait for admission, unless the client goes away first: a request nobody waits for anymore leaves the queue
+        # (after a load, the server would otherwise work off the abandoned queue before a new request's turn).
+        admitted = asyncio.ensure_future(self.admission.acquire())
+        disconnect = asyncio.ensure_future(receive())
+        await asyncio.wait({admitted, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        if not admitted.done():
+            admitted.cancel()
+            with contextlib.suppress(asyncio.CancelledError, AtCapacity):
+                await admitted
+            if admitted.cancelled() or admitted.exception() is not None:
+                return  # the client is gone: nothing to answer
+            self.admission.release()  # admitted at the same moment the client left
+            return
+        if admitted.exception() is not None:
+            disconnect.cancel()
+            await self._reject_at_capacity(send, str(admitted.exception()))
             return
         body = b"".join(chunks)
         delivered = False
@@ -270,7 +282,7 @@ class RequestGuard:
             if not delivered:
                 delivered = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: wait for the disconnect, as the server would
+            return await disconnect  # after the body: wait for the disconnect, as the server would
 
         rewrite = False
 
@@ -289,6 +301,7 @@ class RequestGuard:
             await self.app(scope, replay, send_checked)
         finally:
             self.admission.release()
+            disconnect.cancel()
 
     async def _openapi(self, scope, receive, send):
         start: dict[str, Any] = {}
