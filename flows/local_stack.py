@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.log_rotation import start_with_rotating_log
+
 STARTUP_TIMEOUT_S = 180.0
 
 
@@ -75,24 +77,17 @@ def _start(
             f"(no answer at {health_url}). Stop it, or pick another port with "
             f"TEXTCLF_{name.upper()}_PORT."
         )
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        # A new session: the server outlives the command that started it, and Ctrl-C there does not kill it.
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
+    # A new session: the server outlives the command that started it, and Ctrl-C there does not kill it. Its log is
+    # size-bounded: rotated at 10 MB, 5 old files kept (flows/log_rotation.py).
+    process = start_with_rotating_log(command, env, log_path)
     (log_path.parent / f"{name}.pid").write_text(str(process.pid))
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if is_healthy(health_url, expected):
             return process.pid
         if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)  # the log writer copies the server's last lines
+            tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
             raise LocalServerError(f"The {name} server exited with code {process.returncode}. Log {log_path}:\n{tail}")
         time.sleep(0.5)
     process.terminate()

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -132,3 +133,30 @@ def test_textclf_train_on_bad_data_exits_nonzero_with_the_reason(servers, tmp_pa
     assert done.returncode == 1
     assert "Only one class ('only')" in done.stderr
     assert not (tmp_path / "home" / "snapshots").exists() or not any((tmp_path / "home" / "snapshots").iterdir())
+
+
+def test_server_logs_rotate_by_size_and_keep_every_line(tmp_path):
+    """A server's output through the log writer: files of at most max_bytes, `backups` old ones kept, the newest
+    lines in the current file, nothing garbled; the writer ends with the server."""
+    import subprocess
+    import sys
+
+    from flows.log_rotation import start_with_rotating_log
+
+    log = tmp_path / "logs" / "server.log"
+    script = "import sys\nfor i in range(20000): print(f'line {i:05d} ' + 'x' * 40)\nprint('done', file=sys.stderr)"
+    process = start_with_rotating_log([sys.executable, "-c", script], dict(os.environ), log, max_bytes=100_000,
+                                      backups=3)
+    assert process.wait(timeout=60) == 0
+    deadline = time.monotonic() + 20
+    while "done" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    files = sorted(log.parent.iterdir())
+    assert [f.name for f in files] == ["server.log", "server.log.1", "server.log.2", "server.log.3"]
+    assert all(f.stat().st_size <= 100_000 for f in files)
+    current = log.read_text().splitlines()
+    assert current[-1] == "done" and current[-2].startswith("line 19999 ")  # stderr too, in order
+    kept = [line for f in reversed(files) for line in f.read_text().splitlines()]
+    numbers = [int(line.split()[1]) for line in kept if line.startswith("line ")]
+    assert numbers == list(range(numbers[0], 20000))  # the newest lines, contiguous: none lost or garbled
+    assert subprocess.run(["pgrep", "-f", f"flows.log_rotation {log}"], capture_output=True).returncode == 1
