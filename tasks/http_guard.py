@@ -368,6 +368,7 @@ class OneLineClientErrors(logging.Filter):
         reason = f"{count()} validation error(s)" if callable(count) else str(error).splitlines()[0][:200]
         record.msg = f"{record.getMessage()}: {status} {type(error).__name__}: {reason}"
         record.args, record.exc_info, record.exc_text = (), None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"  # the client's error, not the server's
         return True
 
 

@@ -216,8 +216,8 @@ def test_client_errors_are_logged_as_one_line_with_the_request_id(served):
         if lines:
             break
         asyncio.run(asyncio.sleep(0.25))
-    assert lines and "400 ValidationError" in lines[-1]
-    assert request_id is None or request_id in log.read_text(errors="replace")
+    assert lines and "400 ValidationError" in lines[-1] and "[WARNING]" in lines[-1]
+    assert request_id and f"span={request_id}" in lines[-1]  # the request id is the span id of the log line
     assert "Traceback" not in log.read_text(errors="replace")
 
 
