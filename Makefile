@@ -3,14 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install browser prometheus bench clean-stack
+.PHONY: run test install browser prometheus wrk bench clean-stack
 
 run: install  ## (1) train on the packaged default, promote the winner, serve the champion on loopback
 	$(BIN)/textclf train
 	$(BIN)/textclf promote
 	$(BIN)/textclf serve
 
-test: install browser prometheus  ## (2) the whole test suite (no network needed at test time)
+test: install browser prometheus wrk  ## (2) the whole test suite (no network needed at test time)
 	$(BIN)/pytest
 
 install: $(VENV)/.installed
@@ -43,6 +43,14 @@ prometheus:
 	  [ -z "$$POLICY" ] || $$SUDO rm -f $$POLICY; \
 	  command -v systemctl >/dev/null 2>&1 && $$SUDO systemctl disable --now prometheus >/dev/null 2>&1; \
 	  exit $$STATUS; }
+
+# The overload benchmark (bench/overload.py) loads the service with an independent load generator, wrk (Debian's
+# package); its smoke test in tests/test_bench.py runs it for a second.
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "Installing Debian's wrk for the overload benchmark"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk >/dev/null; }
 
 bench: install  ## fine-tune throughput: our task against a plain transformers Trainer
 	$(BIN)/python bench/fine_tune_throughput.py

@@ -58,11 +58,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--paths", type=int, default=5000)
+    parser.add_argument("--model-dir", type=Path, default=None, help="A TextClassifier folder (default: MiniLM).")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="textclf-hostile-"))
     try:
-        model = build_default_model("all-MiniLM-L6-v2", 128, work / "model")
+        model = args.model_dir or build_default_model("all-MiniLM-L6-v2", 128, work / "model")
         home = work / "bentoml"
         env = bento_env(home, import_model(model, home), None)
         env.pop("TEXTCLF_ADAPTIVE_BATCHING", None)

@@ -154,3 +154,45 @@ def test_inference_runtimes_benchmark_measures_every_runtime(fixture_frame, tmp_
     assert set(result["speedup_at_best_batch"]) == {"onnx-fp32_over_pytorch", "onnx-int8_over_pytorch"}
     assert result["anchor"]["onnx-int8_over_pytorch"] == 3.0
     assert not list((tmp_path / "work").iterdir())  # working files removed
+
+
+def _tiny_service_model(fixture_frame, folder: Path) -> Path:
+    from tests.fixtures import make_tiny_bert
+
+    model_dir = make_tiny_bert(folder, fixture_frame["text"].tolist())
+    (model_dir / "labels.json").write_text(json.dumps(["negative", "positive"]))  # the tiny BERT has 2 labels
+    (model_dir / "textclf.json").write_text(json.dumps({"max_length": 32}))
+    return model_dir
+
+
+@pytest.mark.slow
+def test_overload_benchmark_measures_levels_and_recovery(fixture_frame, tmp_path):
+    """wrk against the guarded server, one short level: the JSON holds the level, the recovery and the targets."""
+    output = tmp_path / "overload.json"
+    done = subprocess.run(
+        [sys.executable, "bench/overload.py", "--model-dir", str(_tiny_service_model(fixture_frame, tmp_path / "m")),
+         "--variants", "guarded", "--connections", "4", "--duration", "2", "--idle-seconds", "1",
+         "--recovery-seconds", "2", "--texts", "short", "--output", str(output)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads(output.read_text())
+    level = result["variants"]["guarded"]["levels"]["4"]
+    assert level["ok"] > 0 and level["non_2xx"] == 0
+    assert result["variants"]["guarded"]["after_load"] and "targets" in result
+
+
+@pytest.mark.slow
+def test_hostile_input_benchmark_reports_every_probe(fixture_frame, tmp_path):
+    output = tmp_path / "hostile.json"
+    done = subprocess.run(
+        [sys.executable, "bench/hostile_input.py", "--model-dir", str(_tiny_service_model(fixture_frame, tmp_path / "m")),
+         "--paths", "100", "--output", str(output)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(output.read_text())
+    assert result["unknown_paths"]["statuses"] == [404]
+    assert result["body_50mb"]["status"] == 413 and result["request_64x20000_chars"]["status"] == 400
+    assert result["multipart_without_boundary"] == 415 and result["invisible_texts"] == 400
+    assert result["log"]["tracebacks"] == 0
