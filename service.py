@@ -16,6 +16,7 @@ import bentoml
 from bentoml.validators import ContentType
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
+from tasks.abstention import UNKNOWN_LABEL, answer_label, check_label_names
 from tasks.env_settings import env_bool, env_number
 from tasks.http_guard import (
     BearerTokenAuth,
@@ -69,6 +70,10 @@ TRACE_CLASSIFY = env_bool("TEXTCLF_TRACING", False)
 LIMITS = ServingLimits.from_env()
 # TEXTCLF_FORGET_BATCH_WAIT=false keeps BentoML's dispatcher as it is (for bench/overload.py's comparison).
 FORGET_BATCH_WAIT = env_bool("TEXTCLF_FORGET_BATCH_WAIT", True)
+# Abstaining (tasks/abstention.py): TEXTCLF_MIN_CONFIDENCE (0 to 1; unset = never abstain) answers `label` "unknown"
+# for texts whose top-class probability is below it (probabilities still given). The training run suggests a value
+# (MLflow metric `suggested_min_confidence`, README "Abstaining"); a bad value stops the start-up.
+MIN_CONFIDENCE = env_number("TEXTCLF_MIN_CONFIDENCE", None, float, minimum=0, maximum=1)
 
 
 def _not_blank(text: str) -> str:
@@ -96,9 +101,12 @@ Text = Annotated[
 
 
 class Prediction(BaseModel):
-    label: str = Field(description="The predicted class.")
-    probability: float = Field(description="Probability of the predicted class.")
-    probabilities: dict[str, float] = Field(description="Probability of every class.")
+    label: str = Field(description=f"The predicted class, or '{UNKNOWN_LABEL}' when the server abstains: its "
+                       f"TEXTCLF_MIN_CONFIDENCE is set and `probability` is below it (unset: never '{UNKNOWN_LABEL}').")
+    probability: float = Field(description="Probability of the most probable class (also when `label` is "
+                               f"'{UNKNOWN_LABEL}').")
+    probabilities: dict[str, float] = Field(description="Probability of every class (also when `label` is "
+                                            f"'{UNKNOWN_LABEL}').")
     truncated: bool = Field(description="True when the text did not fit in one window of the model's max length: it "
                             "was cut, or (truncation 'chunks') read in several windows whose logits were averaged.")
     model_version: str = Field(description="Registered model name and version that answered.")
@@ -159,6 +167,7 @@ class TextClassifierService:
         from tasks.classifier import TextClassifier  # heavy imports (torch, transformers) only in the worker
 
         self.classifier = TextClassifier(self.model_ref.path)
+        check_label_names(self.classifier.label_names, MIN_CONFIDENCE)
         labels = self.model_ref.info.labels
         self.model_version = f"{labels.get('registered_model', 'model')}/{labels.get('model_version', '?')}+{self.classifier.runtime}"
         MODEL_INFO.labels(registered_model=labels.get("registered_model", "model"),
@@ -183,7 +192,7 @@ class TextClassifierService:
         names = self.classifier.label_names
         return [
             Prediction(
-                label=names[int(row.argmax())],
+                label=answer_label(names[int(row.argmax())], float(row.max()), MIN_CONFIDENCE),
                 probability=float(row.max()),
                 probabilities={name: float(p) for name, p in zip(names, row)},
                 truncated=cut,

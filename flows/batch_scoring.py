@@ -33,6 +33,8 @@ def summary_metrics(summary: ScoringSummary) -> dict[str, float]:
         metrics |= {"mean_probability": summary.mean_probability,
                     "low_confidence_share": summary.low_confidence_share}
     scored = max(1, summary.rows - summary.blank_texts)
+    if summary.min_confidence is not None:
+        metrics["abstained_share"] = summary.abstained_texts / scored
     metrics |= {f"label_share_{label}": count / scored for label, count in summary.label_counts.items()}
     return metrics
 
@@ -52,6 +54,12 @@ def batch_scoring(
     low_confidence_threshold: Annotated[
         float, Field(gt=0, lt=1, description="Predictions below this probability count as low-confidence.")
     ] = 0.5,
+    min_confidence: Annotated[
+        float | None,
+        Field(ge=0, le=1, description="Abstain below this top-class probability: the text's label is 'unknown' "
+              "(its probabilities are kept). Unset: never abstain. The training run suggests one (MLflow metric "
+              "suggested_min_confidence)."),
+    ] = None,
 ) -> ScoringSummary:
     settings = Settings()
     uri, name = settings.resolved_mlflow_tracking_uri, registered_model_name
@@ -65,7 +73,7 @@ def batch_scoring(
     try:
         if mode == "endpoint":
             summary = score_through_endpoint_task(source, endpoint_url, output_path, chunk_size,
-                                                  low_confidence_threshold)
+                                                  low_confidence_threshold, min_confidence=min_confidence)
         else:
             champion = resolve_alias_task(uri, name, CHAMPION_ALIAS)
             if champion is None:
@@ -73,9 +81,9 @@ def batch_scoring(
                                  f"first (`textclf promote`).")
             model = download_model_version_task(uri, name, champion, settings.model_download_dir)
             summary = score_in_process_task(source, model.model_dir, f"{name}/{champion}", output_path, chunk_size,
-                                            low_confidence_threshold)
+                                            low_confidence_threshold, min_confidence)
         log_params_task(tracking, {"source": source.source, "mode": mode, "model_version": summary.model_version,
-                                   "output_path": summary.output_path})
+                                   "output_path": summary.output_path, "min_confidence": min_confidence})
         log_metrics_task(tracking, summary_metrics(summary))
         create_table_artifact(
             key="batch-scoring-summary",

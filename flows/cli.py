@@ -237,6 +237,9 @@ def _score(args: argparse.Namespace) -> int:
         confidence = ("" if summary.mean_probability is None else
                       f"  Confidence:   mean {summary.mean_probability:.3f}; {summary.low_confidence_share:.1%} "
                       f"below the low-confidence threshold\n")
+        if summary.min_confidence is not None:
+            confidence += (f"  Abstained:    {summary.abstained_texts} texts labelled 'unknown' (probability below "
+                           f"--min-confidence {summary.min_confidence:g})\n")
         print(f"\nScored {summary.rows} texts from {source} with {summary.model_version} in {summary.seconds:.1f} s "
               f"({summary.texts_per_second:.0f} texts/s; {summary.blank_texts} blank, kept without a label).\n"
               f"  Predictions:  {summary.output_path}\n"

@@ -19,6 +19,7 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.abstention import UNKNOWN_LABEL, abstains, check_label_names, check_min_confidence
 from tasks.processes import process_alive
 from tasks.windows import has_visible_character
 
@@ -59,6 +60,8 @@ class ScoringSummary(BaseModel):
     mean_probability: float | None
     low_confidence_share: float | None
     seconds: float
+    min_confidence: float | None = None  # below it a text's label is "unknown" (None: never)
+    abstained_texts: int = 0  # texts labelled "unknown" (counted in label_counts too)
 
     @property
     def texts_per_second(self) -> float:
@@ -220,15 +223,17 @@ def endpoint_scorer(url: str, token: str | None = None, batch_size: int = 64) ->
 
 
 def _prediction_table(chunk: pd.DataFrame, probabilities: np.ndarray, blank: np.ndarray, labels: list[str],
-                      model_version: str, scored_at: pd.Timestamp):
+                      model_version: str, scored_at: pd.Timestamp, min_confidence: float | None = None):
     import pyarrow as pa
 
     full = np.full((len(chunk), len(labels)), np.nan, dtype=np.float32)
     full[~blank] = probabilities
     best = np.where(blank, -1, np.nan_to_num(full, nan=-1).argmax(axis=1))
+    unknown = abstains(np.nan_to_num(full, nan=1).max(axis=1), min_confidence) & ~blank
     columns = {
         "id": pa.array(chunk["id"].astype(str).to_numpy(), pa.string()),
-        "label": pa.array([None if b < 0 else labels[b] for b in best], pa.string()),
+        "label": pa.array([None if b < 0 else UNKNOWN_LABEL if u else labels[b] for b, u in zip(best, unknown)],
+                          pa.string()),
         "probability": pa.array([None if b < 0 else float(full[i, b]) for i, b in enumerate(best)], pa.float32()),
         **{f"proba_{label}": pa.array(full[:, j], pa.float32(), mask=blank) for j, label in enumerate(labels)},
         "model_version": pa.array([model_version] * len(chunk), pa.string()),
@@ -240,9 +245,13 @@ def _prediction_table(chunk: pd.DataFrame, probabilities: np.ndarray, blank: np.
 def score_to_parquet(
     config: ScoringSource, scorer: Scorer, labels: list[str], model_version: str, output_path: Path,
     chunk_size: int = 10_000, low_confidence_threshold: float = 0.5, progress: bool = True,
+    min_confidence: float | None = None,
 ) -> ScoringSummary:
     """Stream, score and append chunk by chunk; rename the finished file into place. Blank texts are kept as
-    rows with no label (so output rows always equal input rows) and counted."""
+    rows with no label (so output rows always equal input rows) and counted. With `min_confidence`, a text whose
+    top-class probability is below it gets the label "unknown" (its probability columns are kept)."""
+    min_confidence = check_min_confidence(min_confidence)
+    check_label_names(labels, min_confidence)
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
@@ -253,7 +262,7 @@ def score_to_parquet(
     partial = output_path.parent / f".{output_path.name}{PARTIAL_MARK}{os.getpid()}"
     started, rows, blanks = time.perf_counter(), 0, 0
     counts: Counter[str] = Counter()
-    confidence_sum, low_confidence = 0.0, 0
+    confidence_sum, low_confidence, abstained = 0.0, 0, 0
     writer = None
     bar = tqdm(total=count_rows(config), unit="text", desc="scoring", disable=not progress)
     try:
@@ -263,13 +272,15 @@ def score_to_parquet(
             kept = [t for t, b in zip(texts, blank) if not b]
             probabilities = scorer(kept) if kept else np.zeros((0, len(labels)), dtype=np.float32)
             table = _prediction_table(chunk, probabilities, blank, labels, model_version,
-                                      pd.Timestamp.now(tz="UTC"))
+                                      pd.Timestamp.now(tz="UTC"), min_confidence)
             if writer is None:
                 writer = pq.ParquetWriter(partial, table.schema)
             writer.write_table(table)
             best = probabilities.max(axis=1) if len(kept) else np.zeros(0)
             if kept:
-                counts.update(labels[i] for i in probabilities.argmax(axis=1))
+                unknown = abstains(best, min_confidence)
+                counts.update(UNKNOWN_LABEL if u else labels[i] for i, u in zip(probabilities.argmax(axis=1), unknown))
+                abstained += int(unknown.sum())
             confidence_sum += float(best.sum())
             low_confidence += int((best < low_confidence_threshold).sum())
             rows, blanks = rows + len(chunk), blanks + int(blank.sum())
@@ -290,11 +301,13 @@ def score_to_parquet(
         mean_probability=confidence_sum / scored if scored else None,
         low_confidence_share=low_confidence / scored if scored else None,
         seconds=round(time.perf_counter() - started, 3),
+        min_confidence=min_confidence, abstained_texts=abstained,
     )
 
 
 def score_in_process(config: ScoringSource, model_dir: Path, model_version: str, output_path: Path,
-                     chunk_size: int = 10_000, low_confidence_threshold: float = 0.5) -> ScoringSummary:
+                     chunk_size: int = 10_000, low_confidence_threshold: float = 0.5,
+                     min_confidence: float | None = None) -> ScoringSummary:
     """Score with the model folder in this process. `model_version` (`<name>/<version>`) is recorded as the service
     answers it, with the runtime that answered: `<name>/<version>+<runtime>` (the folder's, tasks/onnx_runtime.py)."""
     from tasks.onnx_runtime import folder_runtime
@@ -302,13 +315,17 @@ def score_in_process(config: ScoringSource, model_dir: Path, model_version: str,
     if "+" not in model_version:
         model_version = f"{model_version}+{folder_runtime(model_dir)}"
     scorer, labels = in_process_scorer(model_dir)
-    return score_to_parquet(config, scorer, labels, model_version, output_path, chunk_size, low_confidence_threshold)
+    return score_to_parquet(config, scorer, labels, model_version, output_path, chunk_size, low_confidence_threshold,
+                            min_confidence=min_confidence)
 
 
 def score_through_endpoint(config: ScoringSource, url: str, output_path: Path, chunk_size: int = 10_000,
-                           low_confidence_threshold: float = 0.5, token: str | None = None) -> ScoringSummary:
+                           low_confidence_threshold: float = 0.5, token: str | None = None,
+                           min_confidence: float | None = None) -> ScoringSummary:
+    """Labels come from the answered probabilities with this `min_confidence`, whatever the server's own setting."""
     scorer, labels, version = endpoint_scorer(url, token)
-    return score_to_parquet(config, scorer, labels, version, output_path, chunk_size, low_confidence_threshold)
+    return score_to_parquet(config, scorer, labels, version, output_path, chunk_size, low_confidence_threshold,
+                            min_confidence=min_confidence)
 
 
 score_in_process_task = task(score_in_process, name="score-in-process")

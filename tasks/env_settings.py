@@ -20,17 +20,20 @@ def env_bool(name: str, default: bool, environ: Mapping[str, str] = os.environ) 
     raise ValueError(f"{name}={raw!r} is not true or false (unset it to use the default, {str(default).lower()})")
 
 
-def env_number(name: str, default, kind: type = float, minimum: float = 0, environ: Mapping[str, str] = os.environ):
-    """`kind` (int or float) from the variable, finite and at least `minimum`; `default` when unset or blank."""
+def env_number(name: str, default, kind: type = float, minimum: float = 0, environ: Mapping[str, str] = os.environ,
+               maximum: float | None = None):
+    """`kind` (int or float) from the variable, finite, at least `minimum` and at most `maximum` (if given);
+    `default` when unset or blank (None is a default too: "unset")."""
     raw = environ.get(name, "").strip()
+    shown = "unset" if default is None else f"{default:g}"
     if not raw:
         return default
     try:
         value = kind(raw)
     except ValueError:
         what = "a whole number" if kind is int else "a number"
-        raise ValueError(f"{name}={raw!r} is not {what} (unset it to use the default, {default:g})") from None
-    if not value >= minimum or value != value or value == float("inf"):
-        raise ValueError(f"{name}={raw} must be a finite number, at least {minimum:g} (unset it to use the "
-                         f"default, {default:g})")
+        raise ValueError(f"{name}={raw!r} is not {what} (unset it to use the default, {shown})") from None
+    if not value >= minimum or value != value or value == float("inf") or (maximum is not None and value > maximum):
+        bounds = f"at least {minimum:g}" if maximum is None else f"between {minimum:g} and {maximum:g}"
+        raise ValueError(f"{name}={raw} must be a finite number, {bounds} (unset it to use the default, {shown})")
     return value

@@ -1,5 +1,10 @@
 """Stage 4, evaluate: score the fine-tuned model on the test split, next to a TF-IDF + logistic regression
-baseline trained on the same train split. Writes metrics.json, PNG plots, predictions and a markdown report."""
+baseline trained on the same train split. Writes metrics.json, PNG plots, predictions and a markdown report.
+
+Abstaining: on the validation split it picks the max-softmax threshold that answers `target_coverage` of the texts
+(metric `suggested_min_confidence`, a suggestion for TEXTCLF_MIN_CONFIDENCE / `textclf score --min-confidence`), and
+reports on the test split the coverage and the accuracy on the answered texts at that threshold, with the
+accuracy-vs-coverage curve (accuracy_coverage.png)."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.abstention import accuracy_coverage_curve, coverage_at, plot_accuracy_coverage, threshold_for_coverage
 from tasks.fine_tune import FineTunedModel
 from tasks.preprocess import PreparedDataset
 
@@ -24,6 +30,11 @@ class EvaluationConfig(BaseModel):
     batch_size: int = Field(default=64, ge=1, le=4096)
     calibration_bins: int = Field(default=15, ge=2, le=100)
     latency_samples: int = Field(default=20, ge=1, le=1000, description="Single-text calls timed for latency.")
+    target_coverage: float = Field(
+        default=0.95, gt=0, le=1,
+        description="Share of the validation texts the suggested abstention threshold (suggested_min_confidence, the "
+        "max-softmax probability below which a text is answered 'unknown') still answers.",
+    )
 
 
 class EvaluationResult(BaseModel):
@@ -176,6 +187,15 @@ def _report(metrics: dict, per_class: pd.DataFrame, slices: pd.DataFrame, long_s
         f"{metrics['latency_ms_single_text_p50']:.2f} ms p50 for a single text",
         f"- Test texts: {int(metrics['test_size'])}",
         "",
+        "## Abstaining on low confidence",
+        "",
+        f"- Suggested `min_confidence` (TEXTCLF_MIN_CONFIDENCE): {metrics['suggested_min_confidence']:.4f}, the "
+        f"max-softmax threshold that answers {metrics['target_coverage']:.0%} of the validation texts "
+        f"(validation coverage {metrics['validation_coverage_at_suggested']:.1%}).",
+        f"- On the test split at that threshold: coverage {metrics['test_coverage_at_suggested']:.1%}, accuracy on "
+        f"the answered texts {metrics['test_accuracy_at_suggested']:.4f} (all texts: {metrics['test_accuracy']:.4f}); "
+        "see accuracy_coverage.png. Below it the service answers `unknown` once TEXTCLF_MIN_CONFIDENCE is set.",
+        "",
         "## Per class",
         "",
         per_class.to_markdown(floatfmt=".4f"),
@@ -224,6 +244,9 @@ def evaluate(
     probabilities, truncated = classifier.classify(texts, batch_size=config.batch_size)
     truncated = np.asarray(truncated, dtype=bool)
     batched_ms = (time.perf_counter() - started) * 1000 / max(1, len(texts))
+    validation = data.split("validation")
+    validation_confidence = classifier.predict_proba(validation["text"].tolist(),
+                                                     batch_size=config.batch_size).max(axis=1)
     single = []
     for text in texts[: config.latency_samples]:
         started = time.perf_counter()
@@ -267,12 +290,26 @@ def evaluate(
     for name, row in per_class.iterrows():
         metrics.update({f"test_{k}_{name}": row[k] for k in ("precision", "recall", "f1")})
         metrics[f"baseline_f1_{name}"] = row["baseline_f1"]
+    suggested = threshold_for_coverage(validation_confidence, config.target_coverage)
+    test_coverage, test_answered_accuracy = coverage_at(confidence, predicted == labels, suggested)
+    metrics.update({
+        "target_coverage": config.target_coverage,
+        "suggested_min_confidence": suggested,
+        "validation_coverage_at_suggested": coverage_at(validation_confidence, np.ones(len(validation)), suggested)[0],
+        "test_coverage_at_suggested": test_coverage,
+        "test_accuracy_at_suggested": test_answered_accuracy,
+    })
     metrics = {key: float(value) for key, value in metrics.items()}
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
     try:
         _plots(staging, names, confusion_matrix(labels, predicted, labels=label_ids), per_bin, per_class)
+        plot_accuracy_coverage(
+            staging / "accuracy_coverage.png", {"test": accuracy_coverage_curve(confidence, predicted == labels)},
+            "Accuracy vs coverage (test, max-softmax)",
+            {f"suggested min_confidence {suggested:.3f}": (test_coverage, test_answered_accuracy)},
+        )
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
         per_class.to_csv(staging / "per_class.csv")
         slices.to_csv(staging / "length_slices.csv")

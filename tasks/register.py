@@ -161,7 +161,10 @@ def register(
         source = f"{client.get_run(tracking.run_id).info.artifact_uri}/{MODEL_ARTIFACT_PATH}"
         version = client.create_model_version(
             name, source, run_id=tracking.run_id,
-            tags={**tags, "test_macro_f1": f"{evaluation.metrics['test_macro_f1']:.4f}"},
+            tags={**tags, "test_macro_f1": f"{evaluation.metrics['test_macro_f1']:.4f}",
+                  # a documented suggestion for TEXTCLF_MIN_CONFIDENCE (README "Abstaining"); serving never applies it
+                  **({"suggested_min_confidence": f"{evaluation.metrics['suggested_min_confidence']:.4f}"}
+                     if "suggested_min_confidence" in evaluation.metrics else {})},
         )
     # Setting the alias is idempotent; doing it last means a failure above leaves the alias where it was.
     client.set_registered_model_alias(name, config.alias, version.version)

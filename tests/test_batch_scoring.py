@@ -192,3 +192,28 @@ def test_a_scheduled_run_with_nothing_new_succeeds_and_writes_nothing(project_en
     summary = batch_scoring(ScoringSource(source=str(tmp_path / "incoming" / "*.jsonl")), registered_model_name=name)
     assert summary.rows == 0 and summary.output_path is None and summary.label_counts == {}
     assert not (project_env / "predictions" / name).exists() or not any((project_env / "predictions" / name).glob("*.parquet"))
+
+
+@pytest.mark.slow
+def test_batch_scoring_flow_abstains_below_min_confidence(project_env, servers, champion, texts_frame, tmp_path):
+    """min_confidence=1.0 answers every text 'unknown' (probabilities kept), logged as abstained_share; the champion's
+    training run holds the suggested threshold (metric and version tag) and the accuracy-vs-coverage curve."""
+    name, version = champion
+    source = tmp_path / "incoming.csv"
+    texts_frame.to_csv(source, index=False)
+    state = batch_scoring(ScoringSource(source=str(source)), registered_model_name=name, min_confidence=1.0,
+                          return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.label_counts == {"unknown": 50} and summary.abstained_texts == 50 and summary.min_confidence == 1.0
+    frame = pd.read_parquet(summary.output_path)
+    assert (frame["label"] == "unknown").all() and frame["probability"].between(0, 1).all()
+    client = MlflowClient(servers["mlflow"])
+    experiment = client.get_experiment_by_name("text-classifier-monitoring")
+    (run,) = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{state.state_details.flow_run_id}'")
+    assert run.data.metrics["abstained_share"] == 1.0 and run.data.params["min_confidence"] == "1.0"
+    registered = client.get_model_version(name, str(version))
+    training_run = client.get_run(registered.run_id)
+    suggested = training_run.data.metrics["suggested_min_confidence"]
+    assert 0 < suggested <= 1 and registered.tags["suggested_min_confidence"] == f"{suggested:.4f}"
+    assert "evaluation/accuracy_coverage.png" in {a.path for a in client.list_artifacts(registered.run_id, "evaluation")}
