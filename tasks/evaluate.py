@@ -212,7 +212,8 @@ def _report(metrics: dict, per_class: pd.DataFrame, slices: pd.DataFrame, long_s
         "",
         "- Scores come from one test split; small classes have wide uncertainty.",
         f"- Texts longer than the max length ({metrics['truncated_share']:.0%} of the test texts): the model reads {reads}.",
-        "- The model knows only the classes it was trained on; anything else is forced into one of them.",
+        "- The model knows only the classes it was trained on; anything else is forced into one of them, unless "
+        "a `min_confidence` is set (then texts below it are answered `unknown`; see above).",
         "",
     ]
     return "\n".join(lines)

@@ -149,3 +149,17 @@ def test_abstain_benchmark_smoke(tuned_fixture, fixture_csv, tmp_path):
         assert 0 <= result["out_of_domain"][name]["auroc_max_softmax"] <= 1
     assert result["anchor"]["max_softmax_ood_auroc_bert_base_clinc150"] == 0.942
     assert Path(result["plot"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_textclf_score_takes_min_confidence_from_the_flow_parameter(capsys):
+    from flows.cli import _flow_parameters, build_parser, main
+    from flows.settings import Settings
+
+    parse = build_parser(["score"]).parse_args
+    assert _flow_parameters(parse(["score", "--source", "x.csv", "--min-confidence", "0.8"]),
+                            Settings())["min_confidence"] == 0.8
+    assert "min_confidence" not in _flow_parameters(parse(["score", "--source", "x.csv"]), Settings())
+    with pytest.raises(SystemExit) as exit_:
+        main(["score", "--source", "x.csv", "--min-confidence", "1.5"])
+    assert exit_.value.code == 2
+    assert "--min-confidence: Input should be less than or equal to 1" in capsys.readouterr().err
