@@ -20,7 +20,7 @@ the suggested threshold and the in-domain test predictions are read back from th
 packaged BBC News, which that model may have been trained on) are split in half, seeded: one half picks the
 threshold, the other is the test. Nothing reaches the network.
 
-Run from the repository root:  .venv/bin/python bench/abstain.py                 (about 10 minutes on 2 cores)
+Run from the repository root:  .venv/bin/python bench/abstain.py                 (18 minutes on 2 shared cores)
                                .venv/bin/python bench/abstain.py --model-dir <fine-tuned folder>
 """
 
