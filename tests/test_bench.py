@@ -13,6 +13,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _tiny_service_model(fixture_frame, folder: Path) -> Path:
+    """The tiny BERT as a TextClassifier folder (2 labels, max length 32), for the serving benchmarks."""
+    from tests.fixtures import make_tiny_bert
+
+    model_dir = make_tiny_bert(folder, fixture_frame["text"].tolist())
+    (model_dir / "labels.json").write_text(json.dumps(["negative", "positive"]))  # the tiny BERT has 2 labels
+    (model_dir / "textclf.json").write_text(json.dumps({"max_length": 32}))
+    return model_dir
+
+
+
 @pytest.mark.slow
 def test_fine_tune_benchmark_writes_both_variants(fixture_csv, tiny_model_dir, tmp_path):
     output = tmp_path / "result.json"
@@ -35,12 +46,8 @@ def test_fine_tune_benchmark_writes_both_variants(fixture_csv, tiny_model_dir, t
 def test_serving_load_benchmark_runs_every_variant(fixture_frame, tmp_path):
     """Tiny model, two low concurrency levels, one second each: every variant answers, without errors, and the
     JSON holds the results and the targets section."""
-    from tests.fixtures import make_tiny_bert
-
     texts = fixture_frame["text"].tolist()
-    model_dir = make_tiny_bert(tmp_path / "model", texts)
-    (model_dir / "labels.json").write_text(json.dumps(["negative", "positive"]))  # the tiny BERT has 2 labels
-    (model_dir / "textclf.json").write_text(json.dumps({"max_length": 32}))
+    model_dir = _tiny_service_model(fixture_frame, tmp_path / "model")
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     output = tmp_path / "serving.json"
     done = subprocess.run(
@@ -127,12 +134,8 @@ def test_quality_benchmark_runs_the_training_flow_on_each_real_dataset(tiny_mode
 def test_inference_runtimes_benchmark_measures_every_runtime(fixture_frame, tmp_path):
     """Tiny model, two batch sizes, a fraction of a second each: PyTorch, ONNX fp32 and ONNX int8 are all measured,
     the ONNX variants compared with PyTorch, and the working files removed."""
-    from tests.fixtures import make_tiny_bert
-
     texts = fixture_frame["text"].tolist()
-    model_dir = make_tiny_bert(tmp_path / "model", texts)
-    (model_dir / "labels.json").write_text(json.dumps(["negative", "positive"]))  # the tiny BERT has 2 labels
-    (model_dir / "textclf.json").write_text(json.dumps({"max_length": 32}))
+    model_dir = _tiny_service_model(fixture_frame, tmp_path / "model")
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     output = tmp_path / "runtimes.json"
     done = subprocess.run(
@@ -154,15 +157,6 @@ def test_inference_runtimes_benchmark_measures_every_runtime(fixture_frame, tmp_
     assert set(result["speedup_at_best_batch"]) == {"onnx-fp32_over_pytorch", "onnx-int8_over_pytorch"}
     assert result["anchor"]["onnx-int8_over_pytorch"] == 3.0
     assert not list((tmp_path / "work").iterdir())  # working files removed
-
-
-def _tiny_service_model(fixture_frame, folder: Path) -> Path:
-    from tests.fixtures import make_tiny_bert
-
-    model_dir = make_tiny_bert(folder, fixture_frame["text"].tolist())
-    (model_dir / "labels.json").write_text(json.dumps(["negative", "positive"]))  # the tiny BERT has 2 labels
-    (model_dir / "textclf.json").write_text(json.dumps({"max_length": 32}))
-    return model_dir
 
 
 @pytest.mark.slow
