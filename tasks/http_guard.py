@@ -143,32 +143,39 @@ class Admission:
         self.in_flight = 0
         self.waiters: collections.deque[asyncio.Future] = collections.deque()
 
-    async def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody waits for one (the common case: no task, no timer)."""
+        while self.waiters and self.waiters[0].done():  # expired or abandoned at the head of the queue
+            self.waiters.popleft()
         if self.in_flight < self.max_in_flight and not self.waiters:
             self.in_flight += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
             return
         if len(self.waiters) >= self.max_queued:
             raise AtCapacity("queue full")
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self.waiters.append(waiter)
+        timer = loop.call_later(self.timeout, self._expire, waiter)  # one timer, no extra task per waiter
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), self.timeout)
-        except asyncio.TimeoutError:
-            if waiter.done() and not waiter.cancelled():  # granted at the last moment: pass it on
-                self.release()
-            else:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release()  # the slot came as the client left: pass it on
+            elif not waiter.done():
                 waiter.cancel()
-            with contextlib.suppress(ValueError):
-                self.waiters.remove(waiter)
-            raise AtCapacity("queue timeout") from None
-        except BaseException:  # the client went away while waiting
-            if waiter.done() and not waiter.cancelled():
-                self.release()
-            else:
-                waiter.cancel()
-            with contextlib.suppress(ValueError):
-                self.waiters.remove(waiter)
             raise
+        finally:
+            timer.cancel()
+
+    @staticmethod
+    def _expire(waiter: asyncio.Future) -> None:
+        if not waiter.done():
+            waiter.set_exception(AtCapacity("queue timeout"))
 
     def release(self) -> None:
         while self.waiters:  # hand the slot straight to the oldest live waiter
@@ -259,21 +266,11 @@ class RequestGuard:
                 break
         # Wait for admission, unless the client goes away first: a request nobody waits for anymore leaves the queue
         # (after a load, the server would otherwise work off the abandoned queue before a new request's turn).
-        admitted = asyncio.ensure_future(self.admission.acquire())
-        disconnect = asyncio.ensure_future(receive())
-        await asyncio.wait({admitted, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-        if not admitted.done():
-            admitted.cancel()
-            with contextlib.suppress(asyncio.CancelledError, AtCapacity):
-                await admitted
-            if admitted.cancelled() or admitted.exception() is not None:
-                return  # the client is gone: nothing to answer
-            self.admission.release()  # admitted at the same moment the client left
-            return
-        if admitted.exception() is not None:
-            disconnect.cancel()
-            await self._reject_at_capacity(send, str(admitted.exception()))
-            return
+        disconnect: asyncio.Future | None = None
+        if not self.admission.try_acquire():
+            disconnect = await self._wait_for_admission(receive, send)
+            if disconnect is None:
+                return  # refused (answered 503) or the client left
         body = b"".join(chunks)
         delivered = False
 
@@ -282,7 +279,8 @@ class RequestGuard:
             if not delivered:
                 delivered = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await disconnect  # after the body: wait for the disconnect, as the server would
+            # after the body: wait for the disconnect, as the server would
+            return await (disconnect if disconnect is not None else receive())
 
         rewrite = False
 
@@ -301,7 +299,27 @@ class RequestGuard:
             await self.app(scope, replay, send_checked)
         finally:
             self.admission.release()
+            if disconnect is not None:
+                disconnect.cancel()
+
+    async def _wait_for_admission(self, receive, send) -> asyncio.Future | None:
+        """Wait in the queue for a slot; None when refused (503 sent) or when the client left first. Otherwise the
+        pending `receive()` that watched for the disconnect, which the request goes on using."""
+        admitted = asyncio.ensure_future(self.admission.acquire())
+        disconnect = asyncio.ensure_future(receive())
+        await asyncio.wait({admitted, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        if not admitted.done():
+            admitted.cancel()
+            with contextlib.suppress(asyncio.CancelledError, AtCapacity):
+                await admitted
+            if not admitted.cancelled() and admitted.exception() is None:
+                self.admission.release()  # admitted at the same moment the client left
+            return None
+        if admitted.exception() is not None:
             disconnect.cancel()
+            await self._reject_at_capacity(send, str(admitted.exception()))
+            return None
+        return disconnect
 
     async def _openapi(self, scope, receive, send):
         start: dict[str, Any] = {}
