@@ -25,23 +25,20 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from results_json import write_json_atomically  # noqa: E402
-from serving_load import REPO, Server, bento_env, build_default_model, import_model  # noqa: E402
+from serving_load import BIN, REPO, Server, bento_env, build_default_model, import_model  # noqa: E402
 
 DEFAULT_OUTPUT = REPO / "bench" / "results" / "hostile_input.json"
-BIN = Path(__import__("sys").executable).parent
 
 
 def worker_rss_mb(server_pid: int) -> float:
-    from tasks.processes import descendants
+    from tasks.bento import bento_worker_pids
 
     total = 0.0
-    for pid in descendants(server_pid):
+    for pid in bento_worker_pids(server_pid):
         try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"_bentoml_impl.worker.service" in command:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) / 1024
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
         except OSError:
             continue
     return round(total, 1)

@@ -27,6 +27,7 @@ import offline_env  # noqa: F401  (first: no hub look-ups, no telemetry; see ben
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
@@ -36,10 +37,9 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from results_json import write_json_atomically  # noqa: E402
-from serving_load import REPO, Server, bento_env, build_default_model, import_model, load_average  # noqa: E402
+from serving_load import BIN, REPO, Server, bento_env, build_default_model, import_model, load_average  # noqa: E402
 
 DEFAULT_OUTPUT = REPO / "bench" / "results" / "overload.json"
-BIN = Path(__import__("sys").executable).parent
 VARIANTS = {
     "bentoml-dispatcher": {"TEXTCLF_MAX_LATENCY_MS": "1000", "TEXTCLF_MAX_IN_FLIGHT": "1000000",
                            "TEXTCLF_FORGET_BATCH_WAIT": "false"},
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"benchmark": "overload", "texts": source, "runtime": folder_runtime(model_dir),
                   "max_batch_size": args.max_batch_size or "service default", "connections": args.connections,
                   "duration_s": args.duration, "load_generator": "wrk 4.1 (Debian), closed loop, 2 threads",
-                  "cpus": __import__("os").cpu_count(), "variants": {}}
+                  "cpus": os.cpu_count(), "variants": {}}
         for name in args.variants.split(","):
             print(f"{name}:", flush=True)
             result["variants"][name] = run_variant(name, VARIANTS[name], home, tag, texts, probe, args, work)

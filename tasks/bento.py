@@ -269,6 +269,20 @@ def stop_bento_server(process_id: int, timeout_seconds: float = 30) -> None:
         os.waitpid(process_id, 0)
 
 
+def bento_worker_pids(server_pid: int) -> list[int]:
+    """The BentoML worker processes under a `bentoml serve` process (they load the model and serve the requests)."""
+    from tasks.processes import descendants
+
+    workers = []
+    for pid in descendants(server_pid):
+        try:
+            if b"_bentoml_impl.worker.service" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                workers.append(pid)
+        except OSError:  # gone since it was listed
+            continue
+    return workers
+
+
 def smoke_test_bento(
     build: BentoBuild, texts: list[str], expected_labels: list[str], log_dir: Path, timeout_seconds: float = 300
 ) -> SmokeTest:

@@ -28,7 +28,6 @@ import contextlib
 import hmac
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable

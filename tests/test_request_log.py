@@ -33,7 +33,8 @@ from tasks.request_log import (
     read_request_log,
     texts_from_request,
 )
-from tasks.processes import descendants, process_alive
+from tasks.bento import bento_worker_pids
+from tasks.processes import process_alive
 from tests.fixtures import serve_from_repository
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -446,14 +447,9 @@ def test_a_writer_keeps_no_journal_for_rows_it_has_written(tmp_path):
 
 def _worker_pid(server_pid: int) -> int:
     """The pid of the BentoML worker under `bentoml serve` (the process that loads the model and logs requests)."""
-    for pid in descendants(server_pid):
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "_bentoml_impl.worker.service" in command:
-            return pid
-    raise AssertionError(f"no BentoML worker under {server_pid}")
+    workers = bento_worker_pids(server_pid)
+    assert len(workers) == 1, f"expected one BentoML worker under {server_pid}, found {workers}"
+    return workers[0]
 
 
 def _serve_and_send(env: dict, log: Path, count: int, tag: str):

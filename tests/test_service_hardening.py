@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -201,9 +202,7 @@ def test_the_openapi_document_tells_the_truth(served):
     # What a 400 really carries matches what the document says.
     sent = httpx.post(f"{url}/classify", json={"texts": []}, timeout=30).json()
     assert isinstance(sent["detail"], list) and isinstance(sent["error"], str)
-    texts = json.dumps(operation)
     assert "128000" in json.dumps(document) and "visible character" in json.dumps(document)
-    assert texts  # the operation is there
 
 
 def test_client_errors_are_logged_as_one_line_with_the_request_id(served):
@@ -215,7 +214,7 @@ def test_client_errors_are_logged_as_one_line_with_the_request_id(served):
         lines = [line for line in log.read_text(errors="replace").splitlines() if "Exception on /classify" in line]
         if lines:
             break
-        asyncio.run(asyncio.sleep(0.25))
+        time.sleep(0.25)
     assert lines and "400 ValidationError" in lines[-1] and "[WARNING]" in lines[-1]
     assert request_id and f"span={request_id}" in lines[-1]  # the request id is the span id of the log line
     assert "Traceback" not in log.read_text(errors="replace")
