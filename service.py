@@ -78,16 +78,20 @@ MIN_CONFIDENCE = env_number("TEXTCLF_MIN_CONFIDENCE", None, float, minimum=0, ma
 
 def _not_blank(text: str) -> str:
     if not has_visible_character(text):
-        raise ValueError("text is empty or whitespace-only (it has no visible character: only spaces, control or "
-                         "zero-width characters): send the text to classify")
+        raise ValueError(
+            "text is empty or whitespace-only (it has no visible character: only spaces, control or "
+            "zero-width characters): send the text to classify"
+        )
     return text
 
 
 def _within_budget(texts: list[str]) -> list[str]:
     total = sum(len(text) for text in texts)
     if total > MAX_REQUEST_CHARS:
-        raise ValueError(f"the texts hold {total} characters in all, more than the {MAX_REQUEST_CHARS} a request may "
-                         f"hold: send them in several requests")
+        raise ValueError(
+            f"the texts hold {total} characters in all, more than the {MAX_REQUEST_CHARS} a request may "
+            f"hold: send them in several requests"
+        )
     return texts
 
 
@@ -95,20 +99,28 @@ Text = Annotated[
     str,
     StringConstraints(max_length=MAX_TEXT_CHARS),
     AfterValidator(_not_blank),
-    Field(description=f"A text to classify: at least one visible character (not only whitespace, control or "
-                      f"zero-width characters), at most {MAX_TEXT_CHARS} characters."),
+    Field(
+        description=f"A text to classify: at least one visible character (not only whitespace, control or "
+        f"zero-width characters), at most {MAX_TEXT_CHARS} characters."
+    ),
 ]
 
 
 class Prediction(BaseModel):
-    label: str = Field(description=f"The predicted class, or '{UNKNOWN_LABEL}' when the server abstains: its "
-                       f"TEXTCLF_MIN_CONFIDENCE is set and `probability` is below it (unset: never '{UNKNOWN_LABEL}').")
-    probability: float = Field(description="Probability of the most probable class (also when `label` is "
-                               f"'{UNKNOWN_LABEL}').")
-    probabilities: dict[str, float] = Field(description="Probability of every class (also when `label` is "
-                                            f"'{UNKNOWN_LABEL}').")
-    truncated: bool = Field(description="True when the text did not fit in one window of the model's max length: it "
-                            "was cut, or (truncation 'chunks') read in several windows whose logits were averaged.")
+    label: str = Field(
+        description=f"The predicted class, or '{UNKNOWN_LABEL}' when the server abstains: its "
+        f"TEXTCLF_MIN_CONFIDENCE is set and `probability` is below it (unset: never '{UNKNOWN_LABEL}')."
+    )
+    probability: float = Field(
+        description=f"Probability of the most probable class (also when `label` is '{UNKNOWN_LABEL}')."
+    )
+    probabilities: dict[str, float] = Field(
+        description=f"Probability of every class (also when `label` is '{UNKNOWN_LABEL}')."
+    )
+    truncated: bool = Field(
+        description="True when the text did not fit in one window of the model's max length: it "
+        "was cut, or (truncation 'chunks') read in several windows whose logits were averaged."
+    )
     model_version: str = Field(description="Registered model name and version that answered.")
 
 
@@ -130,7 +142,10 @@ class RequestIdMiddleware:
         if exporter:
             logging.getLogger("bentoml.serve").warning(
                 "BentoML tracing exports spans (tracing.exporter_type=%s), but %s is left out of tracing: set "
-                "TEXTCLF_TRACING=true to trace it.", exporter, ", ".join(sorted(self.paths)))
+                "TEXTCLF_TRACING=true to trace it.",
+                exporter,
+                ", ".join(sorted(self.paths)),
+            )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("path") not in self.paths:
@@ -138,7 +153,8 @@ class RequestIdMiddleware:
             return
         span_id = self.ids.generate_span_id()
         span = self.trace.NonRecordingSpan(
-            self.trace.SpanContext(self.ids.generate_trace_id(), span_id, is_remote=False))
+            self.trace.SpanContext(self.ids.generate_trace_id(), span_id, is_remote=False)
+        )
         self.trace_context.request_id = span_id
         try:
             with self.trace.use_span(span):
@@ -148,12 +164,17 @@ class RequestIdMiddleware:
 
 
 # What answers, as a Prometheus series (value 1): the Grafana dashboard shows the runtime variant from it.
-MODEL_INFO = bentoml.metrics.Gauge(name="textclf_model_info", documentation="The model this server answers with.",
-                                   labelnames=["registered_model", "model_version", "runtime"])
+MODEL_INFO = bentoml.metrics.Gauge(
+    name="textclf_model_info",
+    documentation="The model this server answers with.",
+    labelnames=["registered_model", "model_version", "runtime"],
+)
 
 
 @bentoml.service(
-    name="text-classifier", workers=1, traffic={"timeout": 60},
+    name="text-classifier",
+    workers=1,
+    traffic={"timeout": 60},
     **({} if TRACE_CLASSIFY else {"tracing": {"excluded_urls": [f"{CLASSIFY_PATH}$"]}}),  # a regex on the URL
 )
 class TextClassifierService:
@@ -169,21 +190,29 @@ class TextClassifierService:
         self.classifier = TextClassifier(self.model_ref.path)
         check_label_names(self.classifier.label_names, MIN_CONFIDENCE)
         labels = self.model_ref.info.labels
-        self.model_version = f"{labels.get('registered_model', 'model')}/{labels.get('model_version', '?')}+{self.classifier.runtime}"
-        MODEL_INFO.labels(registered_model=labels.get("registered_model", "model"),
-                          model_version=labels.get("model_version", "?"),
-                          runtime=getattr(self.classifier, "runtime", "pytorch")).set(1)
+        self.model_version = (
+            f"{labels.get('registered_model', 'model')}/{labels.get('model_version', '?')}+{self.classifier.runtime}"
+        )
+        MODEL_INFO.labels(
+            registered_model=labels.get("registered_model", "model"),
+            model_version=labels.get("model_version", "?"),
+            runtime=getattr(self.classifier, "runtime", "pytorch"),
+        ).set(1)
 
-    @bentoml.api(route=CLASSIFY_PATH, batchable=ADAPTIVE_BATCHING, max_batch_size=BATCH_SIZE,
-                 max_latency_ms=BATCH_LATENCY_MS)
+    @bentoml.api(
+        route=CLASSIFY_PATH, batchable=ADAPTIVE_BATCHING, max_batch_size=BATCH_SIZE, max_latency_ms=BATCH_LATENCY_MS
+    )
     def classify(
         self,
         texts: Annotated[
             list[Text],
             AfterValidator(_within_budget),
-            Field(min_length=1, max_length=MAX_TEXTS_PER_REQUEST,
-                  description=f"1 to {MAX_TEXTS_PER_REQUEST} texts to classify, at most {MAX_REQUEST_CHARS} "
-                              f"characters in all."),
+            Field(
+                min_length=1,
+                max_length=MAX_TEXTS_PER_REQUEST,
+                description=f"1 to {MAX_TEXTS_PER_REQUEST} texts to classify, at most {MAX_REQUEST_CHARS} "
+                f"characters in all.",
+            ),
         ],
     ) -> Annotated[list[Prediction], ContentType("application/json")]:
         # The declared content type spares BentoML from building the answer's JSON schema for every response just

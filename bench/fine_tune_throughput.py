@@ -25,24 +25,22 @@ Run from the repository root:  .venv/bin/python bench/fine_tune_throughput.py  (
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
+import gc
+import hashlib
+import math
 import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-import offline_env  # noqa: E402, F401  (first: no hub look-ups, no telemetry; see bench/offline_env.py)
-
-import argparse  # noqa: E402
-import datetime as dt  # noqa: E402
-import gc  # noqa: E402
-import hashlib  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from results_json import write_json_atomically  # noqa: E402
+import offline_env  # noqa: F401  (first: no hub look-ups, no telemetry; see bench/offline_env.py)
+from results_json import write_json_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -63,26 +61,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Training throughput of our fine-tune stage against a plain tutorial-style Trainer.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--dataset", default="bbc-news",
-                        help="Ingest source: bbc-news, drug-reviews, or a CSV/TSV/JSONL/Parquet file or folder.")
-    parser.add_argument("--base-model", default="all-MiniLM-L6-v2",
-                        help="all-MiniLM-L6-v2 (packaged) or a local model folder.")
+    parser.add_argument(
+        "--dataset",
+        default="bbc-news",
+        help="Ingest source: bbc-news, drug-reviews, or a CSV/TSV/JSONL/Parquet file or folder.",
+    )
+    parser.add_argument(
+        "--base-model", default="all-MiniLM-L6-v2", help="all-MiniLM-L6-v2 (packaged) or a local model folder."
+    )
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--train-samples", type=int, default=320,
-                        help="Training examples both variants train on (a seeded subset of the train split).")
-    parser.add_argument("--validation-samples", default="auto",
-                        help="Validation examples our task evaluates each epoch: 'auto' keeps the production "
-                             "validation:train ratio of the full dataset, 'all' the whole split, or a number.")
+    parser.add_argument(
+        "--train-samples",
+        type=int,
+        default=320,
+        help="Training examples both variants train on (a seeded subset of the train split).",
+    )
+    parser.add_argument(
+        "--validation-samples",
+        default="auto",
+        help="Validation examples our task evaluates each epoch: 'auto' keeps the production "
+        "validation:train ratio of the full dataset, 'all' the whole split, or a number.",
+    )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="The training flow's default.")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="Measure each variant this many times, alternating which goes first; medians reported.")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="Measure each variant this many times, alternating which goes first; medians reported.",
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="Where the JSON result is written.")
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK,
-                        help="Working files: snapshot and preprocess caches, per-run folders (removed afterwards).")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=DEFAULT_WORK,
+        help="Working files: snapshot and preprocess caches, per-run folders (removed afterwards).",
+    )
     parser.add_argument("--keep-work", action="store_true", help="Keep this run's checkpoints and models.")
     args = parser.parse_args(argv)
     for name in ("max_length", "batch_size", "train_samples", "epochs", "repeats"):
@@ -315,7 +332,7 @@ def run_ours(prepared, args, base_model: str, run_dir: Path) -> dict:
         # Trainer; off, both take exactly ceil(N / batch) * epochs steps. It does no per-step work either way.
         early_stopping_patience=0,
     )
-    seen: dict = {}
+    seen = {}  # what the observed build saw: setup time, the trainer, its counters
     original_build = ft.build_trainer
 
     def observed_build(*a, **kw):
@@ -362,7 +379,8 @@ def run_ours(prepared, args, base_model: str, run_dir: Path) -> dict:
         "validation_macro_f1": result.best_validation_macro_f1,
         "train_loss": metrics.get("train_loss"),
     }
-    del trainer, seen
+    seen.clear()
+    del trainer
     return out
 
 
@@ -372,8 +390,17 @@ def _accuracy(eval_prediction) -> dict[str, float]:
     return {"accuracy": float((np.asarray(eval_prediction.predictions).argmax(-1) == eval_prediction.label_ids).mean())}
 
 
-def run_plain(plain_train, plain_validation, num_labels: int, args, base_model: str, device: str, precision: str,
-              run_dir: Path, max_steps: int | None = None) -> dict:
+def run_plain(
+    plain_train,
+    plain_validation,
+    num_labels: int,
+    args,
+    base_model: str,
+    device: str,
+    precision: str,
+    run_dir: Path,
+    max_steps: int | None = None,
+) -> dict:
     """The tutorial Trainer (Hugging Face's "Fine-tune a pretrained model"): evaluates on the validation split
     each epoch, as ours does, and keeps the default save strategy (every 500 steps: no save in a short run).
     Timed from the model load on, like ours (whose wall clock starts in build_trainer)."""
@@ -381,7 +408,9 @@ def run_plain(plain_train, plain_validation, num_labels: int, args, base_model: 
 
     started = time.perf_counter()
     model = AutoModelForSequenceClassification.from_pretrained(
-        base_model, num_labels=num_labels, ignore_mismatched_sizes=True  # as ours: a base model with another head
+        base_model,
+        num_labels=num_labels,
+        ignore_mismatched_sizes=True,  # as ours: a base model with another head
     )
     training_args = TrainingArguments(
         output_dir=str(run_dir / "plain"),
@@ -398,8 +427,13 @@ def run_plain(plain_train, plain_validation, num_labels: int, args, base_model: 
         bf16=precision == "bf16",
         fp16=precision == "fp16",
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=plain_train, eval_dataset=plain_validation,
-                      compute_metrics=_accuracy)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=plain_train,
+        eval_dataset=plain_validation,
+        compute_metrics=_accuracy,
+    )
     counter, timer = instrument(trainer)
     setup_s = time.perf_counter() - started
     trainer.train()
@@ -423,7 +457,8 @@ def run_plain(plain_train, plain_validation, num_labels: int, args, base_model: 
         "setup_s": setup_s,
         "validation_s": timer.eval_s,
         "checkpoint_save_s": timer.save_s,
-        "train_loop_only_samples_per_second": samples / max(1e-9, metrics["train_runtime"] - timer.eval_s - timer.save_s),
+        "train_loop_only_samples_per_second": samples
+        / max(1e-9, metrics["train_runtime"] - timer.eval_s - timer.save_s),
         "device": device,
         "precision": precision,
         "train_loss": metrics.get("train_loss"),
@@ -465,8 +500,14 @@ def environment(device: str, precision: str) -> dict:
 
 
 MEASURES = ("train_samples_per_second", "wall_samples_per_second")
-MEDIAN_KEYS = MEASURES + ("train_runtime_s", "wall_s", "train_loop_only_samples_per_second", "setup_s",
-                          "validation_s", "checkpoint_save_s")
+MEDIAN_KEYS = MEASURES + (
+    "train_runtime_s",
+    "wall_s",
+    "train_loop_only_samples_per_second",
+    "setup_s",
+    "validation_s",
+    "checkpoint_save_s",
+)
 
 
 def combine(runs: list[dict]) -> dict:
@@ -487,16 +528,30 @@ def print_summary(result: dict) -> None:
     c, e, ours, plain = result["config"], result["environment"], result["variants"]["ours"], result["variants"]["plain"]
     ratio = result["ratio_ours_over_plain"]
     print()
-    print(f"fine-tune throughput: {c['dataset']} / {Path(c['base_model']).name}, {e['device']} {e['precision']}"
-          f" ({e['cuda_device_name'] or str(e['torch_num_threads']) + ' threads'}), {c['train_samples']} samples x "
-          f"{c['epochs']} epoch(s), batch {c['batch_size']}, max_length {c['max_length']}, repeats {c['repeats']}")
+    print(
+        f"fine-tune throughput: {c['dataset']} / {Path(c['base_model']).name}, {e['device']} {e['precision']}"
+        f" ({e['cuda_device_name'] or str(e['torch_num_threads']) + ' threads'}), {c['train_samples']} samples x "
+        f"{c['epochs']} epoch(s), batch {c['batch_size']}, max_length {c['max_length']}, repeats {c['repeats']}"
+    )
     rows = [
-        ("Trainer samples/s", ours["train_samples_per_second"], plain["train_samples_per_second"],
-         ratio["train_samples_per_second"]),
-        ("wall-clock samples/s", ours["wall_samples_per_second"], plain["wall_samples_per_second"],
-         ratio["wall_samples_per_second"]),
-        ("train-loop-only samples/s", ours["train_loop_only_samples_per_second"],
-         plain["train_loop_only_samples_per_second"], None),
+        (
+            "Trainer samples/s",
+            ours["train_samples_per_second"],
+            plain["train_samples_per_second"],
+            ratio["train_samples_per_second"],
+        ),
+        (
+            "wall-clock samples/s",
+            ours["wall_samples_per_second"],
+            plain["wall_samples_per_second"],
+            ratio["wall_samples_per_second"],
+        ),
+        (
+            "train-loop-only samples/s",
+            ours["train_loop_only_samples_per_second"],
+            plain["train_loop_only_samples_per_second"],
+            None,
+        ),
         ("Trainer runtime (s)", ours["train_runtime_s"], plain["train_runtime_s"], None),
         ("wall clock (s)", ours["wall_s"], plain["wall_s"], None),
         ("optimizer steps", ours["steps"], plain["steps"], None),
@@ -506,12 +561,16 @@ def print_summary(result: dict) -> None:
     for name, a, b, r in rows:
         fmt = (lambda v: f"{v:>12d}") if isinstance(a, int) else (lambda v: f"{v:>12.3f}")
         print(f"  {name:28}{fmt(a)}{fmt(b)}{(f'{r:>12.3f}' if r is not None else '')}")
-    print(f"  ours also ran {ours['validations']} validation(s) ({ours['validation_s']:.2f}s) and "
-          f"{ours['checkpoint_saves']} checkpoint save(s) ({ours['checkpoint_save_s']:.2f}s) inside train()")
+    print(
+        f"  ours also ran {ours['validations']} validation(s) ({ours['validation_s']:.2f}s) and "
+        f"{ours['checkpoint_saves']} checkpoint save(s) ({ours['checkpoint_save_s']:.2f}s) inside train()"
+    )
     met = result["target_met_by_measure"]
-    print(f"  target (ours >= plain): {'MET' if result['target_met'] else 'NOT MET'} "
-          f"(Trainer metric: {'yes' if met['train_samples_per_second'] else 'no'}, "
-          f"wall clock: {'yes' if met['wall_samples_per_second'] else 'no'})")
+    print(
+        f"  target (ours >= plain): {'MET' if result['target_met'] else 'NOT MET'} "
+        f"(Trainer metric: {'yes' if met['train_samples_per_second'] else 'no'}, "
+        f"wall clock: {'yes' if met['wall_samples_per_second'] else 'no'})"
+    )
     for note in result["notes"]:
         print(f"  note: {note}")
 
@@ -553,8 +612,17 @@ def main(argv: list[str] | None = None) -> dict:
         # alternates as well (plain first in even repeats) and medians are reported.
         warm_n = min(n_train, WARMUP_STEPS * args.batch_size)
         started = time.perf_counter()
-        run_plain(plain_train.select(range(warm_n)), None, num_labels, args, base_model, device, precision,
-                  run_root / "warmup", max_steps=WARMUP_STEPS)
+        run_plain(
+            plain_train.select(range(warm_n)),
+            None,
+            num_labels,
+            args,
+            base_model,
+            device,
+            precision,
+            run_root / "warmup",
+            max_steps=WARMUP_STEPS,
+        )
         warmup_s = time.perf_counter() - started
         settle(device)
 
@@ -566,13 +634,17 @@ def main(argv: list[str] | None = None) -> dict:
                 if variant == "ours":
                     measured = run_ours(data, args, base_model, run_dir)
                 else:
-                    measured = run_plain(plain_train, plain_validation, num_labels, args, base_model, device,
-                                         precision, run_dir)
+                    measured = run_plain(
+                        plain_train, plain_validation, num_labels, args, base_model, device, precision, run_dir
+                    )
                 measured.update(repeat=repeat, position=position)
                 runs[variant].append(measured)
                 settle(device)
-                print(f"[{variant}] repeat {repeat}: {measured['train_samples_per_second']:.2f} samples/s (Trainer), "
-                      f"{measured['wall_samples_per_second']:.2f} samples/s (wall)", flush=True)
+                print(
+                    f"[{variant}] repeat {repeat}: {measured['train_samples_per_second']:.2f} samples/s (Trainer), "
+                    f"{measured['wall_samples_per_second']:.2f} samples/s (wall)",
+                    flush=True,
+                )
                 if not args.keep_work:
                     shutil.rmtree(run_dir / variant, ignore_errors=True)
     finally:
@@ -593,12 +665,14 @@ def main(argv: list[str] | None = None) -> dict:
     if device == "cpu" and env["load_average_at_start"] and env["load_average_at_start"][0] > env["cpus_usable"]:
         # With more runnable threads than cores, torch's OpenMP threads wait on each other at every parallel
         # region; step times then depend on tensor sizes and on the other load far more than on the model.
-        notes.append(f"the machine was busy (load average {env['load_average_at_start'][0]:.1f} on "
-                     f"{env['cpus_usable']} CPUs, torch using {env['torch_num_threads']} threads): thread "
-                     f"contention makes these numbers, and their ratio, unreliable; re-run on an idle machine")
+        notes.append(
+            f"the machine was busy (load average {env['load_average_at_start'][0]:.1f} on "
+            f"{env['cpus_usable']} CPUs, torch using {env['torch_num_threads']} threads): thread "
+            f"contention makes these numbers, and their ratio, unreliable; re-run on an idle machine"
+        )
     result = {
         "benchmark": "fine_tune_throughput",
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "config": {
             "dataset": args.dataset,
             "data_version": snapshot.version,
@@ -623,12 +697,18 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "environment": {**env, "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "variants": {
-            "ours": {"description": "tasks.fine_tune.fine_tune(): dynamic padding, length-grouped batches, "
-                                    "validation + checkpoint each epoch, best-model reload, final save", **ours},
-            "plain": {"description": "tutorial Trainer: padding='max_length' at tokenization, random sampler, "
-                                     "default collator, no eval, no saves",
-                      "padding_tokens_share_from_data": data_pad_share,
-                      "same_token_ids_as_ours": same_tokens, **plain},
+            "ours": {
+                "description": "tasks.fine_tune.fine_tune(): dynamic padding, length-grouped batches, "
+                "validation + checkpoint each epoch, best-model reload, final save",
+                **ours,
+            },
+            "plain": {
+                "description": "tutorial Trainer: padding='max_length' at tokenization, random sampler, "
+                "default collator, no eval, no saves",
+                "padding_tokens_share_from_data": data_pad_share,
+                "same_token_ids_as_ours": same_tokens,
+                **plain,
+            },
         },
         "ratio_ours_over_plain": ratio,
         "target_met": all(met.values()),

@@ -14,18 +14,17 @@ Run from the repository root:  .venv/bin/python bench/hostile_input.py   Writes 
 
 from __future__ import annotations
 
+import argparse
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
 import offline_env  # noqa: F401  (first: no hub look-ups, no telemetry; see bench/offline_env.py)
-
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from results_json import write_json_atomically  # noqa: E402
-from serving_load import BIN, REPO, Server, bento_env, build_default_model, import_model  # noqa: E402
+from results_json import write_json_atomically
+from serving_load import BIN, REPO, Server, bento_env, build_default_model, import_model
 
 DEFAULT_OUTPUT = REPO / "bench" / "results" / "hostile_input.json"
 
@@ -64,8 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
         home = work / "bentoml"
         env = bento_env(home, import_model(model, home), None)
         env.pop("TEXTCLF_ADAPTIVE_BATCHING", None)
-        server = Server("guarded", [str(BIN / "bentoml"), "serve", "service:TextClassifierService", "--host",
-                                    "127.0.0.1", "--port", "{port}"], env, work / "serve.log", "/readyz")
+        server = Server(
+            "guarded",
+            [str(BIN / "bentoml"), "serve", "service:TextClassifierService", "--host", "127.0.0.1", "--port", "{port}"],
+            env,
+            work / "serve.log",
+            "/readyz",
+        )
         result: dict = {"benchmark": "hostile_input"}
         try:
             server.wait_ready()
@@ -78,15 +82,21 @@ def main(argv: list[str] | None = None) -> dict:
                 spent = time.perf_counter() - began
                 size, took = scrape(client)
                 after = {"metrics_bytes": size, "scrape_ms": took, "worker_rss_mb": worker_rss_mb(server.process.pid)}
-                result["unknown_paths"] = {"requests": args.paths, "statuses": sorted(statuses),
-                                           "requests_per_s": round(args.paths / spent, 1), "before": before,
-                                           "after": after}
+                result["unknown_paths"] = {
+                    "requests": args.paths,
+                    "statuses": sorted(statuses),
+                    "requests_per_s": round(args.paths / spent, 1),
+                    "before": before,
+                    "after": after,
+                }
 
                 huge = b'{"texts": ["' + b"x" * (50 * 1024 * 1024) + b'"]}'
                 began = time.perf_counter()
                 status = client.post("/classify", content=huge, headers={"content-type": "application/json"})
-                result["body_50mb"] = {"status": status.status_code,
-                                       "ms": round((time.perf_counter() - began) * 1000, 1)}
+                result["body_50mb"] = {
+                    "status": status.status_code,
+                    "ms": round((time.perf_counter() - began) * 1000, 1),
+                }
 
                 big = {"texts": ["word " * 4000] * 64}
                 stop, singles = threading.Event(), []
@@ -112,14 +122,18 @@ def main(argv: list[str] | None = None) -> dict:
                 thread.join()
                 oversized = client.post("/classify", json=big)
                 result["request_64x20000_chars"] = {
-                    "status": oversized.status_code, "error": oversized.json().get("detail", [{}])[0].get("msg"),
+                    "status": oversized.status_code,
+                    "error": oversized.json().get("detail", [{}])[0].get("msg"),
                     "single_request_ms_quiet_median": round(statistics.median(quiet), 1),
                     "single_request_ms_while_hammered_median": round(statistics.median(singles), 1),
-                    "single_request_ms_while_hammered_max": round(max(singles), 1)}
+                    "single_request_ms_while_hammered_max": round(max(singles), 1),
+                }
                 result["multipart_without_boundary"] = client.post(
-                    "/classify", content=b"x", headers={"content-type": "multipart/form-data"}).status_code
+                    "/classify", content=b"x", headers={"content-type": "multipart/form-data"}
+                ).status_code
                 result["invisible_texts"] = client.post(
-                    "/classify", json={"texts": ["\u0000\u0000", "\u200b\u200d"]}).status_code
+                    "/classify", json={"texts": ["\u0000\u0000", "\u200b\u200d"]}
+                ).status_code
             log = server.log_tail(10_000_000)
             result["log"] = {"lines": len(log.splitlines()), "tracebacks": log.count("Traceback")}
         finally:

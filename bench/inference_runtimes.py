@@ -26,24 +26,23 @@ Run from the repository root:  .venv/bin/python bench/inference_runtimes.py  (se
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
+import gc
+import importlib.util
+import itertools
+import os
+import platform
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
 import offline_env  # noqa: F401  (first: no hub look-ups, no telemetry; see bench/offline_env.py)
-
-import argparse  # noqa: E402
-import datetime as dt  # noqa: E402
-import gc  # noqa: E402
-import importlib.util  # noqa: E402
-import itertools  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from results_json import write_json_atomically  # noqa: E402
+from results_json import write_json_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -59,28 +58,51 @@ ANCHOR_INT8_SPEEDUP = 3.0
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="In-process texts/s of PyTorch fp32, ONNX fp32 and ONNX int8 at their best batch size, and the "
-                    "ONNX variants' agreement with PyTorch.",
+        "ONNX variants' agreement with PyTorch.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model-dir", type=Path, default=None,
-                        help="A fine-tuned model folder (labels.json, textclf.json, tokenizer). Default: "
-                             "--base-model with a fresh 5-class head.")
-    parser.add_argument("--base-model", default="all-MiniLM-L6-v2",
-                        help="Base model of the default model folder: all-MiniLM-L6-v2 (packaged) or a folder.")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="A fine-tuned model folder (labels.json, textclf.json, tokenizer). Default: "
+        "--base-model with a fresh 5-class head.",
+    )
+    parser.add_argument(
+        "--base-model",
+        default="all-MiniLM-L6-v2",
+        help="Base model of the default model folder: all-MiniLM-L6-v2 (packaged) or a folder.",
+    )
     parser.add_argument("--max-length", type=int, default=128, help="max_length of the default model folder.")
-    parser.add_argument("--texts", type=Path, default=None,
-                        help="A file with one text per line. Default: the packaged BBC News articles (whole).")
+    parser.add_argument(
+        "--texts",
+        type=Path,
+        default=None,
+        help="A file with one text per line. Default: the packaged BBC News articles (whole).",
+    )
     parser.add_argument("--batch-sizes", default="1,8,32,64", help="Batch sizes tried, comma-separated.")
     parser.add_argument("--duration", type=float, default=6.0, help="Timed seconds per runtime and batch size.")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="Turns per batch size: the runtimes take turns, each round --duration/rounds s.")
-    parser.add_argument("--agreement-texts", type=int, default=256,
-                        help="Texts every runtime classifies for the agreement with PyTorch.")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="Turns per batch size: the runtimes take turns, each round --duration/rounds s.",
+    )
+    parser.add_argument(
+        "--agreement-texts",
+        type=int,
+        default=256,
+        help="Texts every runtime classifies for the agreement with PyTorch.",
+    )
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="Which runtimes, comma-separated.")
     parser.add_argument("--seed", type=int, default=42, help="Shuffles the texts.")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="Where the JSON result is written.")
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK,
-                        help="Working files: the model folder and its ONNX files (removed afterwards).")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=DEFAULT_WORK,
+        help="Working files: the model folder and its ONNX files (removed afterwards).",
+    )
     parser.add_argument("--keep-work", action="store_true", help="Keep this run's working folder.")
     args = parser.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
@@ -142,10 +164,14 @@ def measure(classifier, texts: list[str], batch_size: int, duration: float) -> t
 
 
 def summarize(times: list[float], elapsed: float, batch_size: int, rounds: list[float]) -> dict:
-    return {"texts_per_second": len(times) * batch_size / elapsed, "batches": len(times),
-            "texts": len(times) * batch_size, "duration_s": round(elapsed, 3),
-            "texts_per_second_by_round": [round(r, 2) for r in rounds],
-            "batch_latency_ms": {"p50": percentile(times, 50), "p95": percentile(times, 95)}}
+    return {
+        "texts_per_second": len(times) * batch_size / elapsed,
+        "batches": len(times),
+        "texts": len(times) * batch_size,
+        "duration_s": round(elapsed, 3),
+        "texts_per_second_by_round": [round(r, 2) for r in rounds],
+        "batch_latency_ms": {"p50": percentile(times, 50), "p95": percentile(times, 95)},
+    }
 
 
 def environment() -> dict:
@@ -220,24 +246,30 @@ def main(argv: list[str] | None = None) -> dict:
         for size in args.batch_sizes:
             measured = {runtime: ([], 0.0, []) for runtime in runtimes}
             for turn in range(rounds):
-                for runtime in runtimes[turn % len(runtimes):] + runtimes[: turn % len(runtimes)]:
+                for runtime in runtimes[turn % len(runtimes) :] + runtimes[: turn % len(runtimes)]:
                     times, elapsed = measure(classifiers[runtime], texts, size, args.duration / rounds)
                     all_times, total, by_round = measured[runtime]
                     measured[runtime] = (all_times + times, total + elapsed, by_round + [len(times) * size / elapsed])
             for runtime, (times, elapsed, by_round) in measured.items():
                 levels[runtime][str(size)] = summarize(times, elapsed, size, by_round)
-            print(f"batch {size:>3}: " + ", ".join(
-                f"{r} {levels[r][str(size)]['texts_per_second']:.1f}" for r in runtimes) + " texts/s", flush=True)
+            print(
+                f"batch {size:>3}: "
+                + ", ".join(f"{r} {levels[r][str(size)]['texts_per_second']:.1f}" for r in runtimes)
+                + " texts/s",
+                flush=True,
+            )
         for runtime in runtimes:
             classifier = classifiers.pop(runtime)
             levels_of = levels[runtime]
             best = max(levels_of, key=lambda k: levels_of[k]["texts_per_second"])
             probabilities[runtime] = classifier.predict_proba(probe, 64)
             results[runtime] = {
-                "batch_sizes": levels_of, "best_batch_size": int(best),
+                "batch_sizes": levels_of,
+                "best_batch_size": int(best),
                 "best_texts_per_second": levels_of[best]["texts_per_second"],
-                "file_bytes": (folder / ONNX_DIR / ONNX_FILES[runtime]).stat().st_size if runtime != "pytorch" else
-                sum(p.stat().st_size for p in folder.glob("*.safetensors")),
+                "file_bytes": (folder / ONNX_DIR / ONNX_FILES[runtime]).stat().st_size
+                if runtime != "pytorch"
+                else sum(p.stat().st_size for p in folder.glob("*.safetensors")),
             }
             del classifier
             gc.collect()
@@ -261,39 +293,63 @@ def main(argv: list[str] | None = None) -> dict:
     base = results["pytorch"]["best_texts_per_second"]
     speedups = {f"{r}_over_pytorch": results[r]["best_texts_per_second"] / base for r in results if r != "pytorch"}
     if args.model_dir is None:
-        notes.append("the default model's classification head is untrained: its logits lie close together, so a "
-                     "tiny numeric change can flip a label; label agreement here is a harsh lower bound (the "
-                     "promotion gate measures it on the fine-tuned candidate's test split)")
-    notes.append("texts/s through TextClassifier.classify: tokenization, windows and pooling included, the same for "
-                 "every runtime")
+        notes.append(
+            "the default model's classification head is untrained: its logits lie close together, so a "
+            "tiny numeric change can flip a label; label agreement here is a harsh lower bound (the "
+            "promotion gate measures it on the fine-tuned candidate's test split)"
+        )
+    notes.append(
+        "texts/s through TextClassifier.classify: tokenization, windows and pooling included, the same for "
+        "every runtime"
+    )
     result = {
         "benchmark": "inference_runtimes",
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": {"model": model_name, "max_length_default_model": args.max_length, "texts_source": texts_source,
-                   "texts_count": len(texts), "texts_mean_words": sum(len(t.split()) for t in texts) / len(texts),
-                   "batch_sizes": args.batch_sizes, "duration_s": args.duration, "rounds": args.rounds,
-                   "runtimes": runtimes,
-                   "agreement_texts": args.agreement_texts, "seed": args.seed,
-                   "export_seconds": round(export_seconds, 1)},
-        "environment": {**env, "wall_s": round(time.perf_counter() - started, 1),
-                        "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "config": {
+            "model": model_name,
+            "max_length_default_model": args.max_length,
+            "texts_source": texts_source,
+            "texts_count": len(texts),
+            "texts_mean_words": sum(len(t.split()) for t in texts) / len(texts),
+            "batch_sizes": args.batch_sizes,
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "runtimes": runtimes,
+            "agreement_texts": args.agreement_texts,
+            "seed": args.seed,
+            "export_seconds": round(export_seconds, 1),
+        },
+        "environment": {
+            **env,
+            "wall_s": round(time.perf_counter() - started, 1),
+            "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
         "results": results,
         "agreement_with_pytorch": agreement,
         "speedup_at_best_batch": speedups,
-        "anchor": {"onnx-int8_over_pytorch": ANCHOR_INT8_SPEEDUP,
-                   "source": "sentence-transformers efficiency docs: dynamic int8 ONNX about 3x PyTorch fp32 for "
-                             "all-MiniLM-L6-v2 on CPU"},
+        "anchor": {
+            "onnx-int8_over_pytorch": ANCHOR_INT8_SPEEDUP,
+            "source": "sentence-transformers efficiency docs: dynamic int8 ONNX about 3x PyTorch fp32 for "
+            "all-MiniLM-L6-v2 on CPU",
+        },
         "notes": notes,
     }
     output = args.output if args.output.is_absolute() else Path.cwd() / args.output
     write_json_atomically(output, result)
-    print("\nbest texts/s (batch size): " + ", ".join(
-        f"{r} {v['best_texts_per_second']:.1f} ({v['best_batch_size']})" for r, v in results.items()))
-    print("speed-up over PyTorch: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedups.items())
-          + f" (anchor: int8 about {ANCHOR_INT8_SPEEDUP:.0f}x)")
+    print(
+        "\nbest texts/s (batch size): "
+        + ", ".join(f"{r} {v['best_texts_per_second']:.1f} ({v['best_batch_size']})" for r, v in results.items())
+    )
+    print(
+        "speed-up over PyTorch: "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in speedups.items())
+        + f" (anchor: int8 about {ANCHOR_INT8_SPEEDUP:.0f}x)"
+    )
     for runtime, figures in agreement.items():
-        print(f"{runtime} vs PyTorch on {figures['texts']} texts: labels agree {figures['label_agreement']:.1%}, "
-              f"max |probability diff| {figures['max_abs_probability_diff']:.4f}")
+        print(
+            f"{runtime} vs PyTorch on {figures['texts']} texts: labels agree {figures['label_agreement']:.1%}, "
+            f"max |probability diff| {figures['max_abs_probability_diff']:.4f}"
+        )
     print(f"  written: {output}")
     return result
 

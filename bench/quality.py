@@ -18,18 +18,17 @@ Run from the repository root:  .venv/bin/python bench/quality.py            (abo
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
 import offline_env  # noqa: F401  (first: no hub look-ups, no telemetry; see bench/offline_env.py)
-
-import argparse  # noqa: E402
-import datetime as dt  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from real_datasets import DEFAULT_SHARED, atis_frame, sms_spam_frame, write_table  # noqa: E402
-from results_json import write_json_atomically  # noqa: E402
+from real_datasets import DEFAULT_SHARED, atis_frame, sms_spam_frame, write_table
+from results_json import write_json_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -61,16 +60,23 @@ ANCHORS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--datasets", default=",".join(DATASETS), help=f"Comma-separated, of: {', '.join(DATASETS)}.")
     parser.add_argument("--base-model", default=None, help="Default: the training flow's (packaged MiniLM).")
     parser.add_argument("--epochs", type=int, default=None, help="Default: the training flow's.")
     parser.add_argument("--max-length", type=int, default=None, help="Default: the training flow's.")
     parser.add_argument("--truncation", default=None, help="Default: the training flow's.")
-    parser.add_argument("--max-rows", type=int, default=None,
-                        help="Cap each dataset at this many rows (seeded sample; for smoke runs, not for figures).")
-    parser.add_argument("--shared-data", type=Path, default=DEFAULT_SHARED, help="Folder with atis/ and sms_spam_collection/.")
+    parser.add_argument(
+        "--max-rows",
+        type=int,
+        default=None,
+        help="Cap each dataset at this many rows (seeded sample; for smoke runs, not for figures).",
+    )
+    parser.add_argument(
+        "--shared-data", type=Path, default=DEFAULT_SHARED, help="Folder with atis/ and sms_spam_collection/."
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK)
     return parser.parse_args(argv)
@@ -111,8 +117,12 @@ def capped(frame, max_rows: int | None):
     import pandas as pd
 
     share = max_rows / len(frame)
-    return pd.concat([rows.sample(min(len(rows), max(2, round(len(rows) * share))), random_state=0)
-                      for _, rows in frame.groupby(keys)])
+    return pd.concat(
+        [
+            rows.sample(min(len(rows), max(2, round(len(rows) * share))), random_state=0)
+            for _, rows in frame.groupby(keys)
+        ]
+    )
 
 
 def capped_packaged(name: str, max_rows: int, work: Path) -> Path:
@@ -131,8 +141,17 @@ def run_one(name: str, parameters, left_out: dict, args, servers: dict) -> dict:
 
     from flows.training import ModelParameters, TrainingParameters, training
 
-    model = ModelParameters(**{k: v for k, v in {"base_model": args.base_model, "max_length": args.max_length,
-                                                  "truncation": args.truncation}.items() if v is not None})
+    model = ModelParameters(
+        **{
+            k: v
+            for k, v in {
+                "base_model": args.base_model,
+                "max_length": args.max_length,
+                "truncation": args.truncation,
+            }.items()
+            if v is not None
+        }
+    )
     train = TrainingParameters(**({"epochs": args.epochs} if args.epochs else {}))
     started = time.perf_counter()
     state = training(parameters, model, train, registered_model_name=f"quality-{name}", return_state=True)
@@ -145,8 +164,18 @@ def run_one(name: str, parameters, left_out: dict, args, servers: dict) -> dict:
     result = {
         "status": "completed",
         "wall_seconds": round(wall, 1),
-        "settings": {key: params.get(key) for key in ("base_model", "max_length", "truncation", "epochs",
-                                                       "learning_rate", "batch_size", "chunks_per_training_text")},
+        "settings": {
+            key: params.get(key)
+            for key in (
+                "base_model",
+                "max_length",
+                "truncation",
+                "epochs",
+                "learning_rate",
+                "batch_size",
+                "chunks_per_training_text",
+            )
+        },
         "test_size": int(metrics["test_size"]),
         "test_accuracy": round(metrics["test_accuracy"], 4),
         "test_macro_f1": round(metrics["test_macro_f1"], 4),
@@ -165,8 +194,9 @@ def run_one(name: str, parameters, left_out: dict, args, servers: dict) -> dict:
         # Rows the product could not be asked to learn count as errors against the dataset's whole test set.
         total = left_out["source_test_rows"]
         result["unlearnable_test_rows"] = left_out["unlearnable_test_rows"]
-        result["test_accuracy_all_source_rows"] = round(metrics["test_accuracy"] * (total - left_out[
-            "unlearnable_test_rows"]) / total, 4)
+        result["test_accuracy_all_source_rows"] = round(
+            metrics["test_accuracy"] * (total - left_out["unlearnable_test_rows"]) / total, 4
+        )
     return result
 
 
@@ -215,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_local_servers(work / "stack")
     payload = {
         "benchmark": "quality",
-        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "max_rows": args.max_rows,
         "results": results,

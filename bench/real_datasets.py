@@ -29,15 +29,23 @@ def atis_frame(shared: Path = DEFAULT_SHARED, multi_intent: str = "keep", min_ex
     files = {split: shared / "atis" / f"{split}.tsv" for split in ATIS_SPLITS}
     if not all(path.exists() for path in files.values()):
         return None
-    rows = [{"text": row[1], "label": row[0] if multi_intent == "keep" else row[0].split("#")[0],
-             "split": ATIS_SPLITS[split]}
-            for split, path in files.items() for row in _tsv_rows(path)]
+    rows = [
+        {
+            "text": row[1],
+            "label": row[0] if multi_intent == "keep" else row[0].split("#")[0],
+            "split": ATIS_SPLITS[split],
+        }
+        for split, path in files.items()
+        for row in _tsv_rows(path)
+    ]
     frame = pd.DataFrame(rows)
     learning_counts = frame.loc[frame["split"] != "test", "label"].value_counts()
     learnable = set(learning_counts[learning_counts >= min_examples].index)
     unlearnable = (frame["split"] == "test") & ~frame["label"].isin(learnable)
     kept = frame[frame["label"].isin(learnable)].reset_index(drop=True)
-    kept.attrs.update(unlearnable_test_rows=int(unlearnable.sum()), source_test_rows=int((frame["split"] == "test").sum()))
+    kept.attrs.update(
+        unlearnable_test_rows=int(unlearnable.sum()), source_test_rows=int((frame["split"] == "test").sum())
+    )
     return kept
 
 

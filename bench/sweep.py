@@ -22,19 +22,18 @@ Run from the repository root:  nice -n 19 .venv/bin/python bench/sweep.py --tria
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
 import offline_env  # noqa: F401  (first: no hub look-ups, no telemetry; see bench/offline_env.py)
-
-import argparse  # noqa: E402
-import datetime as dt  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from real_datasets import DEFAULT_SHARED, atis_frame, write_table  # noqa: E402
-from results_json import write_json_atomically  # noqa: E402
+from real_datasets import DEFAULT_SHARED, atis_frame, write_table
+from results_json import write_json_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -45,10 +44,14 @@ DEFAULT_WORK = REPO / "bench" / "results" / "work-sweep"  # git-ignored (bench/r
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--datasets", default="drug-reviews,atis",
-                        help="Comma-separated: drug-reviews, atis, or table files the ingest stage reads.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--datasets",
+        default="drug-reviews,atis",
+        help="Comma-separated: drug-reviews, atis, or table files the ingest stage reads.",
+    )
     parser.add_argument("--trials", type=int, default=6, help="The sweep's trial budget per dataset.")
     parser.add_argument("--base-model", default="all-MiniLM-L6-v2", help="all-MiniLM-L6-v2 (packaged) or a folder.")
     parser.add_argument("--max-length", type=int, default=64, help="Same for the default and every trial.")
@@ -70,8 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def capped_table(snapshot_path: Path, target: Path, train_samples: int | None, eval_samples: int | None,
-                 seed: int) -> tuple[Path, dict]:
+def capped_table(
+    snapshot_path: Path, target: Path, train_samples: int | None, eval_samples: int | None, seed: int
+) -> tuple[Path, dict]:
     """The snapshot with each split capped (seeded, per class in proportion, at least 5 rows a class: what ingest
     asks for by default), and classes with fewer than 6 training rows left out (the split and the per-class scores
     need a few of each)."""
@@ -83,8 +87,9 @@ def capped_table(snapshot_path: Path, target: Path, train_samples: int | None, e
 
         train, rest = train_test_split(frame, test_size=0.2, stratify=frame["label"], random_state=seed)
         validation, test = train_test_split(rest, test_size=0.5, stratify=rest["label"], random_state=seed)
-        frame = pd.concat([train.assign(split="train"), validation.assign(split="validation"),
-                           test.assign(split="test")])
+        frame = pd.concat(
+            [train.assign(split="train"), validation.assign(split="validation"), test.assign(split="test")]
+        )
     counts = frame[frame["split"] == "train"]["label"].value_counts()
     frame = frame[frame["label"].isin(counts[counts >= 6].index)]
     if "validation" not in set(frame["split"]):
@@ -97,14 +102,20 @@ def capped_table(snapshot_path: Path, target: Path, train_samples: int | None, e
     for split, part in frame.groupby("split"):
         cap = train_samples if split == "train" else eval_samples
         if cap and len(part) > cap:
-            part = pd.concat([rows.sample(min(len(rows), max(5, round(len(rows) * cap / len(part)))),
-                                          random_state=seed) for _, rows in part.groupby("label")])
+            part = pd.concat(
+                [
+                    rows.sample(min(len(rows), max(5, round(len(rows) * cap / len(part)))), random_state=seed)
+                    for _, rows in part.groupby("label")
+                ]
+            )
         parts.append(part)
     capped = pd.concat(parts).sample(frac=1.0, random_state=seed)
     target.parent.mkdir(parents=True, exist_ok=True)
     capped.to_csv(target, index=False)
-    return target, {**{split: int(n) for split, n in capped["split"].value_counts().items()},
-                    "classes": int(capped["label"].nunique())}
+    return target, {
+        **{split: int(n) for split, n in capped["split"].value_counts().items()},
+        "classes": int(capped["label"].nunique()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,15 +131,22 @@ def run_default(snapshot, base_model, args, work: Path) -> dict:
 
     defaults, model_defaults = TrainingParameters(seed=args.seed), ModelParameters(max_length=args.max_length)
     started = time.perf_counter()
-    prepared = preprocess(snapshot, PreprocessConfig(
-        tokenizer=base_model, seed=args.seed, **model_defaults.model_dump(include=set(WindowingConfig.model_fields))),
-        work / "cache")
+    prepared = preprocess(
+        snapshot,
+        PreprocessConfig(
+            tokenizer=base_model, seed=args.seed, **model_defaults.model_dump(include=set(WindowingConfig.model_fields))
+        ),
+        work / "cache",
+    )
     config = FineTuneConfig(base_model=base_model, **defaults.model_dump(exclude={"timeout_minutes"}))
     model = fine_tune(prepared, config, work / "default-fine-tune")
     evaluation = evaluate(model, prepared, work / "default-evaluation", config=EvaluationConfig(latency_samples=1))
     return {
-        "settings": {**config.model_dump(exclude={"base_model", "device"}), "max_length": args.max_length,
-                     "truncation": model_defaults.truncation},
+        "settings": {
+            **config.model_dump(exclude={"base_model", "device"}),
+            "max_length": args.max_length,
+            "truncation": model_defaults.truncation,
+        },
         "test_macro_f1": evaluation.metrics["test_macro_f1"],
         "test_accuracy": evaluation.metrics["test_accuracy"],
         "baseline_macro_f1": evaluation.metrics["baseline_macro_f1"],
@@ -154,26 +172,50 @@ def run_sweep(snapshot, base_model, args, work: Path, name: str) -> dict:
     from tasks.tracking import start_tracking_run
 
     started = time.perf_counter()
-    space = SearchSpace(learning_rate_min=1e-5, learning_rate_max=3e-4, batch_sizes=[8, 16, 32], epochs_min=1,
-                        epochs_max=args.epochs_max, warmup_ratio_min=0.0, warmup_ratio_max=0.2, weight_decay_min=0.0,
-                        weight_decay_max=0.1, max_lengths=[args.max_length], truncations=["head", "head+tail",
-                                                                                          "chunks"],
-                        base_models=[args.base_model])
-    study = StudyParameters(study_name=name, n_trials=args.trials, pruner=args.pruner,
-                            pruner_startup_trials=args.pruner_startup_trials, seed=args.seed,
-                            sampler_startup_trials=max(2, args.trials // 2))
+    space = SearchSpace(
+        learning_rate_min=1e-5,
+        learning_rate_max=3e-4,
+        batch_sizes=[8, 16, 32],
+        epochs_min=1,
+        epochs_max=args.epochs_max,
+        warmup_ratio_min=0.0,
+        warmup_ratio_max=0.2,
+        weight_decay_min=0.0,
+        weight_decay_max=0.1,
+        max_lengths=[args.max_length],
+        truncations=["head", "head+tail", "chunks"],
+        base_models=[args.base_model],
+    )
+    study = StudyParameters(
+        study_name=name,
+        n_trials=args.trials,
+        pruner=args.pruner,
+        pruner_startup_trials=args.pruner_startup_trials,
+        seed=args.seed,
+        sampler_startup_trials=max(2, args.trials // 2),
+    )
     ref = StudyRef(storage_url=f"sqlite:///{work / 'optuna.db'}", parameters=study)
     plan = prepare_study(ref)
-    parent = start_tracking_run(f"sqlite:///{work / 'mlflow.db'}", "bench-sweep", f"sweep-{name}",
-                                idempotency_key=f"{name}:{plan.study_key}")
-    config = TrialConfig(study=ref, space=space, settings=TrialSettings(), snapshot=snapshot,
-                         base_models={args.base_model: base_model}, parent=parent, experiment_name="bench-sweep",
-                         preprocess_cache_dir=work / "cache", fine_tune_dir=work / "sweep-fine-tune")
+    parent = start_tracking_run(
+        f"sqlite:///{work / 'mlflow.db'}", "bench-sweep", f"sweep-{name}", idempotency_key=f"{name}:{plan.study_key}"
+    )
+    config = TrialConfig(
+        study=ref,
+        space=space,
+        settings=TrialSettings(),
+        snapshot=snapshot,
+        base_models={args.base_model: base_model},
+        parent=parent,
+        experiment_name="bench-sweep",
+        preprocess_cache_dir=work / "cache",
+        fine_tune_dir=work / "sweep-fine-tune",
+    )
     outcomes = [run_trial(config, sampler_seed=plan.first_sampler_seed + i) for i in range(plan.trials_to_run)]
     summary = summarize_study(ref, parent, work / "summary")
     best = best_trial(ref, parent)
-    evaluation = evaluate(best.model, best.prepared, work / "sweep-evaluation",
-                          config=EvaluationConfig(latency_samples=1))
+    evaluation = evaluate(
+        best.model, best.prepared, work / "sweep-evaluation", config=EvaluationConfig(latency_samples=1)
+    )
     return {
         "trials": [outcome.model_dump(exclude={"run_id"}) for outcome in outcomes],
         "trial_states": summary.trials,
@@ -185,7 +227,8 @@ def run_sweep(snapshot, base_model, args, work: Path, name: str) -> dict:
         "trial_epochs_run": summary.epochs_run,
         "trial_epochs_without_pruning": summary.epochs_without_pruning,
         "pruning_saved_share": 1 - summary.epochs_run / summary.epochs_without_pruning
-        if summary.epochs_without_pruning else 0.0,
+        if summary.epochs_without_pruning
+        else 0.0,
         "wall_seconds": time.perf_counter() - started,
     }
 
@@ -222,18 +265,22 @@ def main(argv: list[str] | None = None) -> int:
                 print(note)
                 continue
             raw = ingest(IngestConfig(source=source), work / "snapshots")
-            table, sizes = capped_table(raw.path, work / "capped.csv", args.train_samples, args.eval_samples,
-                                        args.seed)
+            table, sizes = capped_table(raw.path, work / "capped.csv", args.train_samples, args.eval_samples, args.seed)
             snapshot = ingest(IngestConfig(source=str(table)), work / "snapshots")
             print(f"{key}: {sizes}")
             default = run_default(snapshot, base_model, args, work)
             print(f"{key} default: test macro-F1 {default['test_macro_f1']:.4f} in {default['wall_seconds']:.0f} s")
             sweep = run_sweep(snapshot, base_model, args, work, name=f"bench-{key}")
-            print(f"{key} sweep: test macro-F1 {sweep['test_macro_f1']:.4f}, trial-epochs "
-                  f"{sweep['trial_epochs_run']} of {sweep['trial_epochs_without_pruning']} in "
-                  f"{sweep['wall_seconds']:.0f} s")
+            print(
+                f"{key} sweep: test macro-F1 {sweep['test_macro_f1']:.4f}, trial-epochs "
+                f"{sweep['trial_epochs_run']} of {sweep['trial_epochs_without_pruning']} in "
+                f"{sweep['wall_seconds']:.0f} s"
+            )
             results[key] = {
-                "split_sizes": sizes, "note": note, "default": default, "sweep": sweep,
+                "split_sizes": sizes,
+                "note": note,
+                "default": default,
+                "sweep": sweep,
                 "test_macro_f1_sweep_minus_default": sweep["test_macro_f1"] - default["test_macro_f1"],
                 "sweep_wall_over_default": sweep["wall_seconds"] / default["wall_seconds"],
             }
@@ -245,11 +292,16 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"load average {load:.1f} above the CPU count during the run: wall times are inflated.")
     payload = {
         "benchmark": "sweep",
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "transformers": transformers.__version__, "cpus": os.cpu_count(),
-                        "cuda": torch.cuda.is_available(), "load_average_end": load},
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "cpus": os.cpu_count(),
+            "cuda": torch.cuda.is_available(),
+            "load_average_end": load,
+        },
         "results": results,
         "notes": notes,
     }

@@ -27,11 +27,14 @@ from tasks.tracking import (
 
 
 def summary_metrics(summary: ScoringSummary) -> dict[str, float]:
-    metrics = {"rows": summary.rows, "blank_texts": summary.blank_texts, "seconds": summary.seconds,
-               "texts_per_second": summary.texts_per_second}
+    metrics = {
+        "rows": summary.rows,
+        "blank_texts": summary.blank_texts,
+        "seconds": summary.seconds,
+        "texts_per_second": summary.texts_per_second,
+    }
     if summary.mean_probability is not None:
-        metrics |= {"mean_probability": summary.mean_probability,
-                    "low_confidence_share": summary.low_confidence_share}
+        metrics |= {"mean_probability": summary.mean_probability, "low_confidence_share": summary.low_confidence_share}
     scored = max(1, summary.rows - summary.blank_texts)
     if summary.min_confidence is not None:
         metrics["abstained_share"] = summary.abstained_texts / scored
@@ -56,45 +59,73 @@ def batch_scoring(
     ] = 0.5,
     min_confidence: Annotated[
         float | None,
-        Field(ge=0, le=1, description="Abstain below this top-class probability: the text's label is 'unknown' "
-              "(its probabilities are kept). Unset: never abstain. The training run suggests one (MLflow metric "
-              "suggested_min_confidence)."),
+        Field(
+            ge=0,
+            le=1,
+            description="Abstain below this top-class probability: the text's label is 'unknown' "
+            "(its probabilities are kept). Unset: never abstain. The training run suggests one (MLflow metric "
+            "suggested_min_confidence).",
+        ),
     ] = None,
 ) -> ScoringSummary:
     settings = Settings()
     uri, name = settings.resolved_mlflow_tracking_uri, registered_model_name
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    output_path = settings.predictions_dir / name / f"predictions-{stamp}-{str(flow_run.get_id() or 'local')[:8]}.parquet"
+    output_path = (
+        settings.predictions_dir / name / f"predictions-{stamp}-{str(flow_run.get_id() or 'local')[:8]}.parquet"
+    )
     tracking = start_tracking_run_task(
-        uri, settings.monitoring_experiment_name, run_name=f"batch-scoring-{name}",
+        uri,
+        settings.monitoring_experiment_name,
+        run_name=f"batch-scoring-{name}",
         idempotency_key=flow_run.get_id() or f"local-batch-{stamp}",
         tags={"prefect.flow_run_id": str(flow_run.get_id()), "textclf.kind": "batch-scoring"},
     )
     try:
         if mode == "endpoint":
-            summary = score_through_endpoint_task(source, endpoint_url, output_path, chunk_size,
-                                                  low_confidence_threshold, min_confidence=min_confidence)
+            summary = score_through_endpoint_task(
+                source, endpoint_url, output_path, chunk_size, low_confidence_threshold, min_confidence=min_confidence
+            )
         else:
             champion = resolve_alias_task(uri, name, CHAMPION_ALIAS)
             if champion is None:
-                raise ValueError(f"Registered model '{name}' has no @{CHAMPION_ALIAS} to score with: promote one "
-                                 f"first (`textclf promote`).")
+                raise ValueError(
+                    f"Registered model '{name}' has no @{CHAMPION_ALIAS} to score with: promote one "
+                    f"first (`textclf promote`)."
+                )
             model = download_model_version_task(uri, name, champion, settings.model_download_dir)
-            summary = score_in_process_task(source, model.model_dir, f"{name}/{champion}", output_path, chunk_size,
-                                            low_confidence_threshold, min_confidence)
-        log_params_task(tracking, {"source": source.source, "mode": mode, "model_version": summary.model_version,
-                                   "output_path": summary.output_path, "min_confidence": min_confidence})
+            summary = score_in_process_task(
+                source,
+                model.model_dir,
+                f"{name}/{champion}",
+                output_path,
+                chunk_size,
+                low_confidence_threshold,
+                min_confidence,
+            )
+        log_params_task(
+            tracking,
+            {
+                "source": source.source,
+                "mode": mode,
+                "model_version": summary.model_version,
+                "output_path": summary.output_path,
+                "min_confidence": min_confidence,
+            },
+        )
         log_metrics_task(tracking, summary_metrics(summary))
         create_table_artifact(
             key="batch-scoring-summary",
             table=[{"label": label, "texts": count} for label, count in summary.label_counts.items()],
             description=f"{summary.rows} texts from {source.source} scored by {summary.model_version} "
-                        f"({summary.blank_texts} blank) -> {summary.output_path}",
+            f"({summary.blank_texts} blank) -> {summary.output_path}",
         )
     except BaseException:
         with contextlib.suppress(Exception):
             end_tracking_run(tracking, status="FAILED")
         raise
     end_tracking_run_task(tracking)
-    print(f"Scored {summary.rows} texts with {summary.model_version} in {summary.seconds:.1f} s -> {summary.output_path}")
+    print(
+        f"Scored {summary.rows} texts with {summary.model_version} in {summary.seconds:.1f} s -> {summary.output_path}"
+    )
     return summary

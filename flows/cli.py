@@ -53,16 +53,22 @@ def _run_flow(settings: Settings, flow_fn, **parameters):
 
 def _failed(flow_name: str, state, settings: Settings) -> int:
     ui = settings.resolved_prefect_api_url.removesuffix("/api")
-    print(f"\nThe {flow_name} flow run ended {state.name}: {state.message}\n"
-          f"See {ui}/runs/flow-run/{state.state_details.flow_run_id}", file=sys.stderr)
+    print(
+        f"\nThe {flow_name} flow run ended {state.name}: {state.message}\n"
+        f"See {ui}/runs/flow-run/{state.state_details.flow_run_id}",
+        file=sys.stderr,
+    )
     return 1
 
 
 def _flow_parameters(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """The flow's keyword arguments from the generated options; TEXTCLF_REGISTERED_MODEL_NAME (when set) is the
     default registered model of every command."""
-    fallbacks = ({"registered_model_name": settings.registered_model_name}
-                 if "registered_model_name" in settings.model_fields_set else {})
+    fallbacks = (
+        {"registered_model_name": settings.registered_model_name}
+        if "registered_model_name" in settings.model_fields_set
+        else {}
+    )
     return args.options.values(args, fallbacks)
 
 
@@ -119,14 +125,18 @@ def _promote(args: argparse.Namespace) -> int:
         return _failed("promotion", state, settings)
     result = state.result()
     decision = result.decision
-    print(f"\n{result.registered_model_name} version {decision.candidate_version}: {decision.label.upper()}\n"
-          f"  Reason:    {decision.reason}\n"
-          f"  Champion:  version {result.champion_version}   previous champion: version "
-          f"{result.previous_champion_version}")
+    print(
+        f"\n{result.registered_model_name} version {decision.candidate_version}: {decision.label.upper()}\n"
+        f"  Reason:    {decision.reason}\n"
+        f"  Champion:  version {result.champion_version}   previous champion: version "
+        f"{result.previous_champion_version}"
+    )
     if result.bento is not None:
-        print(f"  Bento:     {result.bento.bento_tag}  (Dockerfile {result.bento.dockerfile})\n"
-              f"  Container: {result.bento.container_message}\n"
-              f"  Serve it:  .venv/bin/textclf serve")
+        print(
+            f"  Bento:     {result.bento.bento_tag}  (Dockerfile {result.bento.dockerfile})\n"
+            f"  Container: {result.bento.container_message}\n"
+            f"  Serve it:  .venv/bin/textclf serve"
+        )
     return 0
 
 
@@ -138,9 +148,11 @@ def _rollback(args: argparse.Namespace) -> int:
     if not state.is_completed():
         return _failed("rollback", state, settings)
     result = state.result()
-    print(f"\nRolled back {result.registered_model_name}: @champion is version {result.champion_version}, "
-          f"@previous-champion version {result.previous_champion_version}.\n"
-          f"  Bento: {result.bento.bento_tag}\n  Serve it: .venv/bin/textclf serve")
+    print(
+        f"\nRolled back {result.registered_model_name}: @champion is version {result.champion_version}, "
+        f"@previous-champion version {result.previous_champion_version}.\n"
+        f"  Bento: {result.bento.bento_tag}\n  Serve it: .venv/bin/textclf serve"
+    )
     return 0
 
 
@@ -160,14 +172,20 @@ def _serve(args: argparse.Namespace) -> int:
     name = options.get("registered_model_name", settings.registered_model_name)
     champion = resolve_alias(mlflow_uri, name, CHAMPION_ALIAS)
     if champion is None:
-        print(f"Registered model '{name}' has no @{CHAMPION_ALIAS} yet: run `.venv/bin/textclf promote` after "
-              f"`.venv/bin/textclf train`.", file=sys.stderr)
+        print(
+            f"Registered model '{name}' has no @{CHAMPION_ALIAS} yet: run `.venv/bin/textclf promote` after "
+            f"`.venv/bin/textclf train`.",
+            file=sys.stderr,
+        )
         return 1
     bento_tag = find_bento(name, champion)
     if bento_tag is None:
-        print(f"No Bento in the BentoML store serves {name} version {champion} (the champion). Build it with "
-              f"`.venv/bin/textclf promote --candidate-version {champion}` or `.venv/bin/textclf rollback`; "
-              f"check BENTOML_HOME if you built it elsewhere.", file=sys.stderr)
+        print(
+            f"No Bento in the BentoML store serves {name} version {champion} (the champion). Build it with "
+            f"`.venv/bin/textclf promote --candidate-version {champion}` or `.venv/bin/textclf rollback`; "
+            f"check BENTOML_HOME if you built it elsewhere.",
+            file=sys.stderr,
+        )
         return 1
     server = serve_bento(settings.root, bento_tag, settings.host, options.get("port", settings.bento_port))
     body = {"texts": ["Shares rose sharply after the bank reported record profits."]}
@@ -195,11 +213,13 @@ def _deploy(args: argparse.Namespace) -> int:
     options = args.options.values(args).get("deploy", DeployOptions())
     names = deploy(prefect_url, options.pool_type, options.project_dir)
     ui = prefect_url.removesuffix("/api")
-    print(f"\nWork pools 'gpu' and 'cpu' ({options.pool_type}) and deployments {', '.join(names)} are on {ui}.\n"
-          f"  Start the workers (a GPU machine for 'gpu'; on a machine without one the fine-tune runs on the CPU):\n"
-          f"    PREFECT_API_URL={prefect_url} .venv/bin/prefect worker start --pool cpu\n"
-          f"    PREFECT_API_URL={prefect_url} .venv/bin/prefect worker start --pool gpu\n"
-          f"  Run one from the UI: {ui}/deployments")
+    print(
+        f"\nWork pools 'gpu' and 'cpu' ({options.pool_type}) and deployments {', '.join(names)} are on {ui}.\n"
+        f"  Start the workers (a GPU machine for 'gpu'; on a machine without one the fine-tune runs on the CPU):\n"
+        f"    PREFECT_API_URL={prefect_url} .venv/bin/prefect worker start --pool cpu\n"
+        f"    PREFECT_API_URL={prefect_url} .venv/bin/prefect worker start --pool gpu\n"
+        f"  Run one from the UI: {ui}/deployments"
+    )
     return 0
 
 
@@ -232,25 +252,38 @@ def _score(args: argparse.Namespace) -> int:
     if summary.output_path is None:
         print(f"\nNothing to score: {source} holds no texts (a glob without a match is not an error).")
     else:
-        labels = ", ".join(f"{label} {count}" for label, count in
-                           sorted(summary.label_counts.items(), key=lambda item: -item[1]))
-        confidence = ("" if summary.mean_probability is None else
-                      f"  Confidence:   mean {summary.mean_probability:.3f}; {summary.low_confidence_share:.1%} "
-                      f"below the low-confidence threshold\n")
+        labels = ", ".join(
+            f"{label} {count}" for label, count in sorted(summary.label_counts.items(), key=lambda item: -item[1])
+        )
+        confidence = (
+            ""
+            if summary.mean_probability is None
+            else f"  Confidence:   mean {summary.mean_probability:.3f}; {summary.low_confidence_share:.1%} "
+            f"below the low-confidence threshold\n"
+        )
         if summary.min_confidence is not None:
-            confidence += (f"  Abstained:    {summary.abstained_texts} texts labelled 'unknown' (probability below "
-                           f"--min-confidence {summary.min_confidence:g})\n")
-        print(f"\nScored {summary.rows} texts from {source} with {summary.model_version} in {summary.seconds:.1f} s "
-              f"({summary.texts_per_second:.0f} texts/s; {summary.blank_texts} blank, kept without a label).\n"
-              f"  Predictions:  {summary.output_path}\n"
-              f"  Labels:       {labels or 'none'}\n{confidence}"
-              f"  Read them:    pandas.read_parquet('{summary.output_path}')")
+            confidence += (
+                f"  Abstained:    {summary.abstained_texts} texts labelled 'unknown' (probability below "
+                f"--min-confidence {summary.min_confidence:g})\n"
+            )
+        print(
+            f"\nScored {summary.rows} texts from {source} with {summary.model_version} in {summary.seconds:.1f} s "
+            f"({summary.texts_per_second:.0f} texts/s; {summary.blank_texts} blank, kept without a label).\n"
+            f"  Predictions:  {summary.output_path}\n"
+            f"  Labels:       {labels or 'none'}\n{confidence}"
+            f"  Read them:    pandas.read_parquet('{summary.output_path}')"
+        )
     mlflow_uri = settings.resolved_mlflow_tracking_uri
     from mlflow import MlflowClient
 
     experiment = MlflowClient(mlflow_uri).get_experiment_by_name(settings.monitoring_experiment_name)
-    runs = [] if experiment is None else MlflowClient(mlflow_uri).search_runs(
-        [experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=1)
+    runs = (
+        []
+        if experiment is None
+        else MlflowClient(mlflow_uri).search_runs(
+            [experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=1
+        )
+    )
     if runs:
         print(f"  MLflow run:   {mlflow_uri}/#/experiments/{experiment.experiment_id}/runs/{runs[0].info.run_id}")
     print(f"  Prefect UI:   {_ui(settings)}/runs/flow-run/{flow_run_id}")
@@ -276,13 +309,19 @@ def _monitor(args: argparse.Namespace) -> int:
         lines.append(f"  Fired:        {'; '.join(fired)}")
     lines.append(f"  Report:       {result.report_path}")
     if result.event_id:
-        lines.append(f"  Event:        textclf.drift.detected ({result.event_id}); notified: "
-                     f"{'yes' if result.notified else 'no (no notification block set; a WARNING was logged)'}")
+        lines.append(
+            f"  Event:        textclf.drift.detected ({result.event_id}); notified: "
+            f"{'yes' if result.notified else 'no (no notification block set; a WARNING was logged)'}"
+        )
     if result.retraining_flow_run_id:
-        lines.append(f"  Retraining:   {_ui(settings)}/runs/flow-run/{result.retraining_flow_run_id} "
-                     f"(on {result.retraining_dataset})")
-    lines += [f"  MLflow run:   {_mlflow_run_url(settings.resolved_mlflow_tracking_uri, result.mlflow_run_id)}",
-              f"  Prefect UI:   {_ui(settings)}/runs/flow-run/{state.state_details.flow_run_id}"]
+        lines.append(
+            f"  Retraining:   {_ui(settings)}/runs/flow-run/{result.retraining_flow_run_id} "
+            f"(on {result.retraining_dataset})"
+        )
+    lines += [
+        f"  MLflow run:   {_mlflow_run_url(settings.resolved_mlflow_tracking_uri, result.mlflow_run_id)}",
+        f"  Prefect UI:   {_ui(settings)}/runs/flow-run/{state.state_details.flow_run_id}",
+    ]
     print("\n".join(lines))
     return 0
 
@@ -297,8 +336,10 @@ def _run_and_report(flow_name: str, load: Callable[[], Any]) -> Callable[[argpar
             return _failed(flow_name, state, settings)
         result = state.result()
         shown = result.model_dump_json(indent=2) if isinstance(result, BaseModel) else repr(result)
-        print(f"\nThe {flow_name} flow run completed:\n{shown}\n"
-              f"  Prefect UI:   {_ui(settings)}/runs/flow-run/{state.state_details.flow_run_id}")
+        print(
+            f"\nThe {flow_name} flow run completed:\n{shown}\n"
+            f"  Prefect UI:   {_ui(settings)}/runs/flow-run/{state.state_details.flow_run_id}"
+        )
         return 0
 
     return run
@@ -306,10 +347,13 @@ def _run_and_report(flow_name: str, load: Callable[[], Any]) -> Callable[[argpar
 
 class DeployOptions(BaseModel):
     pool_type: Literal["process", "docker", "kubernetes"] = Field(
-        default="process", description="Work-pool type: process runs workers on this machine.")
+        default="process", description="Work-pool type: process runs workers on this machine."
+    )
     project_dir: str | None = Field(
-        default=None, description="Where workers find the code; unset: this repository for process pools, "
-        "/opt/textclf (the images' WORKDIR) for docker and kubernetes.")
+        default=None,
+        description="Where workers find the code; unset: this repository for process pools, "
+        "/opt/textclf (the images' WORKDIR) for docker and kubernetes.",
+    )
 
 
 def _flow(module: str, name: str) -> Callable[[], Any]:
@@ -331,10 +375,12 @@ class Command:
 def _serve_options(options: FlowOptions) -> None:
     from flows.promotion import promotion
 
-    options.add_field("registered_model_name", parameter_field(promotion, "registered_model_name"),
-                      note=REGISTERED_MODEL_NOTE)
-    options.add_field("port", Settings.model_fields["bento_port"],
-                      note="TEXTCLF_BENTO_PORT, when set, replaces this default.")
+    options.add_field(
+        "registered_model_name", parameter_field(promotion, "registered_model_name"), note=REGISTERED_MODEL_NOTE
+    )
+    options.add_field(
+        "port", Settings.model_fields["bento_port"], note="TEXTCLF_BENTO_PORT, when set, replaces this default."
+    )
 
 
 def _flow_options(module: str, name: str, **kwargs) -> Callable[[FlowOptions], Any]:
@@ -343,46 +389,79 @@ def _flow_options(module: str, name: str, **kwargs) -> Callable[[FlowOptions], A
 
 
 COMMANDS = [
-    Command("train", "Run the training flow (starts the embedded stack if needed): the new version gets @candidate.",
-            _registers_a_candidate("training", _flow("flows.training", "training")),
-            _flow_options("flows.training", "training")),
-    Command("promote", "Gate @candidate against @champion; on a win build, check and containerize the Bento, then "
-            "move @champion.", _promote,
-            _flow_options("flows.promotion", "promotion", exclude=("training_flow_run_id",),
-                          aliases={"gate.min_macro_f1_first_champion": ["--first-champion-floor"]})),
-    Command("rollback", "Point @champion back at @previous-champion and rebuild its Bento.", _rollback,
-            _flow_options("flows.promotion", "rollback")),
+    Command(
+        "train",
+        "Run the training flow (starts the embedded stack if needed): the new version gets @candidate.",
+        _registers_a_candidate("training", _flow("flows.training", "training")),
+        _flow_options("flows.training", "training"),
+    ),
+    Command(
+        "promote",
+        "Gate @candidate against @champion; on a win build, check and containerize the Bento, then move @champion.",
+        _promote,
+        _flow_options(
+            "flows.promotion",
+            "promotion",
+            exclude=("training_flow_run_id",),
+            aliases={"gate.min_macro_f1_first_champion": ["--first-champion-floor"]},
+        ),
+    ),
+    Command(
+        "rollback",
+        "Point @champion back at @previous-champion and rebuild its Bento.",
+        _rollback,
+        _flow_options("flows.promotion", "rollback"),
+    ),
     Command("serve", "Serve the champion's Bento on loopback.", _serve, _serve_options),
-    Command("score", "Batch scoring: score new texts with @champion; predictions to Parquet, summary to MLflow.",
-            _score, _flow_options("flows.batch_scoring", "batch_scoring")),
-    Command("monitor", "Drift monitoring: compare the champion's recent inputs (request log, or --source texts) with "
-            "its test split.", _monitor, _flow_options("flows.monitoring", "drift_monitoring")),
+    Command(
+        "score",
+        "Batch scoring: score new texts with @champion; predictions to Parquet, summary to MLflow.",
+        _score,
+        _flow_options("flows.batch_scoring", "batch_scoring"),
+    ),
+    Command(
+        "monitor",
+        "Drift monitoring: compare the champion's recent inputs (request log, or --source texts) with its test split.",
+        _monitor,
+        _flow_options("flows.monitoring", "drift_monitoring"),
+    ),
     # Another flow is one entry: its parameters become the options, `_run_and_report` prints any result.
-    Command("sweep", "Hyperparameter sweep (Optuna) over the fine-tune; the best trial's model is registered as "
-            "@candidate.", _registers_a_candidate("sweep", _flow("flows.sweep", "sweep")),
-            _flow_options("flows.sweep", "sweep"), available=lambda: importlib.util.find_spec("flows.sweep") is not None),
-    Command("deploy", "Create the gpu and cpu work pools and register every deployment of prefect.yaml.", _deploy,
-            lambda options: options.add_model("deploy", DeployOptions, default=DeployOptions(), title="")),
+    Command(
+        "sweep",
+        "Hyperparameter sweep (Optuna) over the fine-tune; the best trial's model is registered as @candidate.",
+        _registers_a_candidate("sweep", _flow("flows.sweep", "sweep")),
+        _flow_options("flows.sweep", "sweep"),
+        available=lambda: importlib.util.find_spec("flows.sweep") is not None,
+    ),
+    Command(
+        "deploy",
+        "Create the gpu and cpu work pools and register every deployment of prefect.yaml.",
+        _deploy,
+        lambda options: options.add_model("deploy", DeployOptions, default=DeployOptions(), title=""),
+    ),
     Command("stack", "Manage the embedded Prefect and MLflow servers (and stop the Bento server).", _stack),
 ]
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The parser, with the options of the command named in `argv` (the others list only their help line)."""
-    parser = argparse.ArgumentParser(prog="textclf", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="textclf", description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     for command in COMMANDS:
         if not command.available():
             continue
-        sub = commands.add_parser(command.name, help=command.help, description=command.help,
-                                  formatter_class=HelpFormatter)
+        sub = commands.add_parser(
+            command.name, help=command.help, description=command.help, formatter_class=HelpFormatter
+        )
         sub.set_defaults(run=command.run, options=None)
         if command.name == "stack":
-            sub.add_argument("action", choices=["up", "down", "status"],
-                             help="up: start (or reuse) the servers; down: stop them and the Bento server; status: "
-                                  "show whether they answer.")
+            sub.add_argument(
+                "action",
+                choices=["up", "down", "status"],
+                help="up: start (or reuse) the servers; down: stop them and the Bento server; status: "
+                "show whether they answer.",
+            )
         if command.options is not None and command.name == chosen:
             options = FlowOptions(sub)
             command.options(options)

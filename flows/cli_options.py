@@ -110,8 +110,10 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
-        return "\n\n".join(textwrap.fill(p, width, initial_indent=indent, subsequent_indent=indent,
-                                          break_on_hyphens=False) for p in paragraphs)
+        return "\n\n".join(
+            textwrap.fill(p, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False)
+            for p in paragraphs
+        )
 
 
 def parameter_field(flow: Any, name: str) -> FieldInfo:
@@ -119,8 +121,11 @@ def parameter_field(flow: Any, name: str) -> FieldInfo:
     fn = getattr(flow, "fn", flow)
     hint = typing.get_type_hints(fn, include_extras=True)[name]
     default = inspect.signature(fn).parameters[name].default
-    return FieldInfo.from_annotation(hint) if default is inspect.Parameter.empty else \
-        FieldInfo.from_annotated_attribute(hint, default)
+    return (
+        FieldInfo.from_annotation(hint)
+        if default is inspect.Parameter.empty
+        else FieldInfo.from_annotated_attribute(hint, default)
+    )
 
 
 class CliError(ValueError):
@@ -133,13 +138,21 @@ class FlowOptions:
     def __init__(self, parser: argparse.ArgumentParser):
         self.parser = parser
         self.options: dict[str, Option] = {}  # by dest
-        self.models: dict[str, tuple[type[BaseModel], BaseModel | None, bool]] = {}  # parameter -> (model, default, optional)
+        self.models: dict[
+            str, tuple[type[BaseModel], BaseModel | None, bool]
+        ] = {}  # parameter -> (model, default, optional)
         self._flags: dict[str, str] = {}  # flag -> dest
 
     # -- building -----------------------------------------------------------------------------------------------
 
-    def add_flow(self, flow: Any, *, exclude: tuple[str, ...] = (), notes: dict[str, str] | None = None,
-                 aliases: dict[str, list[str]] | None = None) -> FlowOptions:
+    def add_flow(
+        self,
+        flow: Any,
+        *,
+        exclude: tuple[str, ...] = (),
+        notes: dict[str, str] | None = None,
+        aliases: dict[str, list[str]] | None = None,
+    ) -> FlowOptions:
         """Every parameter of a Prefect flow (or plain function): pydantic-model parameters become a group of
         options (`dataset.source` -> `--source`), `Annotated[..., Field(...)]` parameters one option each."""
         fn = getattr(flow, "fn", flow)
@@ -155,8 +168,15 @@ class FlowOptions:
                 description = None
                 if typing.get_origin(hint) is typing.Annotated:
                     description = FieldInfo.from_annotation(hint).description
-                self.add_model(name, model, default=default, optional=parameter.default is None,
-                               description=description, notes=notes, aliases=aliases)
+                self.add_model(
+                    name,
+                    model,
+                    default=default,
+                    optional=parameter.default is None,
+                    description=description,
+                    notes=notes,
+                    aliases=aliases,
+                )
                 continue
             info = parameter_field(flow, name)
             if scalars is None:
@@ -164,15 +184,30 @@ class FlowOptions:
             self._add(scalars, name, None, info, info.get_default(), notes, aliases)
         return self
 
-    def add_model(self, parameter: str, model: type[BaseModel], *, default: BaseModel | None = None,
-                  optional: bool = False, description: str | None = None, notes: dict[str, str] | None = None,
-                  aliases: dict[str, list[str]] | None = None, title: str | None = None) -> FlowOptions:
+    def add_model(
+        self,
+        parameter: str,
+        model: type[BaseModel],
+        *,
+        default: BaseModel | None = None,
+        optional: bool = False,
+        description: str | None = None,
+        notes: dict[str, str] | None = None,
+        aliases: dict[str, list[str]] | None = None,
+        title: str | None = None,
+    ) -> FlowOptions:
         own_doc = inspect.cleandoc(model.__dict__.get("__doc__") or "")  # not the docstring of a base class
         doc = (description or own_doc).split("\n\n")[0].replace("\n", " ")
-        group = self.parser if title == "" else self.parser.add_argument_group(  # '': the command's own options
-            title or f"{parameter} (Prefect form: {parameter}.<field>)",
-            " ".join(part for part in (doc, "Unset unless one of these options is given." if optional else "") if part)
-            or None,
+        group = (
+            self.parser
+            if title == ""
+            else self.parser.add_argument_group(  # '': the command's own options
+                title or f"{parameter} (Prefect form: {parameter}.<field>)",
+                " ".join(
+                    part for part in (doc, "Unset unless one of these options is given." if optional else "") if part
+                )
+                or None,
+            )
         )
         self.models[parameter] = (model, default, optional)
         for name, info in model.model_fields.items():
@@ -187,18 +222,28 @@ class FlowOptions:
         self._add(self.parser, name, None, info, info.get_default(), {name: note} if note else None, None)
         return self
 
-    def _add(self, group, name: str, parameter: str | None, info: FieldInfo, default: Any,
-             notes: dict[str, str] | None, aliases: dict[str, list[str]] | None) -> None:
+    def _add(
+        self,
+        group,
+        name: str,
+        parameter: str | None,
+        info: FieldInfo,
+        default: Any,
+        notes: dict[str, str] | None,
+        aliases: dict[str, list[str]] | None,
+    ) -> None:
         flag = flag_name(name)
         if flag in self._flags and parameter:  # two models with one field name: the later one is --<model>-<field>
             flag = flag_name(f"{parameter}_{name}")
-        option = Option(flag=flag, parameter=parameter or name, field=name if parameter else None,
-                        info=info, default=default)
+        option = Option(
+            flag=flag, parameter=parameter or name, field=name if parameter else None, info=info, default=default
+        )
         flags = [option.flag, *(aliases or {}).get(option.dest, [])]
         for flag in flags:
             if flag in self._flags:
-                raise ValueError(f"{flag} would set both {self._flags[flag]} and {option.dest}: rename one, or "
-                                 f"exclude it")
+                raise ValueError(
+                    f"{flag} would set both {self._flags[flag]} and {option.dest}: rename one, or exclude it"
+                )
             self._flags[flag] = option.dest
         self.options[option.dest] = option
         inner, optional = _unwrap_optional(info.annotation)
@@ -272,8 +317,11 @@ class FlowOptions:
         try:
             return self.parameters(args, fallbacks)
         except CliError as error:
-            self.parser.exit(2, f"{self.parser.prog}: error: {error}\n"
-                                f"(`{self.parser.prog} --help` shows every option with its default and bounds)\n")
+            self.parser.exit(
+                2,
+                f"{self.parser.prog}: error: {error}\n"
+                f"(`{self.parser.prog} --help` shows every option with its default and bounds)\n",
+            )
 
     def parameters(self, args: argparse.Namespace, fallbacks: dict[str, Any] | None = None) -> dict[str, Any]:
         """Like `values`, but raises `CliError` (every rejected option, one per line)."""
@@ -284,18 +332,25 @@ class FlowOptions:
             option = self.options[dest]
             if option.field is None:
                 try:
-                    out[dest] = TypeAdapter(typing.Annotated[option.info.annotation, option.info]).validate_python(value)
+                    out[dest] = TypeAdapter(typing.Annotated[option.info.annotation, option.info]).validate_python(
+                        value
+                    )
                 except ValidationError as error:
                     problems.append(str(self._error(error, dest, None)))
         for parameter, (model, default, optional) in self.models.items():
             fields = {o.field: given[d] for d, o in self.options.items() if o.parameter == parameter and d in given}
             if not fields and (optional or default is not None):
                 continue  # the flow's default (a model instance, or None)
-            missing = [o.flag for o in self.options.values()
-                       if o.parameter == parameter and o.info.is_required() and o.field not in fields]
+            missing = [
+                o.flag
+                for o in self.options.values()
+                if o.parameter == parameter and o.info.is_required() and o.field not in fields
+            ]
             if optional and missing:
-                problems.append(f"{', '.join(missing)} is needed with "
-                                f"{', '.join(self.options[f'{parameter}.{f}'].flag for f in fields)}")
+                problems.append(
+                    f"{', '.join(missing)} is needed with "
+                    f"{', '.join(self.options[f'{parameter}.{f}'].flag for f in fields)}"
+                )
                 continue
             base = default.model_dump(exclude_defaults=True) if isinstance(default, model) else {}
             try:

@@ -31,11 +31,14 @@ def deployment_names() -> list[str]:
 
 
 def _prefect(args: list[str], env: dict[str, str], what: str) -> str:
-    done = subprocess.run([_bin("prefect"), *args], cwd=PROJECT_DIR, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [_bin("prefect"), *args], cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=600
+    )
     if done.returncode != 0:
-        raise DeployError(f"{what} failed (`prefect {' '.join(args)}`, exit {done.returncode}):\n"
-                          f"{(done.stdout + done.stderr)[-3000:]}")
+        raise DeployError(
+            f"{what} failed (`prefect {' '.join(args)}`, exit {done.returncode}):\n"
+            f"{(done.stdout + done.stderr)[-3000:]}"
+        )
     return done.stdout
 
 
@@ -51,7 +54,10 @@ def deploy(api_url: str, pool_type: str = "process", project_dir: str | None = N
         template = pool_template(pool_type, pool)
         if not template.exists():
             raise DeployError(f"No base job template for the '{pool}' pool of type '{pool_type}' at {template}.")
-        _prefect(["work-pool", "create", pool, "--type", pool_type, "--base-job-template", str(template),
-                  "--overwrite"], env, f"Creating work pool '{pool}'")
+        _prefect(
+            ["work-pool", "create", pool, "--type", pool_type, "--base-job-template", str(template), "--overwrite"],
+            env,
+            f"Creating work pool '{pool}'",
+        )
     _prefect(["--no-prompt", "deploy", "--all"], env, "Registering the deployments of prefect.yaml")
     return deployment_names()

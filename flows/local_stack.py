@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -91,7 +90,9 @@ def _start(
             raise LocalServerError(f"The {name} server exited with code {process.returncode}. Log {log_path}:\n{tail}")
         time.sleep(0.5)
     process.terminate()
-    raise LocalServerError(f"The {name} server did not answer at {health_url} within {STARTUP_TIMEOUT_S:.0f} s; see {log_path}.")
+    raise LocalServerError(
+        f"The {name} server did not answer at {health_url} within {STARTUP_TIMEOUT_S:.0f} s; see {log_path}."
+    )
 
 
 def ensure_prefect_server(
@@ -133,11 +134,18 @@ def ensure_mlflow_server(
     mlflow_home = root / "mlflow"
     (mlflow_home / "artifacts").mkdir(parents=True, exist_ok=True)
     command = [
-        _bin("mlflow"), "server",
-        "--host", host, "--port", str(port),
-        "--backend-store-uri", backend_store_uri or f"sqlite:///{mlflow_home / 'mlflow.db'}",
-        "--artifacts-destination", str(mlflow_home / "artifacts"),
-        "--workers", "1",
+        _bin("mlflow"),
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend_store_uri or f"sqlite:///{mlflow_home / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(mlflow_home / "artifacts"),
+        "--workers",
+        "1",
     ]
     env = {**os.environ, "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)

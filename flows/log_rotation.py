@@ -18,20 +18,38 @@ LOG_MAX_BYTES = 10 * 1024 * 1024  # per file; with LOG_BACKUPS, at most 60 MB a 
 LOG_BACKUPS = 5
 
 
-def start_with_rotating_log(command: list[str], env: dict[str, str], log_path: Path,
-                            max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> subprocess.Popen:
+def start_with_rotating_log(
+    command: list[str], env: dict[str, str], log_path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS
+) -> subprocess.Popen:
     """Start `command` in a session of its own (it outlives the caller), its stdout and stderr going to a rotating
     `log_path`. Returns the server's process (its pid is the server's, not the log writer's)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     writer = subprocess.Popen(
-        [sys.executable, "-m", "flows.log_rotation", str(log_path), "--max-bytes", str(max_bytes),
-         "--backups", str(backups)],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "flows.log_rotation",
+            str(log_path),
+            "--max-bytes",
+            str(max_bytes),
+            "--backups",
+            str(backups),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
         cwd=Path(__file__).resolve().parents[1],
     )
     try:
-        return subprocess.Popen(command, stdout=writer.stdin, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            stdout=writer.stdin,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
     except BaseException:
         writer.kill()
         raise
@@ -41,8 +59,9 @@ def start_with_rotating_log(command: list[str], env: dict[str, str], log_path: P
 
 def copy_with_rotation(source, log_path: Path, max_bytes: int, backups: int) -> None:
     """Every line of the binary stream `source` into `log_path`, rotated by size, each line flushed at once."""
-    handler = logging.handlers.RotatingFileHandler(log_path, maxBytes=max_bytes, backupCount=backups,
-                                                   encoding="utf-8", errors="replace")
+    handler = logging.handlers.RotatingFileHandler(
+        log_path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", errors="replace"
+    )
     handler.terminator = ""
     handler.setFormatter(logging.Formatter("%(message)s"))
     for line in iter(source.readline, b""):

@@ -28,10 +28,17 @@ from tasks.bento import (
     predict_labels_task,
     smoke_test_bento_task,
 )
+from tasks.optimize_runtime import (
+    RuntimeGate,
+    RuntimeGateConfig,
+    optimize_runtime_task,
+    record_runtime_task,
+    runtime_markdown,
+)
 from tasks.promote import (
     CANDIDATE_ALIAS,
-    PREVIOUS_CHAMPION_ALIAS,
     CHAMPION_ALIAS,
+    PREVIOUS_CHAMPION_ALIAS,
     GateConfig,
     GateDecision,
     decide_task,
@@ -41,15 +48,8 @@ from tasks.promote import (
     record_failure,
     resolve_alias_task,
     rollback_task,
-    version_of_flow_run_task,
     score_versions_task,
-)
-from tasks.optimize_runtime import (
-    RuntimeGate,
-    RuntimeGateConfig,
-    optimize_runtime_task,
-    record_runtime_task,
-    runtime_markdown,
+    version_of_flow_run_task,
 )
 from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
 
@@ -61,8 +61,11 @@ SmokeTestTimeout = Annotated[
     int, Field(ge=1, le=3600, description="Seconds the built Bento may take to become ready in the smoke test.")
 ]
 Containerize = Annotated[
-    bool, Field(description="Run `bentoml containerize` after the build (needs a Docker engine; skipped with a "
-                            "message when there is none).")
+    bool,
+    Field(
+        description="Run `bentoml containerize` after the build (needs a Docker engine; skipped with a "
+        "message when there is none)."
+    ),
 ]
 
 
@@ -99,13 +102,23 @@ class RollbackResult(BaseModel):
     bento: ServedBento
 
 
-def decision_markdown(name: str, decision: GateDecision, scores: dict[int, dict], runtime: RuntimeGate | None = None,
-                      runtime_config: RuntimeGateConfig = RuntimeGateConfig()) -> str:
+def decision_markdown(
+    name: str,
+    decision: GateDecision,
+    scores: dict[int, dict],
+    runtime: RuntimeGate | None = None,
+    runtime_config: RuntimeGateConfig = RuntimeGateConfig(),
+) -> str:
     rows = [f"| version {v} | {s['macro_f1']:.4f} | {s['accuracy']:.4f} | {s['n']} |" for v, s in scores.items()]
     lines = [
-        f"# Promotion of {name} version {decision.candidate_version}: **{decision.label}**", "",
-        decision.reason, "",
-        "| model | test macro-F1 | accuracy | texts |", "|---|---|---|---|", *rows, "",
+        f"# Promotion of {name} version {decision.candidate_version}: **{decision.label}**",
+        "",
+        decision.reason,
+        "",
+        "| model | test macro-F1 | accuracy | texts |",
+        "|---|---|---|---|",
+        *rows,
+        "",
     ]
     if decision.per_class_f1_delta:
         lines += ["| class | F1 change (candidate - champion) |", "|---|---|"]
@@ -117,7 +130,12 @@ def decision_markdown(name: str, decision: GateDecision, scores: dict[int, dict]
 
 
 def build_and_check_bento(
-    tracking_uri: str, name: str, version: int, test_split: Path, smoke_test_texts: int, smoke_test_timeout: int,
+    tracking_uri: str,
+    name: str,
+    version: int,
+    test_split: Path,
+    smoke_test_texts: int,
+    smoke_test_timeout: int,
     settings: Settings,
 ) -> BentoBuild:
     """Model store -> Bento -> served on loopback -> answers equal the registered pyfunc model's. Raises on any
@@ -133,13 +151,24 @@ def build_and_check_bento(
 
 def served_bento(build: BentoBuild, containerize: bool) -> ServedBento:
     if not containerize:
-        return ServedBento(bento_tag=build.bento_tag, model_version=build.model_version, runtime=build.runtime,
-                           dockerfile=build.dockerfile, container_image=None,
-                           container_message="containerize=False: no image built.")
+        return ServedBento(
+            bento_tag=build.bento_tag,
+            model_version=build.model_version,
+            runtime=build.runtime,
+            dockerfile=build.dockerfile,
+            container_image=None,
+            container_message="containerize=False: no image built.",
+        )
     image = containerize_bento_task(build)
     get_run_logger().info(image.message)
-    return ServedBento(bento_tag=build.bento_tag, model_version=build.model_version, runtime=build.runtime,
-                       dockerfile=image.dockerfile, container_image=image.image, container_message=image.message)
+    return ServedBento(
+        bento_tag=build.bento_tag,
+        model_version=build.model_version,
+        runtime=build.runtime,
+        dockerfile=image.dockerfile,
+        container_image=image.image,
+        container_message=image.message,
+    )
 
 
 @flow(name="promotion", log_prints=True)
@@ -149,8 +178,11 @@ def promotion(
         int | None, Field(ge=1, description="Model version to gate; empty means the version behind @candidate.")
     ] = None,
     training_flow_run_id: Annotated[
-        str | None, Field(description="Gate the version this training flow run registered (what the automation "
-                                      "after training passes); overrides candidate_version.")
+        str | None,
+        Field(
+            description="Gate the version this training flow run registered (what the automation "
+            "after training passes); overrides candidate_version."
+        ),
     ] = None,
     gate: GateConfig = GateConfig(),
     runtime: RuntimeGateConfig = RuntimeGateConfig(),
@@ -171,7 +203,9 @@ def promotion(
         )
     champion = resolve_alias_task(uri, name, CHAMPION_ALIAS)
     tracking = start_tracking_run_task(
-        uri, settings.promotion_experiment_name, run_name=f"{name}-v{candidate}",
+        uri,
+        settings.promotion_experiment_name,
+        run_name=f"{name}-v{candidate}",
         idempotency_key=flow_run.get_id() or f"local-{name}-{candidate}",
         tags={"prefect.flow_run_id": str(flow_run.get_id()), "registered_model": name},
     )
@@ -183,26 +217,40 @@ def promotion(
         runtime_gate = None
         if decision.promote:  # the runtime the Bento, batch scoring and monitoring will answer with
             downloaded = download_model_version_task(uri, name, candidate, settings.model_download_dir)
-            runtime_gate = optimize_runtime_task(downloaded.model_dir, test_split,
-                                                 settings.promotion_dir / tracking.run_id / "runtime", runtime)
+            runtime_gate = optimize_runtime_task(
+                downloaded.model_dir, test_split, settings.promotion_dir / tracking.run_id / "runtime", runtime
+            )
             record_runtime_task(tracking, name, candidate, runtime_gate, runtime)
             print(f"Inference runtime: {runtime_gate.reason}")
-        create_markdown_artifact(key="promotion-decision",
-                                 markdown=decision_markdown(name, decision, scores, runtime_gate, runtime),
-                                 description=f"Gate decision for {name} version {candidate}.")
+        create_markdown_artifact(
+            key="promotion-decision",
+            markdown=decision_markdown(name, decision, scores, runtime_gate, runtime),
+            description=f"Gate decision for {name} version {candidate}.",
+        )
         print(f"{name} version {candidate}: {decision.label}. {decision.reason}")
-        result = PromotionResult(registered_model_name=name, decision=decision, champion_version=champion,
-                                 previous_champion_version=resolve_alias_task(uri, name, PREVIOUS_CHAMPION_ALIAS))
+        result = PromotionResult(
+            registered_model_name=name,
+            decision=decision,
+            champion_version=champion,
+            previous_champion_version=resolve_alias_task(uri, name, PREVIOUS_CHAMPION_ALIAS),
+        )
         if decision.promote:
             build = build_and_check_bento(
                 uri, name, candidate, test_split, smoke_test_texts, smoke_test_timeout_seconds, settings
             )
             previous, new_champion = move_aliases_task(uri, name, candidate)
-            print(f"@{CHAMPION_ALIAS} -> version {new_champion}; @{PREVIOUS_CHAMPION_ALIAS} -> version {previous}; "
-                  f"Bento {build.bento_tag}")
-            result = PromotionResult(registered_model_name=name, decision=decision, champion_version=new_champion,
-                                     previous_champion_version=previous, bento=served_bento(build, containerize),
-                                     runtime=runtime_gate)
+            print(
+                f"@{CHAMPION_ALIAS} -> version {new_champion}; @{PREVIOUS_CHAMPION_ALIAS} -> version {previous}; "
+                f"Bento {build.bento_tag}"
+            )
+            result = PromotionResult(
+                registered_model_name=name,
+                decision=decision,
+                champion_version=new_champion,
+                previous_champion_version=previous,
+                bento=served_bento(build, containerize),
+                runtime=runtime_gate,
+            )
     except BaseException as error:
         with contextlib.suppress(Exception):  # never hide the real error behind a tracking one
             end_tracking_run(tracking, status="FAILED")
@@ -232,12 +280,19 @@ def rollback(
         uri, name, previous, test_split, smoke_test_texts, smoke_test_timeout_seconds, settings
     )
     champion, demoted = rollback_task(uri, name)
-    print(f"Rolled back: @{CHAMPION_ALIAS} -> version {champion}; @{PREVIOUS_CHAMPION_ALIAS} -> version {demoted}; "
-          f"Bento {build.bento_tag}")
-    create_markdown_artifact(
-        key="rollback", description=f"Rollback of {name}.",
-        markdown=f"# Rollback of {name}\n\n@{CHAMPION_ALIAS} is version **{champion}** again (Bento "
-                 f"`{build.bento_tag}`); version {demoted} is now @{PREVIOUS_CHAMPION_ALIAS}.\n",
+    print(
+        f"Rolled back: @{CHAMPION_ALIAS} -> version {champion}; @{PREVIOUS_CHAMPION_ALIAS} -> version {demoted}; "
+        f"Bento {build.bento_tag}"
     )
-    return RollbackResult(registered_model_name=name, champion_version=champion, previous_champion_version=demoted,
-                          bento=served_bento(build, containerize))
+    create_markdown_artifact(
+        key="rollback",
+        description=f"Rollback of {name}.",
+        markdown=f"# Rollback of {name}\n\n@{CHAMPION_ALIAS} is version **{champion}** again (Bento "
+        f"`{build.bento_tag}`); version {demoted} is now @{PREVIOUS_CHAMPION_ALIAS}.\n",
+    )
+    return RollbackResult(
+        registered_model_name=name,
+        champion_version=champion,
+        previous_champion_version=demoted,
+        bento=served_bento(build, containerize),
+    )

@@ -30,7 +30,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "TEXTCLF_MLFLOW_TRACKING_URI"),
         description="An existing MLflow tracking server; unset means the embedded local one.",
     )
-    bento_port: int = Field(default=3000, ge=1, le=65535, description="Port of the local Bento server (`textclf serve`).")
+    bento_port: int = Field(
+        default=3000, ge=1, le=65535, description="Port of the local Bento server (`textclf serve`)."
+    )
     experiment_name: str = Field(default="text-classifier")
     promotion_experiment_name: str = Field(
         default="text-classifier-promotion", description="MLflow experiment of the promotion runs (gate decisions)."

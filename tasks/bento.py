@@ -106,9 +106,11 @@ def download_model_version(tracking_uri: str, name: str, version: int, target_ro
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
         try:
-            local = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=source, dst_path=str(staging), tracking_uri=tracking_uri
-            ))
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=source, dst_path=str(staging), tracking_uri=tracking_uri
+                )
+            )
             shutil.rmtree(target, ignore_errors=True)
             local.rename(target)
         finally:
@@ -143,9 +145,7 @@ def predict_labels(downloaded: DownloadedModel, texts: list[str]) -> list[str]:
     return mlflow.pyfunc.load_model(str(downloaded.pyfunc_dir)).predict(list(texts))["label"].astype(str).tolist()
 
 
-def import_to_bento_store(
-    model_dir: Path, bento_model_name: str, registered_model: str, version: int
-) -> str:
+def import_to_bento_store(model_dir: Path, bento_model_name: str, registered_model: str, version: int) -> str:
     """Copy the model folder into the BentoML model store; return its tag (name:version). A model already
     imported for the same registered model, version and runtime (and the same runtime file) is reused, so a rebuild
     (rollback) adds nothing."""
@@ -170,9 +170,7 @@ def import_to_bento_store(
     return str(model.tag)
 
 
-def build_bento(
-    model_tag: str, registered_model: str, version: int, project_dir: Path = PROJECT_DIR
-) -> BentoBuild:
+def build_bento(model_tag: str, registered_model: str, version: int, project_dir: Path = PROJECT_DIR) -> BentoBuild:
     """`bentoml build` from `project_dir/bentofile.yaml`, serving `model_tag`, labelled with the registered model
     and version."""
     import bentoml
@@ -181,9 +179,17 @@ def build_bento(
     from tasks.onnx_runtime import folder_runtime
 
     command = [
-        bentoml_executable(), "build", str(project_dir), "--output", "tag",
-        "--label", f"registered_model={registered_model}", "--label", f"model_version={version}",
-        "--arg", f"model_tag={model_tag}",  # kept in the Bento: the service loads exactly this model
+        bentoml_executable(),
+        "build",
+        str(project_dir),
+        "--output",
+        "tag",
+        "--label",
+        f"registered_model={registered_model}",
+        "--label",
+        f"model_version={version}",
+        "--arg",
+        f"model_tag={model_tag}",  # kept in the Bento: the service loads exactly this model
     ]
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
     env.pop("TEXTCLF_BENTO_MODEL", None)
@@ -201,8 +207,12 @@ def build_bento(
     if packed != [model_tag]:
         raise BentoError(f"Bento {tags[-1]} packs models {packed}, expected exactly [{model_tag}].")
     return BentoBuild(
-        bento_tag=str(bento.tag), model_tag=model_tag, registered_model=registered_model, model_version=int(version),
-        bento_dir=bento_dir, dockerfile=bento_dir / "env" / "docker" / "Dockerfile",
+        bento_tag=str(bento.tag),
+        model_tag=model_tag,
+        registered_model=registered_model,
+        model_version=int(version),
+        bento_dir=bento_dir,
+        dockerfile=bento_dir / "env" / "docker" / "Dockerfile",
         runtime=folder_runtime(bentoml.models.get(model_tag).path),
     )
 
@@ -217,7 +227,11 @@ def start_bento_server(
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             [bentoml_executable(), "serve", bento_tag, "--host", host, "--port", str(port)],
-            cwd=log_path.parent, env=server_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=log_path.parent,
+            env=server_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
 
@@ -297,13 +311,16 @@ def smoke_test_bento(
     log_path = log_dir / f"smoke-{build.bento_tag.replace(':', '-')}.log"
     # The smoke test checks the model, not the deployment's auth: no bearer token on this private server, and its
     # requests are not production traffic: no request log.
-    process = start_bento_server(build.bento_tag, host, port, log_path,
-                                 env={"TEXTCLF_API_TOKEN": "", "TEXTCLF_REQUEST_LOG": "false"})
+    process = start_bento_server(
+        build.bento_tag, host, port, log_path, env={"TEXTCLF_API_TOKEN": "", "TEXTCLF_REQUEST_LOG": "false"}
+    )
     try:
         seconds = wait_until_ready(url, process, log_path, timeout_seconds)
         response = httpx.post(f"{url}/classify", json={"texts": list(texts)}, timeout=120)
         if response.status_code != 200:
-            raise BentoError(f"Smoke request to {build.bento_tag} answered {response.status_code}: {response.text[:500]}")
+            raise BentoError(
+                f"Smoke request to {build.bento_tag} answered {response.status_code}: {response.text[:500]}"
+            )
         answers = response.json()
     finally:
         stop_bento_server(process.pid)
@@ -311,7 +328,9 @@ def smoke_test_bento(
         raise BentoError(f"Smoke request sent {len(texts)} texts to {build.bento_tag}, got {len(answers)} answers.")
     versions = {answer.get("model_version") for answer in answers}
     if versions != {build.served_version}:
-        raise BentoError(f"Bento {build.bento_tag} answered as {sorted(map(str, versions))}, expected {build.served_version}.")
+        raise BentoError(
+            f"Bento {build.bento_tag} answered as {sorted(map(str, versions))}, expected {build.served_version}."
+        )
     labels = [answer["label"] for answer in answers]
     wrong = [(i, got, want) for i, (got, want) in enumerate(zip(labels, expected_labels)) if got != want]
     if wrong:
@@ -339,7 +358,9 @@ def containerize_bento(build: BentoBuild) -> ContainerImage:
         raise BentoError(f"Bento {build.bento_tag} has no generated Dockerfile at {build.dockerfile}.")
     if not docker_engine_available():
         return ContainerImage(
-            built=False, image=None, dockerfile=build.dockerfile,
+            built=False,
+            image=None,
+            dockerfile=build.dockerfile,
             message=(
                 f"No Docker engine is available here, so no image was built. The Bento {build.bento_tag} is ready: "
                 f"run `bentoml containerize {build.bento_tag}` on a machine with Docker, or build "
@@ -348,12 +369,16 @@ def containerize_bento(build: BentoBuild) -> ContainerImage:
         )
     done = subprocess.run(
         [bentoml_executable(), "containerize", build.bento_tag, "--image-tag", build.bento_tag],
-        capture_output=True, text=True, timeout=3600, env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"},
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"},
     )
     if done.returncode != 0:
         raise BentoError(f"`bentoml containerize {build.bento_tag}` failed:\n{_tail(done.stdout + done.stderr)}")
-    return ContainerImage(built=True, image=build.bento_tag, dockerfile=build.dockerfile,
-                          message=f"Built image {build.bento_tag}.")
+    return ContainerImage(
+        built=True, image=build.bento_tag, dockerfile=build.dockerfile, message=f"Built image {build.bento_tag}."
+    )
 
 
 def find_bento(registered_model: str, version: int) -> str | None:
@@ -365,8 +390,9 @@ def find_bento(registered_model: str, version: int) -> str | None:
     return str(max(matches, key=lambda b: b.info.creation_time).tag) if matches else None
 
 
-download_model_version_task = task(download_model_version, name="download-model-version", retries=2,
-                                   retry_delay_seconds=5)
+download_model_version_task = task(
+    download_model_version, name="download-model-version", retries=2, retry_delay_seconds=5
+)
 pick_smoke_texts_task = task(pick_smoke_texts, name="pick-smoke-texts")
 predict_labels_task = task(predict_labels, name="predict-with-registered-model")
 import_to_bento_store_task = task(import_to_bento_store, name="import-to-bento-store")

@@ -20,8 +20,14 @@ def env_bool(name: str, default: bool, environ: Mapping[str, str] = os.environ) 
     raise ValueError(f"{name}={raw!r} is not true or false (unset it to use the default, {str(default).lower()})")
 
 
-def env_number(name: str, default, kind: type = float, minimum: float = 0, environ: Mapping[str, str] = os.environ,
-               maximum: float | None = None):
+def env_number(
+    name: str,
+    default,
+    kind: type = float,
+    minimum: float = 0,
+    environ: Mapping[str, str] = os.environ,
+    maximum: float | None = None,
+):
     """`kind` (int or float) from the variable, finite, at least `minimum` and at most `maximum` (if given);
     `default` when unset or blank (None is a default too: "unset")."""
     raw = environ.get(name, "").strip()

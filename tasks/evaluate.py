@@ -31,7 +31,9 @@ class EvaluationConfig(BaseModel):
     calibration_bins: int = Field(default=15, ge=2, le=100)
     latency_samples: int = Field(default=20, ge=1, le=1000, description="Single-text calls timed for latency.")
     target_coverage: float = Field(
-        default=0.95, gt=0, le=1,
+        default=0.95,
+        gt=0,
+        le=1,
         description="Share of the validation texts the suggested abstention threshold (suggested_min_confidence, the "
         "max-softmax probability below which a text is answered 'unknown') still answers.",
     )
@@ -54,8 +56,9 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     edges = np.linspace(0.0, 1.0, bins + 1)
     index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
     table = pd.DataFrame({"bin": index, "confidence": confidence, "correct": correct.astype(float)})
-    per_bin = table.groupby("bin").agg(count=("correct", "size"), accuracy=("correct", "mean"),
-                                       confidence=("confidence", "mean"))
+    per_bin = table.groupby("bin").agg(
+        count=("correct", "size"), accuracy=("correct", "mean"), confidence=("confidence", "mean")
+    )
     per_bin = per_bin.reindex(range(bins)).fillna({"count": 0})
     per_bin["lower"], per_bin["upper"] = edges[:-1], edges[1:]
     filled = per_bin[per_bin["count"] > 0]
@@ -105,12 +108,14 @@ def _slice_scores(slices: pd.Series, labels: np.ndarray, predicted: np.ndarray, 
 
     frame = pd.DataFrame({"slice": slices.to_numpy(), "y": labels, "p": predicted, "b": baseline})
     return frame.groupby("slice", sort=False).apply(
-        lambda g: pd.Series({
-            "texts": len(g),
-            "accuracy": accuracy_score(g["y"], g["p"]),
-            "macro_f1": f1_score(g["y"], g["p"], average="macro", zero_division=0),
-            "baseline_accuracy": accuracy_score(g["y"], g["b"]),
-        }),
+        lambda g: pd.Series(
+            {
+                "texts": len(g),
+                "accuracy": accuracy_score(g["y"], g["p"]),
+                "macro_f1": f1_score(g["y"], g["p"], average="macro", zero_division=0),
+                "baseline_accuracy": accuracy_score(g["y"], g["b"]),
+            }
+        ),
         include_groups=False,
     )
 
@@ -129,8 +134,9 @@ def _plots(folder: Path, label_names, confusion, per_bin, per_class: pd.DataFram
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     for (row, column), value in np.ndenumerate(confusion):
-        axes.text(column, row, str(value), ha="center", va="center",
-                  color="white" if value > confusion.max() / 2 else "black")
+        axes.text(
+            column, row, str(value), ha="center", va="center", color="white" if value > confusion.max() / 2 else "black"
+        )
     axes.set_title("Confusion matrix (test)")
     figure.tight_layout()
     figure.savefig(folder / "confusion_matrix.png", dpi=120)
@@ -139,8 +145,14 @@ def _plots(folder: Path, label_names, confusion, per_bin, per_class: pd.DataFram
     figure, axes = plt.subplots(figsize=(5, 5))
     centers = (per_bin["lower"] + per_bin["upper"]) / 2
     filled = per_bin["count"] > 0
-    axes.bar(centers[filled], per_bin.loc[filled, "accuracy"], width=1 / len(per_bin), edgecolor="black",
-             alpha=0.7, label="accuracy")
+    axes.bar(
+        centers[filled],
+        per_bin.loc[filled, "accuracy"],
+        width=1 / len(per_bin),
+        edgecolor="black",
+        alpha=0.7,
+        label="accuracy",
+    )
     axes.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     axes.set_xlabel("confidence")
     axes.set_ylabel("accuracy")
@@ -164,11 +176,21 @@ def _plots(folder: Path, label_names, confusion, per_bin, per_class: pd.DataFram
     plt.close(figure)
 
 
-def _report(metrics: dict, per_class: pd.DataFrame, slices: pd.DataFrame, long_short: pd.DataFrame,
-            context: dict[str, str], truncation: str, max_length: int) -> str:
-    reads = {"head": "only their first tokens", "tail": "only their last tokens",
-             "head+tail": "only their first and last tokens",
-             "chunks": "overlapping windows over the whole text, whose logits are averaged"}[truncation]
+def _report(
+    metrics: dict,
+    per_class: pd.DataFrame,
+    slices: pd.DataFrame,
+    long_short: pd.DataFrame,
+    context: dict[str, str],
+    truncation: str,
+    max_length: int,
+) -> str:
+    reads = {
+        "head": "only their first tokens",
+        "tail": "only their last tokens",
+        "head+tail": "only their first and last tokens",
+        "chunks": "overlapping windows over the whole text, whose logits are averaged",
+    }[truncation]
     lines = ["# Model report", ""]
     lines += [f"- **{key}**: {value}" for key, value in context.items()]
     lines += [
@@ -246,8 +268,9 @@ def evaluate(
     truncated = np.asarray(truncated, dtype=bool)
     batched_ms = (time.perf_counter() - started) * 1000 / max(1, len(texts))
     validation = data.split("validation")
-    validation_confidence = classifier.predict_proba(validation["text"].tolist(),
-                                                     batch_size=config.batch_size).max(axis=1)
+    validation_confidence = classifier.predict_proba(validation["text"].tolist(), batch_size=config.batch_size).max(
+        axis=1
+    )
     single = []
     for text in texts[: config.latency_samples]:
         started = time.perf_counter()
@@ -293,13 +316,17 @@ def evaluate(
         metrics[f"baseline_f1_{name}"] = row["baseline_f1"]
     suggested = threshold_for_coverage(validation_confidence, config.target_coverage)
     test_coverage, test_answered_accuracy = coverage_at(confidence, predicted == labels, suggested)
-    metrics.update({
-        "target_coverage": config.target_coverage,
-        "suggested_min_confidence": suggested,
-        "validation_coverage_at_suggested": coverage_at(validation_confidence, np.ones(len(validation)), suggested)[0],
-        "test_coverage_at_suggested": test_coverage,
-        "test_accuracy_at_suggested": test_answered_accuracy,
-    })
+    metrics.update(
+        {
+            "target_coverage": config.target_coverage,
+            "suggested_min_confidence": suggested,
+            "validation_coverage_at_suggested": coverage_at(validation_confidence, np.ones(len(validation)), suggested)[
+                0
+            ],
+            "test_coverage_at_suggested": test_coverage,
+            "test_accuracy_at_suggested": test_answered_accuracy,
+        }
+    )
     metrics = {key: float(value) for key, value in metrics.items()}
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -307,7 +334,8 @@ def evaluate(
     try:
         _plots(staging, names, confusion_matrix(labels, predicted, labels=label_ids), per_bin, per_class)
         plot_accuracy_coverage(
-            staging / "accuracy_coverage.png", {"test": accuracy_coverage_curve(confidence, predicted == labels)},
+            staging / "accuracy_coverage.png",
+            {"test": accuracy_coverage_curve(confidence, predicted == labels)},
             "Accuracy vs coverage (test, max-softmax)",
             {f"suggested min_confidence {suggested:.3f}": (test_coverage, test_answered_accuracy)},
         )
@@ -316,11 +344,24 @@ def evaluate(
         slices.to_csv(staging / "length_slices.csv")
         long_short.to_csv(staging / "long_short_texts.csv")
         pd.DataFrame(
-            {"text": texts, "label": [names[i] for i in labels], "predicted": [names[i] for i in predicted],
-             "probability": confidence}
+            {
+                "text": texts,
+                "label": [names[i] for i in labels],
+                "predicted": [names[i] for i in predicted],
+                "probability": confidence,
+            }
         ).to_parquet(staging / "test_predictions.parquet", index=False)
-        (staging / "report.md").write_text(_report(metrics, per_class, slices, long_short, context or {},
-                                                   classifier.windowing.strategy, classifier.max_length))
+        (staging / "report.md").write_text(
+            _report(
+                metrics,
+                per_class,
+                slices,
+                long_short,
+                context or {},
+                classifier.windowing.strategy,
+                classifier.max_length,
+            )
+        )
         shutil.rmtree(output_dir, ignore_errors=True)
         staging.rename(output_dir)
     finally:

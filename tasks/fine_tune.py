@@ -45,7 +45,8 @@ class FineTuneConfig(BaseModel):
         default=2, ge=0, le=100, description="Epochs without a better validation macro-F1 before stopping; 0: never."
     )
     seed: int = Field(
-        default=42, ge=0,
+        default=42,
+        ge=0,
         description="Seed of the weight initialisation and the data order (the training flow splits the data with it too).",
     )
     device: Literal["auto", "cuda", "cpu"] = Field(
@@ -151,11 +152,14 @@ def _mlflow_callback(tracking: TrackingRef):
         def on_log(self, args, state, control, logs=None, **kwargs):
             from tasks.tracking import log_metrics
 
-            numeric = {f"train/{k}" if not k.startswith("eval_") else f"validation/{k[5:]}": v
-                       for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            numeric = {
+                f"train/{k}" if not k.startswith("eval_") else f"validation/{k[5:]}": v
+                for k, v in (logs or {}).items()
+                if isinstance(v, (int, float))
+            }
             try:
                 log_metrics(tracking, numeric, step=state.global_step)
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 logger.warning("Could not log step metrics to MLflow: %s", error)
 
     return MlflowStepMetrics()
@@ -239,9 +243,7 @@ def build_trainer(
         dataloader_pin_memory=device == "cuda",
         disable_tqdm=False,
     )
-    weights = (
-        class_weights(tokenized["train"]["labels"], num_labels).to(device) if config.class_weighted_loss else None
-    )
+    weights = class_weights(tokenized["train"]["labels"], num_labels).to(device) if config.class_weighted_loss else None
 
     def weighted_loss(outputs, labels, num_items_in_batch=None):
         import torch.nn.functional as F
@@ -302,9 +304,15 @@ def fine_tune(
     trainer.save_model(str(staging))  # the best epoch's weights: load_best_model_at_end restored them
     trainer.processing_class.save_pretrained(str(staging))
     (staging / LABELS_FILE).write_text(json.dumps(data.label_names, indent=2))
-    (staging / MODEL_SETTINGS_FILE).write_text(json.dumps({
-        **data.windowing.windowing().as_dict(), "base_model": config.base_model, "data_version": data.data_version,
-    }))
+    (staging / MODEL_SETTINGS_FILE).write_text(
+        json.dumps(
+            {
+                **data.windowing.windowing().as_dict(),
+                "base_model": config.base_model,
+                "data_version": data.data_version,
+            }
+        )
+    )
     shutil.rmtree(model_dir, ignore_errors=True)
     staging.rename(model_dir)
 

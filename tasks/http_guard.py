@@ -29,8 +29,9 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from tasks.env_settings import env_number
 
@@ -46,6 +47,7 @@ OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schem
 # ----------------------------------------------------------------------------------------------------------
 # Settings
 # ----------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ServingLimits:
@@ -69,14 +71,16 @@ class ServingLimits:
             max_body_bytes=env_number("TEXTCLF_MAX_BODY_BYTES", default.max_body_bytes, int, 1024, environ),
             max_in_flight=env_number("TEXTCLF_MAX_IN_FLIGHT", default.max_in_flight, int, 1, environ),
             max_queued=env_number("TEXTCLF_MAX_QUEUED", default.max_queued, int, 0, environ),
-            queue_timeout_seconds=float(env_number("TEXTCLF_QUEUE_TIMEOUT_SECONDS", default.queue_timeout_seconds,
-                                                   float, 0, environ)),
+            queue_timeout_seconds=float(
+                env_number("TEXTCLF_QUEUE_TIMEOUT_SECONDS", default.queue_timeout_seconds, float, 0, environ)
+            ),
         )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Small ASGI helpers
 # ----------------------------------------------------------------------------------------------------------
+
 
 async def send_json(send, status: int, body: dict, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
     await send({"type": "http.response.start", "status": status, "headers": [*JSON_HEADERS, *headers]})
@@ -105,8 +109,10 @@ def media_type_error(content_type: str | None, content_encoding: str | None) -> 
     """Why this Content-Type / Content-Encoding cannot be read as a classify request, or None when it can: JSON
     (the documented body), or a form whose `texts` field holds a JSON list, which BentoML also reads."""
     if content_encoding and content_encoding.strip().lower() not in ("identity", ""):
-        return (f"Content-Encoding {content_encoding!r} is not supported: send the JSON body uncompressed "
-                f"(no Content-Encoding header).")
+        return (
+            f"Content-Encoding {content_encoding!r} is not supported: send the JSON body uncompressed "
+            f"(no Content-Encoding header)."
+        )
     media, _, params = (content_type or "application/json").partition(";")
     media = media.strip().lower()
     parameters = {}
@@ -114,11 +120,15 @@ def media_type_error(content_type: str | None, content_encoding: str | None) -> 
         key, _, value = param.partition("=")
         parameters[key.strip().lower()] = value.strip().strip('"')
     if media not in ("application/json", *FORM_TYPES):
-        return (f"Content-Type {media!r} is not supported: send a JSON body with "
-                f"Content-Type: application/json, like {{\"texts\": [\"first text\", \"second text\"]}}.")
+        return (
+            f"Content-Type {media!r} is not supported: send a JSON body with "
+            f'Content-Type: application/json, like {{"texts": ["first text", "second text"]}}.'
+        )
     if media == "multipart/form-data" and not parameters.get("boundary"):
-        return ("Content-Type 'multipart/form-data' without a boundary cannot be read: send JSON with "
-                "Content-Type: application/json (or a form with its boundary, as HTTP clients make it).")
+        return (
+            "Content-Type 'multipart/form-data' without a boundary cannot be read: send JSON with "
+            "Content-Type: application/json (or a form with its boundary, as HTTP clients make it)."
+        )
     charset = parameters.get("charset", "utf-8").lower()
     if charset not in ("utf-8", "utf8"):
         return f"charset {charset!r} is not supported: send the body as UTF-8 (charset=utf-8)."
@@ -128,6 +138,7 @@ def media_type_error(content_type: str | None, content_encoding: str | None) -> 
 # ----------------------------------------------------------------------------------------------------------
 # Admission
 # ----------------------------------------------------------------------------------------------------------
+
 
 class AtCapacity(Exception):
     """No room for this request within the queue timeout (or the queue is full)."""
@@ -189,6 +200,7 @@ class Admission:
 # The guard
 # ----------------------------------------------------------------------------------------------------------
 
+
 class RequestGuard:
     """ASGI middleware; see the module docstring. `api_paths` are the POST APIs it guards and admits."""
 
@@ -199,19 +211,29 @@ class RequestGuard:
         self._last_rejection_log = 0.0
 
     def _at_capacity_body(self) -> dict:
-        return {"error": (f"The server is at capacity ({self.limits.max_in_flight} requests in progress and "
-                          f"{len(self.admission.waiters)} waiting): retry after {self.limits.retry_after_seconds} s, "
-                          f"or send fewer requests at once.")}
+        return {
+            "error": (
+                f"The server is at capacity ({self.limits.max_in_flight} requests in progress and "
+                f"{len(self.admission.waiters)} waiting): retry after {self.limits.retry_after_seconds} s, "
+                f"or send fewer requests at once."
+            )
+        }
 
     async def _reject_at_capacity(self, send, reason: str) -> None:
         self.rejected += 1
         now = time.monotonic()
         if now - self._last_rejection_log >= 1.0:  # one line a second at most, however many are refused
-            logger.warning("503 at capacity (%s): %d requests refused so far, %d in progress, %d waiting", reason,
-                           self.rejected, self.admission.in_flight, len(self.admission.waiters))
+            logger.warning(
+                "503 at capacity (%s): %d requests refused so far, %d in progress, %d waiting",
+                reason,
+                self.rejected,
+                self.admission.in_flight,
+                len(self.admission.waiters),
+            )
             self._last_rejection_log = now
-        await send_json(send, 503, self._at_capacity_body(),
-                        [(b"retry-after", str(self.limits.retry_after_seconds).encode())])
+        await send_json(
+            send, 503, self._at_capacity_body(), [(b"retry-after", str(self.limits.retry_after_seconds).encode())]
+        )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -226,14 +248,24 @@ class RequestGuard:
             await self.app(scope, receive, send)
         else:
             await drain(receive)
-            await send_json(send, 404, {"error": f"No such path {path!r}: the API is POST /classify; its "
-                                                 f"documentation is at /docs.json (Swagger UI at /)."})
+            await send_json(
+                send,
+                404,
+                {
+                    "error": f"No such path {path!r}: the API is POST /classify; its "
+                    f"documentation is at /docs.json (Swagger UI at /)."
+                },
+            )
 
     async def _guarded_api(self, scope, receive, send):
         if scope.get("method") != "POST":
             await drain(receive)
-            await send_json(send, 405, {"error": f"{scope.get('method')} is not allowed on {scope['path']}: "
-                                                 f"send POST with a JSON body."}, [(b"allow", b"POST")])
+            await send_json(
+                send,
+                405,
+                {"error": f"{scope.get('method')} is not allowed on {scope['path']}: send POST with a JSON body."},
+                [(b"allow", b"POST")],
+            )
             return
         problem = media_type_error(header(scope, b"content-type"), header(scope, b"content-encoding"))
         if problem:
@@ -241,8 +273,10 @@ class RequestGuard:
             await send_json(send, 415, {"error": problem})
             return
         limit = self.limits.max_body_bytes
-        too_large = {"error": f"The request body is larger than {limit} bytes: send at most 64 texts of at most "
-                              f"20000 characters each, splitting larger jobs into several requests."}
+        too_large = {
+            "error": f"The request body is larger than {limit} bytes: send at most 64 texts of at most "
+            f"20000 characters each, splitting larger jobs into several requests."
+        }
         declared = header(scope, b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
             await drain(receive)
@@ -338,14 +372,20 @@ class RequestGuard:
             except (ValueError, KeyError, TypeError, AttributeError) as error:
                 logger.warning("could not complete the OpenAPI document (%s); serving BentoML's as it is", error)
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-        await send({"type": "http.response.start", "status": start.get("status", 500),
-                    "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": start.get("status", 500),
+                "headers": [*headers, (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Auth
 # ----------------------------------------------------------------------------------------------------------
+
 
 class BearerTokenAuth:
     """When a token is configured, every path but health, metrics and the docs needs `Authorization: Bearer
@@ -360,8 +400,12 @@ class BearerTokenAuth:
             scheme, _, given = (header(scope, b"authorization") or "").strip().partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1"), self.expected):
                 await drain(receive)
-                await send_json(send, 401, {"error": "Missing or wrong bearer token: send Authorization: Bearer "
-                                                     "<token>."}, [(b"www-authenticate", b"Bearer")])
+                await send_json(
+                    send,
+                    401,
+                    {"error": "Missing or wrong bearer token: send Authorization: Bearer <token>."},
+                    [(b"www-authenticate", b"Bearer")],
+                )
                 return
         await self.app(scope, receive, send)
 
@@ -369,6 +413,7 @@ class BearerTokenAuth:
 # ----------------------------------------------------------------------------------------------------------
 # Logs
 # ----------------------------------------------------------------------------------------------------------
+
 
 class OneLineClientErrors(logging.Filter):
     """BentoML logs every rejected request with its traceback (`Exception on /classify [POST]`); for client errors
@@ -439,7 +484,7 @@ def openapi_document(document: dict, limits: ServingLimits) -> dict:
     """BentoML's OpenAPI document with the error answers the service really gives and the bearer scheme."""
     info = document.setdefault("info", {})
     info["description"] = (
-        "Text classification: POST /classify with {\"texts\": [...]} (1 to 64 texts, each with a visible "
+        'Text classification: POST /classify with {"texts": [...]} (1 to 64 texts, each with a visible '
         "character and at most 20000 characters, at most 128000 characters in all). Each answer gives the label, "
         "its probability, every class's probability, whether the text was truncated, and the model version and "
         "runtime that answered. When the server has an API token, send Authorization: Bearer <token>."
@@ -450,34 +495,47 @@ def openapi_document(document: dict, limits: ServingLimits) -> dict:
     schemas["ValidationError"] = VALIDATION_ERROR_SCHEMA
     schemas.pop("InvalidArgument", None)  # BentoML's, with `detail` as a string: not what it sends
     components.setdefault("securitySchemes", {})["bearerAuth"] = {
-        "type": "http", "scheme": "bearer",
+        "type": "http",
+        "scheme": "bearer",
         "description": "Needed when the server runs with TEXTCLF_API_TOKEN; health, metrics and docs stay open.",
     }
 
     def error(description: str, schema: str = "Error", headers: dict | None = None) -> dict:
-        answer = {"description": description,
-                  "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+        answer = {
+            "description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+        }
         if headers:
             answer["headers"] = headers
         return answer
 
-    for path, item in document.get("paths", {}).items():
+    for item in document.get("paths", {}).values():
         operation = item.get("post")
         if not isinstance(operation, dict):
             continue
         responses = operation.setdefault("responses", {})
         for code in ("400", "404", "500"):
             responses.pop(code, None)  # BentoML's generic entries, replaced below
-        responses["400"] = error("The body is not valid: broken JSON, a missing or wrong field, a text that is "
-                                 "blank or too long, too many texts or characters.", "ValidationError")
+        responses["400"] = error(
+            "The body is not valid: broken JSON, a missing or wrong field, a text that is "
+            "blank or too long, too many texts or characters.",
+            "ValidationError",
+        )
         responses["401"] = error("Missing or wrong bearer token (only when the server has an API token).")
         responses["413"] = error(f"The body is larger than {limits.max_body_bytes} bytes.")
-        responses["415"] = error("The body cannot be read: a Content-Type other than application/json (or a form "
-                                 "with its boundary), a charset other than UTF-8, or a Content-Encoding.")
+        responses["415"] = error(
+            "The body cannot be read: a Content-Type other than application/json (or a form "
+            "with its boundary), a charset other than UTF-8, or a Content-Encoding."
+        )
         responses["503"] = error(
             "The server is at capacity: retry after the number of seconds in Retry-After.",
-            headers={"Retry-After": {"description": "Seconds to wait before retrying.",
-                                     "schema": {"type": "integer", "minimum": 1}}})
+            headers={
+                "Retry-After": {
+                    "description": "Seconds to wait before retrying.",
+                    "schema": {"type": "integer", "minimum": 1},
+                }
+            },
+        )
         operation["security"] = [{}, {"bearerAuth": []}]  # open unless the server has a token
     return document
 
@@ -485,6 +543,7 @@ def openapi_document(document: dict, limits: ServingLimits) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # Metric labels
 # ----------------------------------------------------------------------------------------------------------
+
 
 def route_table(app) -> tuple[frozenset[str], tuple[str, ...]]:
     """The exact paths and the path prefixes (mounts, parametrised routes) the Starlette `app` routes."""
@@ -527,8 +586,9 @@ def bound_metric_labels() -> None:
 
     async def labelled(self, scope, receive, send):
         if scope.get("type") == "http" and "app" in scope and not is_routed(scope):
-            scope = dict(scope, path=UNMATCHED_PATH, raw_path=UNMATCHED_PATH.encode(),
-                         **{"textclf.path": scope.get("path", "")})
+            scope = dict(
+                scope, path=UNMATCHED_PATH, raw_path=UNMATCHED_PATH.encode(), **{"textclf.path": scope.get("path", "")}
+            )
         await original(self, scope, receive, send)
 
     RunnerTrafficMetricsMiddleware.__call__ = labelled
@@ -538,6 +598,7 @@ def bound_metric_labels() -> None:
 # ----------------------------------------------------------------------------------------------------------
 # BentoML's dispatcher after a load
 # ----------------------------------------------------------------------------------------------------------
+
 
 def forget_stale_batch_wait() -> None:
     """BentoML's adaptive batching learns `wait`, the mean time a batch's first request waited, and corks each new
@@ -554,12 +615,12 @@ def forget_stale_batch_wait() -> None:
 
     def log_outbound(self, n: int, wait: float, duration: float):
         if n == 1 and self.wait > 0:
-            self.o_stat = collections.deque(((size, took, 0.0) for size, took, _ in self.o_stat),
-                                            maxlen=self.o_stat.maxlen)
+            self.o_stat = collections.deque(
+                ((size, took, 0.0) for size, took, _ in self.o_stat), maxlen=self.o_stat.maxlen
+            )
             self.wait = 0
             wait = 0.0
         return original(self, n, wait, duration)
 
     Optimizer.log_outbound = log_outbound
     Optimizer._textclf_forgets = True
-

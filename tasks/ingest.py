@@ -140,7 +140,7 @@ def _decode(raw: bytes, path: Path, config: IngestConfig) -> str:
         start = skipped + error.start
         line = raw[:start].count(b"\n") + 1
         raise DatasetValidationError(
-            f"{path}: not valid {config.encoding} at line {line} (byte {start}: {raw[start:start + 1]!r}). "
+            f"{path}: not valid {config.encoding} at line {line} (byte {start}: {raw[start : start + 1]!r}). "
             f"Re-save the file as UTF-8 (e.g. `iconv -f cp1252 -t utf-8`), or set "
             f"{setting('encoding', 'fallback_encoding')} to the file's real encoding (e.g. cp1252)."
         ) from None
@@ -177,13 +177,13 @@ def _raise_bad_json_line(text: str, path: Path) -> None:
         except json.JSONDecodeError as error:
             raise DatasetValidationError(
                 f"{path} line {number} is not valid JSON: {error.msg} (column {error.colno}): {line[:80]!r}. "
-                f"Each line must be one JSON object such as {{\"text\": \"...\", \"label\": \"...\"}}; fix or "
+                f'Each line must be one JSON object such as {{"text": "...", "label": "..."}}; fix or '
                 f"remove that line."
             ) from None
         if not isinstance(value, dict):
             raise DatasetValidationError(
                 f"{path} line {number} is a JSON {type(value).__name__}, not an object: {line[:80]!r}. Each line must "
-                f"be one JSON object such as {{\"text\": \"...\", \"label\": \"...\"}}."
+                f'be one JSON object such as {{"text": "...", "label": "..."}}.'
             )
 
 
@@ -229,7 +229,9 @@ def _split_files(folder: Path) -> dict[str, Path]:
         split = SPLIT_NAMES.get(path.stem.lower())
         if path.is_file() and split and path.suffix.lower() in TABLE_SUFFIXES:
             if split in files:
-                raise DatasetValidationError(f"{folder}: two files for split {split!r}: {files[split].name}, {path.name}.")
+                raise DatasetValidationError(
+                    f"{folder}: two files for split {split!r}: {files[split].name}, {path.name}."
+                )
             files[split] = path
     return files
 
@@ -238,8 +240,15 @@ def _read_class_folders(folder: Path, config: IngestConfig) -> pd.DataFrame:
     rows = []
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
         for text_file in sorted(class_dir.glob("*.txt")):
-            rows.append({"text": _decode(text_file.read_bytes(), text_file, config), "label": class_dir.name,
-                         "split": None, "origin": str(text_file), "row": 1})
+            rows.append(
+                {
+                    "text": _decode(text_file.read_bytes(), text_file, config),
+                    "label": class_dir.name,
+                    "split": None,
+                    "origin": str(text_file),
+                    "row": 1,
+                }
+            )
     if not rows:
         raise DatasetValidationError(
             f"{folder}: found no class sub-folders with .txt files, and no train/validation/test files. "
@@ -323,7 +332,9 @@ def _read_hub(name: str, config: IngestConfig) -> pd.DataFrame:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in TABLE_SUFFIXES | ARCHIVE_SUFFIXES | {".txt"}
+    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in TABLE_SUFFIXES | ARCHIVE_SUFFIXES | {
+        ".txt"
+    }
 
 
 def read_source(config: IngestConfig) -> pd.DataFrame:

@@ -41,9 +41,11 @@ class RuntimeFileError(RuntimeError):
 
 
 def _remedy(model_dir: Path) -> str:
-    return (f"Run the promotion flow again for this model version (it re-exports and re-gates the ONNX variants and "
-            f"rewrites them), or delete {model_dir / RUNTIME_FILE} (and {model_dir / ONNX_DIR}) to answer with "
-            f"PyTorch")
+    return (
+        f"Run the promotion flow again for this model version (it re-exports and re-gates the ONNX variants and "
+        f"rewrites them), or delete {model_dir / RUNTIME_FILE} (and {model_dir / ONNX_DIR}) to answer with "
+        f"PyTorch"
+    )
 
 
 def check_runtime(runtime: str) -> str:
@@ -66,8 +68,9 @@ def read_runtime_file(model_dir: str | Path) -> dict:
         if runtime != PYTORCH and not spec.get("file"):
             raise KeyError("file")
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise RuntimeFileError(f"{path} is not a valid runtime file ({type(error).__name__}: {error}). "
-                               f"{_remedy(model_dir)}.") from error
+        raise RuntimeFileError(
+            f"{path} is not a valid runtime file ({type(error).__name__}: {error}). {_remedy(model_dir)}."
+        ) from error
     return spec
 
 
@@ -97,8 +100,9 @@ def onnx_file(model_dir: str | Path, runtime: str) -> Path:
     if not path.is_file():
         raise RuntimeFileError(f"Runtime {runtime} needs {path}, which does not exist. {_remedy(model_dir)}.")
     if spec["runtime"] == runtime and spec.get("sha256") and sha256_of(path) != spec["sha256"]:
-        raise RuntimeFileError(f"{path} is corrupt: its SHA-256 differs from the one in {model_dir / RUNTIME_FILE}. "
-                               f"{_remedy(model_dir)}.")
+        raise RuntimeFileError(
+            f"{path} is corrupt: its SHA-256 differs from the one in {model_dir / RUNTIME_FILE}. {_remedy(model_dir)}."
+        )
     return path
 
 

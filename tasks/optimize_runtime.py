@@ -60,14 +60,26 @@ class RuntimeGateConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    optimize_runtime: bool = Field(default=True, description="Export ONNX fp32 and int8 variants of the candidate at "
-                           "promotion and serve the fastest one that passes the runtime gate (PyTorch otherwise).")
-    min_label_agreement: float = Field(default=0.995, ge=0, le=1, description="Share of the test texts on which a "
-                                       "variant's label must equal the PyTorch model's.")
-    max_macro_f1_drop: float = Field(default=0.005, ge=0, le=1, description="Most a variant's test macro-F1 may be "
-                                     "below the PyTorch model's (0.005 = 0.5 points).")
-    runtime_batch_size: int = Field(default=64, ge=1, le=512, description="Batch size of the runtime gate's scoring "
-                                    "and timing.")
+    optimize_runtime: bool = Field(
+        default=True,
+        description="Export ONNX fp32 and int8 variants of the candidate at "
+        "promotion and serve the fastest one that passes the runtime gate (PyTorch otherwise).",
+    )
+    min_label_agreement: float = Field(
+        default=0.995,
+        ge=0,
+        le=1,
+        description="Share of the test texts on which a variant's label must equal the PyTorch model's.",
+    )
+    max_macro_f1_drop: float = Field(
+        default=0.005,
+        ge=0,
+        le=1,
+        description="Most a variant's test macro-F1 may be below the PyTorch model's (0.005 = 0.5 points).",
+    )
+    runtime_batch_size: int = Field(
+        default=64, ge=1, le=512, description="Batch size of the runtime gate's scoring and timing."
+    )
 
 
 class VariantScore(BaseModel):
@@ -121,8 +133,9 @@ def export_onnx(model_dir: Path, target: Path, opset: int = ONNX_OPSET) -> Path:
     except (ValueError, TypeError, ImportError):
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     model = model.to("cpu").eval()
-    sample = tokenizer(["a short text", "a somewhat longer text, padded to the longest"], padding=True,
-                       return_tensors="pt")
+    sample = tokenizer(
+        ["a short text", "a somewhat longer text, padded to the longest"], padding=True, return_tensors="pt"
+    )
     # The exporter binds positional inputs in the order of forward()'s parameters.
     names = [name for name in inspect.signature(model.forward).parameters if name in sample]
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -132,8 +145,14 @@ def export_onnx(model_dir: Path, target: Path, opset: int = ONNX_OPSET) -> Path:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             torch.onnx.export(
-                model, tuple(sample[name] for name in names), tmp, dynamo=False, input_names=names,
-                output_names=["logits"], opset_version=opset, do_constant_folding=True,
+                model,
+                tuple(sample[name] for name in names),
+                tmp,
+                dynamo=False,
+                input_names=names,
+                output_names=["logits"],
+                opset_version=opset,
+                do_constant_folding=True,
                 dynamic_axes={**{name: {0: "batch", 1: "sequence"} for name in names}, "logits": {0: "batch"}},
             )
         Path(tmp).replace(target)
@@ -212,8 +231,15 @@ def _classify(classifier, texts: list[str], batch_size: int) -> tuple[np.ndarray
     return probabilities, len(texts) / seconds if seconds > 0 else float("inf")
 
 
-def judge_variant(runtime: str, labels: list[str], reference: list[str], truth: list[str], classes: list[str],
-                  reference_f1: float, config: RuntimeGateConfig) -> tuple[bool, str, float, float, float]:
+def judge_variant(
+    runtime: str,
+    labels: list[str],
+    reference: list[str],
+    truth: list[str],
+    classes: list[str],
+    reference_f1: float,
+    config: RuntimeGateConfig,
+) -> tuple[bool, str, float, float, float]:
     """(passed, reason, agreement, macro-F1, macro-F1 drop) of one variant's labels against PyTorch's. Pure."""
     from tasks.promote import _f1_scores
 
@@ -226,12 +252,22 @@ def judge_variant(runtime: str, labels: list[str], reference: list[str], truth: 
     if drop > config.max_macro_f1_drop + TOLERANCE:
         problems.append(f"macro-F1 drop {drop * 100:.2f} points > {config.max_macro_f1_drop * 100:.2f}")
     figures = f"agreement {agreement:.2%}, macro-F1 {macro_f1:.4f} ({-drop * 100 + 0.0:+.2f} points)"
-    return (not problems, f"{runtime}: {figures}" + (f": fails, {'; '.join(problems)}" if problems else ": passes"),
-            agreement, macro_f1, drop)
+    return (
+        not problems,
+        f"{runtime}: {figures}" + (f": fails, {'; '.join(problems)}" if problems else ": passes"),
+        agreement,
+        macro_f1,
+        drop,
+    )
 
 
-def gate_runtimes(model_dir: Path, variants: dict[str, Path | str], test: pd.DataFrame | Path,
-                  config: RuntimeGateConfig, work_dir: Path) -> RuntimeGate:
+def gate_runtimes(
+    model_dir: Path,
+    variants: dict[str, Path | str],
+    test: pd.DataFrame | Path,
+    config: RuntimeGateConfig,
+    work_dir: Path,
+) -> RuntimeGate:
     """Score PyTorch and every variant on the test split, judge each variant against PyTorch, choose the fastest
     that passes, and lay out the chosen runtime's files in `work_dir/files` (runtime.json, onnx/<file>)."""
     from tasks.classifier import TextClassifier
@@ -249,9 +285,18 @@ def gate_runtimes(model_dir: Path, variants: dict[str, Path | str], test: pd.Dat
     del reference
     ref_labels = [names[i] for i in ref_probabilities.argmax(axis=1)]
     ref_f1 = _f1_scores(truth, ref_labels, classes)["macro_f1"]
-    scores = [VariantScore(runtime=PYTORCH, passed=True, reason="the reference (the registered model)",
-                           label_agreement=1.0, macro_f1=ref_f1, macro_f1_drop=0.0, max_probability_diff=0.0,
-                           texts_per_second=ref_speed)]
+    scores = [
+        VariantScore(
+            runtime=PYTORCH,
+            passed=True,
+            reason="the reference (the registered model)",
+            label_agreement=1.0,
+            macro_f1=ref_f1,
+            macro_f1_drop=0.0,
+            max_probability_diff=0.0,
+            texts_per_second=ref_speed,
+        )
+    ]
     folder = _scoring_folder(model_dir, variants, work_dir / "scoring") if variants else None
     try:
         for runtime, made in variants.items():
@@ -263,16 +308,32 @@ def gate_runtimes(model_dir: Path, variants: dict[str, Path | str], test: pd.Dat
                 probabilities, speed = _classify(classifier, texts, config.runtime_batch_size)
                 del classifier
             except Exception as error:  # a variant that does not load or run is not served, and says why
-                scores.append(VariantScore(runtime=runtime, passed=False,
-                                           reason=f"{runtime}: does not run: {type(error).__name__}: {error}"[:500]))
+                scores.append(
+                    VariantScore(
+                        runtime=runtime,
+                        passed=False,
+                        reason=f"{runtime}: does not run: {type(error).__name__}: {error}"[:500],
+                    )
+                )
                 continue
             labels = [names[i] for i in probabilities.argmax(axis=1)]
-            passed, reason, agreement, macro_f1, drop = judge_variant(runtime, labels, ref_labels, truth, classes,
-                                                                      ref_f1, config)
-            scores.append(VariantScore(
-                runtime=runtime, passed=passed, reason=reason, label_agreement=agreement, macro_f1=macro_f1,
-                macro_f1_drop=drop, max_probability_diff=float(np.abs(probabilities - ref_probabilities).max()),
-                texts_per_second=speed, file=f"{ONNX_DIR}/{made.name}", size_bytes=made.stat().st_size))
+            passed, reason, agreement, macro_f1, drop = judge_variant(
+                runtime, labels, ref_labels, truth, classes, ref_f1, config
+            )
+            scores.append(
+                VariantScore(
+                    runtime=runtime,
+                    passed=passed,
+                    reason=reason,
+                    label_agreement=agreement,
+                    macro_f1=macro_f1,
+                    macro_f1_drop=drop,
+                    max_probability_diff=float(np.abs(probabilities - ref_probabilities).max()),
+                    texts_per_second=speed,
+                    file=f"{ONNX_DIR}/{made.name}",
+                    size_bytes=made.stat().st_size,
+                )
+            )
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -280,23 +341,31 @@ def gate_runtimes(model_dir: Path, variants: dict[str, Path | str], test: pd.Dat
     best = max(passing, key=lambda s: s.texts_per_second or 0.0)
     pytorch = scores[0]
     if best.runtime == PYTORCH:
-        reason = ("PyTorch serves: no ONNX variant passed the runtime gate" if len(scores) > 1
-                  else "PyTorch serves: no ONNX variant was tried")
+        reason = (
+            "PyTorch serves: no ONNX variant passed the runtime gate"
+            if len(scores) > 1
+            else "PyTorch serves: no ONNX variant was tried"
+        )
     else:
-        reason = (f"{best.runtime} serves: the fastest variant that passed ({best.texts_per_second:.1f} texts/s, "
-                  f"{best.texts_per_second / max(pytorch.texts_per_second, 1e-9):.2f}x PyTorch's "
-                  f"{pytorch.texts_per_second:.1f})")
+        reason = (
+            f"{best.runtime} serves: the fastest variant that passed ({best.texts_per_second:.1f} texts/s, "
+            f"{best.texts_per_second / max(pytorch.texts_per_second, 1e-9):.2f}x PyTorch's "
+            f"{pytorch.texts_per_second:.1f})"
+        )
     files = _runtime_files(work_dir / "files", best, variants, scores)
     return RuntimeGate(chosen=best.runtime, reason=reason, texts=len(texts), variants=scores, files_dir=files)
 
 
-def _runtime_files(target: Path, chosen: VariantScore, variants: dict[str, Path | str],
-                   scores: list[VariantScore]) -> Path:
+def _runtime_files(
+    target: Path, chosen: VariantScore, variants: dict[str, Path | str], scores: list[VariantScore]
+) -> Path:
     """runtime.json (+ the chosen ONNX file) in `target`, the layout tasks/onnx_runtime.py installs from."""
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    spec: dict = {"runtime": chosen.runtime,
-                  "gate": {s.runtime: s.model_dump(exclude={"file", "size_bytes"}) for s in scores}}
+    spec: dict = {
+        "runtime": chosen.runtime,
+        "gate": {s.runtime: s.model_dump(exclude={"file", "size_bytes"}) for s in scores},
+    }
     if chosen.runtime != PYTORCH:
         source = variants[chosen.runtime]
         (target / ONNX_DIR).mkdir()
@@ -306,14 +375,17 @@ def _runtime_files(target: Path, chosen: VariantScore, variants: dict[str, Path 
     return target
 
 
-def optimize_runtime(model_dir: Path, test: pd.DataFrame | Path, work_dir: Path,
-                     config: RuntimeGateConfig = RuntimeGateConfig()) -> RuntimeGate:
+def optimize_runtime(
+    model_dir: Path, test: pd.DataFrame | Path, work_dir: Path, config: RuntimeGateConfig = RuntimeGateConfig()
+) -> RuntimeGate:
     """Export, quantize and gate: the runtime the model version should be served with, and its files."""
     work_dir.mkdir(parents=True, exist_ok=True)
     variants = export_variants(model_dir, work_dir) if config.optimize_runtime else {}
     gate = gate_runtimes(model_dir, variants, test, config, work_dir)
     if not config.optimize_runtime:
-        gate = gate.model_copy(update={"reason": "PyTorch serves: runtime optimization is off (optimize_runtime=false)"})
+        gate = gate.model_copy(
+            update={"reason": "PyTorch serves: runtime optimization is off (optimize_runtime=false)"}
+        )
     return gate
 
 
@@ -333,8 +405,11 @@ def folder_with_runtime(model_dir: Path, runtime: str, target: Path) -> Path:
         files = target.parent / f".{target.name}-export" / "files"
         (files / ONNX_DIR).mkdir(parents=True)
         shutil.copy2(made[runtime], files / ONNX_DIR / made[runtime].name)
-        (files / RUNTIME_FILE).write_text(json.dumps({"runtime": runtime, "file": f"{ONNX_DIR}/{made[runtime].name}",
-                                                      "sha256": sha256_of(made[runtime])}))
+        (files / RUNTIME_FILE).write_text(
+            json.dumps(
+                {"runtime": runtime, "file": f"{ONNX_DIR}/{made[runtime].name}", "sha256": sha256_of(made[runtime])}
+            )
+        )
         install_runtime(target, files)
     finally:
         shutil.rmtree(target.parent / f".{target.name}-export", ignore_errors=True)
@@ -357,14 +432,18 @@ def runtime_metrics(gate: RuntimeGate) -> dict[str, float]:
     return metrics
 
 
-def record_runtime(tracking: TrackingRef, name: str, version: int, gate: RuntimeGate,
-                   config: RuntimeGateConfig | None = None) -> str | None:
+def record_runtime(
+    tracking: TrackingRef, name: str, version: int, gate: RuntimeGate, config: RuntimeGateConfig | None = None
+) -> str | None:
     """Log the gate's figures and the chosen runtime's files to the promotion run, and tag the model version with
     the runtime and where its files are. Returns the files' artifact URI (None for PyTorch). Safe to retry."""
     client = tracking.client()
     log_metrics(tracking, runtime_metrics(gate))
-    params: dict[str, object] = {"runtime_chosen": gate.chosen, "runtime_reason": gate.reason,
-                                 **{f"runtime_{s.runtime}_result": s.reason for s in gate.variants}}
+    params: dict[str, object] = {
+        "runtime_chosen": gate.chosen,
+        "runtime_reason": gate.reason,
+        **{f"runtime_{s.runtime}_result": s.reason for s in gate.variants},
+    }
     if config is not None:
         params.update({f"runtime_gate_{key}": value for key, value in config.model_dump().items()})
     log_params(tracking, params)
@@ -413,8 +492,11 @@ def fetch_runtime(tracking_uri: str, name: str, version: int, model_dir: Path) -
     staging = Path(tempfile.mkdtemp(prefix=".runtime-", dir=model_dir.parent))
     try:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging),
-                                                             tracking_uri=tracking_uri))
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=source, dst_path=str(staging), tracking_uri=tracking_uri
+                )
+            )
         except Exception as error:
             raise RuntimeFileError(
                 f"Model version {name}/{version} is tagged {RUNTIME_TAG}={runtime} with its files at {source}, which "
@@ -425,26 +507,41 @@ def fetch_runtime(tracking_uri: str, name: str, version: int, model_dir: Path) -
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if spec["runtime"] != runtime:
-        raise RuntimeFileError(f"{source}/{RUNTIME_FILE} names runtime {spec['runtime']}, but model version "
-                               f"{name}/{version} is tagged {RUNTIME_TAG}={runtime}: run the promotion flow again.")
+        raise RuntimeFileError(
+            f"{source}/{RUNTIME_FILE} names runtime {spec['runtime']}, but model version "
+            f"{name}/{version} is tagged {RUNTIME_TAG}={runtime}: run the promotion flow again."
+        )
     return runtime
 
 
 def runtime_markdown(gate: RuntimeGate, config: RuntimeGateConfig) -> str:
     """The runtime section of the promotion's markdown artifact."""
+
     def show(value, spec):
         return "-" if value is None else format(value, spec)
 
-    rows = [f"| {s.runtime} | {show(s.label_agreement, '.2%')} | {show(s.macro_f1, '.4f')} | "
-            f"{show(None if s.macro_f1_drop is None else -s.macro_f1_drop * 100, '+.2f')} | "
-            f"{show(s.texts_per_second, '.1f')} | {'yes' if s.passed else 'no'} |" for s in gate.variants]
-    return "\n".join([
-        "## Inference runtime", "",
-        f"**{gate.chosen}**. {gate.reason}. Gate: label agreement with PyTorch >= {config.min_label_agreement:.1%} "
-        f"and macro-F1 drop <= {config.max_macro_f1_drop * 100:.2f} points, on the {gate.texts} test texts.", "",
-        "| runtime | label agreement | test macro-F1 | change (points) | texts/s (in-process) | passes |",
-        "|---|---|---|---|---|---|", *rows, "",
-    ]) + "\n"
+    rows = [
+        f"| {s.runtime} | {show(s.label_agreement, '.2%')} | {show(s.macro_f1, '.4f')} | "
+        f"{show(None if s.macro_f1_drop is None else -s.macro_f1_drop * 100, '+.2f')} | "
+        f"{show(s.texts_per_second, '.1f')} | {'yes' if s.passed else 'no'} |"
+        for s in gate.variants
+    ]
+    return (
+        "\n".join(
+            [
+                "## Inference runtime",
+                "",
+                f"**{gate.chosen}**. {gate.reason}. Gate: label agreement with PyTorch >= {config.min_label_agreement:.1%} "
+                f"and macro-F1 drop <= {config.max_macro_f1_drop * 100:.2f} points, on the {gate.texts} test texts.",
+                "",
+                "| runtime | label agreement | test macro-F1 | change (points) | texts/s (in-process) | passes |",
+                "|---|---|---|---|---|---|",
+                *rows,
+                "",
+            ]
+        )
+        + "\n"
+    )
 
 
 export_variants_task = task(export_variants, name="export-onnx-variants")

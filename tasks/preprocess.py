@@ -47,14 +47,21 @@ class WindowingConfig(BaseModel):
     )
     max_chunks: int = Field(default=32, ge=1, le=1024, description="chunks: most windows per text when predicting.")
     chunks_per_training_text: int = Field(
-        default=1, ge=1, le=1024,
+        default=1,
+        ge=1,
+        le=1024,
         description="chunks: windows of one training text that the model trains on (the first, then spread evenly "
         "to the last); validation and test always use every window.",
     )
 
     def windowing(self) -> Windowing:
-        return Windowing(strategy=self.truncation, max_length=self.max_length, head_share=self.head_share,
-                         chunk_overlap=self.chunk_overlap, max_chunks=self.max_chunks)
+        return Windowing(
+            strategy=self.truncation,
+            max_length=self.max_length,
+            head_share=self.head_share,
+            chunk_overlap=self.chunk_overlap,
+            max_chunks=self.max_chunks,
+        )
 
 
 class PreprocessConfig(WindowingConfig):
@@ -133,9 +140,7 @@ def split_dataset(frame: pd.DataFrame, config: PreprocessConfig) -> pd.DataFrame
         # Fractions are of the whole dataset, so the two carved splits have comparable sizes.
         size = max(int(round(fraction * len(frame))), train["label"].nunique())
         try:
-            _, carved = train_test_split(
-                train.index, test_size=size, stratify=train["label"], random_state=config.seed
-            )
+            _, carved = train_test_split(train.index, test_size=size, stratify=train["label"], random_state=config.seed)
         except ValueError as error:
             raise DatasetValidationError(
                 f"Cannot carve a stratified {name} split out of {len(train)} training rows: {error}. "
@@ -241,9 +246,16 @@ def _build(snapshot: DatasetSnapshot, config: PreprocessConfig, tokenizer, targe
     dataset = datasets.DatasetDict(
         {
             split: datasets.Dataset.from_pandas(
-                _split_rows(frame, split), preserve_index=False,
-            ).map(tokenize, batched=True, batch_size=1000, fn_kwargs={"split": split},
-                  remove_columns=["text", "labels", "text_index"], new_fingerprint=f"{target.name}-{split}")
+                _split_rows(frame, split),
+                preserve_index=False,
+            ).map(
+                tokenize,
+                batched=True,
+                batch_size=1000,
+                fn_kwargs={"split": split},
+                remove_columns=["text", "labels", "text_index"],
+                new_fingerprint=f"{target.name}-{split}",
+            )
             for split in SPLITS
         }
     )

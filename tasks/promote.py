@@ -32,15 +32,21 @@ class GateConfig(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     min_macro_f1_gain: float = Field(
-        default=0.0, ge=0, le=1,
+        default=0.0,
+        ge=0,
+        le=1,
         description="Candidate test macro-F1 must beat the champion's by at least this much.",
     )
     max_class_f1_drop: float = Field(
-        default=0.05, ge=0, le=1,
+        default=0.05,
+        ge=0,
+        le=1,
         description="No class's test F1 may drop by more than this compared with the champion.",
     )
     min_macro_f1_first_champion: float = Field(
-        default=0.5, ge=0, le=1,
+        default=0.5,
+        ge=0,
+        le=1,
         description="Test macro-F1 a candidate needs to become the first champion (when there is none yet).",
     )
 
@@ -173,8 +179,8 @@ def score_versions(
             model = mlflow.pyfunc.load_model(local)
             predicted = model.predict(texts)
         predicted_labels = (
-            predicted["label"] if isinstance(predicted, pd.DataFrame) else pd.Series(predicted)
-        ).astype(str).tolist()
+            (predicted["label"] if isinstance(predicted, pd.DataFrame) else pd.Series(predicted)).astype(str).tolist()
+        )
         scores[version] = _f1_scores(truth, predicted_labels, labels)
     return scores
 
@@ -192,9 +198,13 @@ def decide(
     candidate_f1 = float(candidate_scores["macro_f1"])
     if champion_version is not None and champion_version == candidate_version:
         return GateDecision(
-            promote=False, reason=f"version {candidate_version} is already the champion: nothing to promote",
-            candidate_version=candidate_version, champion_version=champion_version, candidate_macro_f1=candidate_f1,
-            champion_macro_f1=candidate_f1, macro_f1_delta=0.0,
+            promote=False,
+            reason=f"version {candidate_version} is already the champion: nothing to promote",
+            candidate_version=candidate_version,
+            champion_version=champion_version,
+            candidate_macro_f1=candidate_f1,
+            champion_macro_f1=candidate_f1,
+            macro_f1_delta=0.0,
         )
     if champion_scores is None:
         floor = config.min_macro_f1_first_champion
@@ -204,7 +214,9 @@ def decide(
             promote=promote,
             reason=f"no champion yet; candidate macro-F1 {candidate_f1:.3f} {relation} first-champion floor "
             f"{floor:.3f}",
-            candidate_version=candidate_version, champion_version=None, candidate_macro_f1=candidate_f1,
+            candidate_version=candidate_version,
+            champion_version=None,
+            candidate_macro_f1=candidate_f1,
         )
 
     champion_f1 = float(champion_scores["macro_f1"])
@@ -218,11 +230,15 @@ def decide(
     gain_ok = delta + TOLERANCE >= config.min_macro_f1_gain
     dropped = {c: d for c, d in per_class.items() if -d > config.max_class_f1_drop + TOLERANCE}
     if gain_ok:
-        macro = (f"candidate macro-F1 {candidate_f1:.3f} beats champion {champion_f1:.3f} by {delta:.3f} "
-                 f">= {config.min_macro_f1_gain:.3f}")
+        macro = (
+            f"candidate macro-F1 {candidate_f1:.3f} beats champion {champion_f1:.3f} by {delta:.3f} "
+            f">= {config.min_macro_f1_gain:.3f}"
+        )
     else:
-        macro = (f"candidate macro-F1 {candidate_f1:.3f} vs champion {champion_f1:.3f}: delta {delta:.3f} "
-                 f"< required gain {config.min_macro_f1_gain:.3f}")
+        macro = (
+            f"candidate macro-F1 {candidate_f1:.3f} vs champion {champion_f1:.3f}: delta {delta:.3f} "
+            f"< required gain {config.min_macro_f1_gain:.3f}"
+        )
     if worst is None:
         by_class = "no per-class F1 to compare"
     elif dropped:
@@ -237,15 +253,17 @@ def decide(
     return GateDecision(
         promote=promote,
         reason=f"{macro}; {by_class}",
-        candidate_version=candidate_version, champion_version=champion_version,
-        candidate_macro_f1=candidate_f1, champion_macro_f1=champion_f1, macro_f1_delta=delta,
-        per_class_f1_delta=per_class, worst_class=worst,
+        candidate_version=candidate_version,
+        champion_version=champion_version,
+        candidate_macro_f1=candidate_f1,
+        champion_macro_f1=champion_f1,
+        macro_f1_delta=delta,
+        per_class_f1_delta=per_class,
+        worst_class=worst,
     )
 
 
-def record_decision(
-    tracking: TrackingRef, name: str, decision: GateDecision, config: GateConfig | None = None
-) -> None:
+def record_decision(tracking: TrackingRef, name: str, decision: GateDecision, config: GateConfig | None = None) -> None:
     """Tag the candidate model version with the decision, and log its numbers to the promotion run.
     Safe to retry: tags are overwritten with the same values, params already logged are skipped."""
     client = tracking.client()

@@ -101,7 +101,10 @@ def _log_dataset(tracking: TrackingRef, snapshot: DatasetSnapshot) -> None:
 
     frame = pd.read_parquet(snapshot.path)
     dataset = mlflow.data.from_pandas(
-        frame, source=str(snapshot.path), targets="label", name=f"{snapshot.source}@{snapshot.version}",
+        frame,
+        source=str(snapshot.path),
+        targets="label",
+        name=f"{snapshot.source}@{snapshot.version}",
         digest=snapshot.version,
     )
     tracking.client().log_inputs(
@@ -142,9 +145,15 @@ def register(
         for key, value in tags.items():
             client.set_tag(tracking.run_id, key, value)
         log_params(tracking, params)
-        log_metrics(tracking, {**evaluation.metrics, "best_validation_macro_f1": model.best_validation_macro_f1,
-                               "train_samples_per_second": model.train_samples_per_second,
-                               "epochs_completed": model.epochs_completed})
+        log_metrics(
+            tracking,
+            {
+                **evaluation.metrics,
+                "best_validation_macro_f1": model.best_validation_macro_f1,
+                "train_samples_per_second": model.train_samples_per_second,
+                "epochs_completed": model.epochs_completed,
+            },
+        )
         client.log_artifacts(tracking.run_id, str(evaluation.artifacts_dir), "evaluation")
         _log_dataset(tracking, snapshot)
 
@@ -160,16 +169,27 @@ def register(
                 raise
         source = f"{client.get_run(tracking.run_id).info.artifact_uri}/{MODEL_ARTIFACT_PATH}"
         version = client.create_model_version(
-            name, source, run_id=tracking.run_id,
-            tags={**tags, "test_macro_f1": f"{evaluation.metrics['test_macro_f1']:.4f}",
-                  # a documented suggestion for TEXTCLF_MIN_CONFIDENCE (README "Abstaining"); serving never applies it
-                  **({"suggested_min_confidence": f"{evaluation.metrics['suggested_min_confidence']:.4f}"}
-                     if "suggested_min_confidence" in evaluation.metrics else {})},
+            name,
+            source,
+            run_id=tracking.run_id,
+            tags={
+                **tags,
+                "test_macro_f1": f"{evaluation.metrics['test_macro_f1']:.4f}",
+                # a documented suggestion for TEXTCLF_MIN_CONFIDENCE (README "Abstaining"); serving never applies it
+                **(
+                    {"suggested_min_confidence": f"{evaluation.metrics['suggested_min_confidence']:.4f}"}
+                    if "suggested_min_confidence" in evaluation.metrics
+                    else {}
+                ),
+            },
         )
     # Setting the alias is idempotent; doing it last means a failure above leaves the alias where it was.
     client.set_registered_model_alias(name, config.alias, version.version)
     return RegisteredModelVersion(
-        name=name, version=int(version.version), alias=config.alias, run_id=tracking.run_id,
+        name=name,
+        version=int(version.version),
+        alias=config.alias,
+        run_id=tracking.run_id,
         tracking_uri=tracking.tracking_uri,
     )
 

@@ -46,9 +46,10 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import parse_qs
 
 from tasks.env_settings import env_bool, env_number
@@ -57,8 +58,18 @@ from tasks.processes import process_alive
 logger = logging.getLogger("textclf.request_log")
 logger.setLevel(logging.INFO)  # its start-up and shutdown lines show in the server's log
 
-COLUMNS = ("time", "request_id", "text_sha256", "text", "length_chars", "label", "probability", "truncated",
-           "model_version", "latency_ms")
+COLUMNS = (
+    "time",
+    "request_id",
+    "text_sha256",
+    "text",
+    "length_chars",
+    "label",
+    "probability",
+    "truncated",
+    "model_version",
+    "latency_ms",
+)
 FILE_PREFIX = "requests-"
 FILE_PATTERN = "requests-*.parquet"
 DEFAULT_FLUSH_SECONDS = 5.0
@@ -75,23 +86,26 @@ def schema():
     """The Arrow schema of the log files (pyarrow imported on first use)."""
     import pyarrow as pa
 
-    return pa.schema([
-        ("time", pa.timestamp("us", tz="UTC")),
-        ("request_id", pa.string()),
-        ("text_sha256", pa.string()),
-        ("text", pa.string()),
-        ("length_chars", pa.int64()),
-        ("label", pa.string()),
-        ("probability", pa.float64()),
-        ("truncated", pa.bool_()),
-        ("model_version", pa.string()),
-        ("latency_ms", pa.float64()),
-    ])
+    return pa.schema(
+        [
+            ("time", pa.timestamp("us", tz="UTC")),
+            ("request_id", pa.string()),
+            ("text_sha256", pa.string()),
+            ("text", pa.string()),
+            ("length_chars", pa.int64()),
+            ("label", pa.string()),
+            ("probability", pa.float64()),
+            ("truncated", pa.bool_()),
+            ("model_version", pa.string()),
+            ("latency_ms", pa.float64()),
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Settings
 # ----------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class RequestLogSettings:
@@ -114,8 +128,9 @@ class RequestLogSettings:
             enabled=env_bool("TEXTCLF_REQUEST_LOG", True, environ),
             directory=directory,
             log_text=env_bool("TEXTCLF_REQUEST_LOG_TEXT", False, environ),
-            flush_seconds=float(env_number("TEXTCLF_REQUEST_LOG_FLUSH_SECONDS", DEFAULT_FLUSH_SECONDS, float, 0.01,
-                                           environ)),
+            flush_seconds=float(
+                env_number("TEXTCLF_REQUEST_LOG_FLUSH_SECONDS", DEFAULT_FLUSH_SECONDS, float, 0.01, environ)
+            ),
             max_records=env_number("TEXTCLF_REQUEST_LOG_MAX_RECORDS", DEFAULT_MAX_RECORDS, int, 1, environ),
         )
 
@@ -189,8 +204,12 @@ class ServedRequest:
             return []
         texts = texts_from_request(self.content_type, b"".join(self.body))
         if texts is None or len(texts) != len(predictions):
-            logger.warning("request log: could not read the texts of a served request (%s); its %d predictions "
-                           "are logged without hash, text and length", self.content_type, len(predictions))
+            logger.warning(
+                "request log: could not read the texts of a served request (%s); its %d predictions "
+                "are logged without hash, text and length",
+                self.content_type,
+                len(predictions),
+            )
             texts = [None] * len(predictions)
         request_id = self.request_id or uuid.uuid4().hex
         when = int(self.started_at * 1_000_000)
@@ -231,8 +250,8 @@ def _micros(value) -> int | None:
         return value
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.timezone.utc)
-        delta = value - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+            value = value.replace(tzinfo=dt.UTC)
+        delta = value - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
         return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
     return int(float(value) * 1_000_000)  # seconds since the epoch
 
@@ -246,8 +265,13 @@ class RequestLogWriter:
     """Rows in through `put` (no I/O, no lock: one `SimpleQueue.put`), Parquet part files out from one background
     thread, each at most `max_records` rows, at the latest `flush_seconds` after its oldest row arrived."""
 
-    def __init__(self, directory: str | Path, flush_seconds: float = DEFAULT_FLUSH_SECONDS,
-                 max_records: int = DEFAULT_MAX_RECORDS, log_text: bool = False):
+    def __init__(
+        self,
+        directory: str | Path,
+        flush_seconds: float = DEFAULT_FLUSH_SECONDS,
+        max_records: int = DEFAULT_MAX_RECORDS,
+        log_text: bool = False,
+    ):
         if flush_seconds <= 0 or max_records < 1:
             raise ValueError("flush_seconds must be positive and max_records at least 1")
         self.directory = Path(directory)
@@ -279,8 +303,10 @@ class RequestLogWriter:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as error:
-            raise RuntimeError(f"the request log directory {self.directory} is not writable ({error}); set "
-                               f"TEXTCLF_REQUEST_LOG_DIR to a writable folder, or TEXTCLF_REQUEST_LOG=false") from error
+            raise RuntimeError(
+                f"the request log directory {self.directory} is not writable ({error}); set "
+                f"TEXTCLF_REQUEST_LOG_DIR to a writable folder, or TEXTCLF_REQUEST_LOG=false"
+            ) from error
         self.recover_journals()
         self._thread = threading.Thread(target=self._run, name="textclf-request-log", daemon=True)
         self._thread.start()
@@ -313,19 +339,19 @@ class RequestLogWriter:
         self._write_now(left)
         try:
             atexit.unregister(self.close)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
     def _records(self, item) -> list[dict]:
         try:
             return item.to_records(self.log_text) if isinstance(item, ServedRequest) else list(item)
-        except Exception:  # noqa: BLE001 - a malformed item must never stop the writer
+        except Exception:
             logger.exception("request log: could not turn a served request into rows")
             return []
 
     def _write_now(self, records: list[dict]) -> None:
         for start in range(0, len(records), self.max_records):
-            chunk = records[start:start + self.max_records]
+            chunk = records[start : start + self.max_records]
             if not self._write(chunk):
                 self.records_lost += len(chunk)
                 logger.error("request log: %d rows could not be written to %s", len(chunk), self.directory)
@@ -338,14 +364,19 @@ class RequestLogWriter:
         try:
             if self._journal_fd is None:
                 self._journal_file = self.directory / (
-                    f"{JOURNAL_PREFIX}{os.getpid()}-{next(self._journal_segments):06d}.jsonl")
+                    f"{JOURNAL_PREFIX}{os.getpid()}-{next(self._journal_segments):06d}.jsonl"
+                )
                 self._journal_fd = os.open(self._journal_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             lines = "".join(json.dumps({**r, "time": _micros(r.get("time"))}, default=str) + "\n" for r in records)
             os.write(self._journal_fd, lines.encode("ascii"))
-        except Exception as error:  # noqa: BLE001 - the log itself goes on; only its crash safety is gone
+        except Exception as error:
             self._journal_broken = True
-            logger.error("request log: cannot write the journal in %s (%s): rows still go to Parquet files, but a "
-                         "crash would lose the unwritten ones", self.directory, error)
+            logger.error(
+                "request log: cannot write the journal in %s (%s): rows still go to Parquet files, but a "
+                "crash would lose the unwritten ones",
+                self.directory,
+                error,
+            )
 
     def _journal_restart(self, remaining: list[dict]) -> None:
         """The rows in the journal were written to Parquet: a new journal holds only `remaining`."""
@@ -362,7 +393,7 @@ class RequestLogWriter:
         recovered = 0
         for journal in sorted(self.directory.glob(f"{JOURNAL_PREFIX}*.jsonl")):
             try:
-                pid = int(journal.name[len(JOURNAL_PREFIX):].split("-", 1)[0])
+                pid = int(journal.name[len(JOURNAL_PREFIX) :].split("-", 1)[0])
             except ValueError:
                 continue
             if pid == os.getpid() or process_alive(pid):
@@ -404,9 +435,9 @@ class RequestLogWriter:
                 buffer += records
             written = False
             while len(buffer) >= self.max_records:
-                if not self._write(buffer[:self.max_records]):
+                if not self._write(buffer[: self.max_records]):
                     break
-                buffer, written = buffer[self.max_records:], True
+                buffer, written = buffer[self.max_records :], True
                 oldest = time.monotonic()
             if buffer and (stopping or time.monotonic() - oldest >= self.flush_seconds):
                 if self._write(buffer):
@@ -429,14 +460,14 @@ class RequestLogWriter:
         """One part file, written under a hidden temporary name and renamed: readers see whole files only."""
         import pyarrow.parquet as pq
 
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         name = f"{FILE_PREFIX}{now.strftime(_TIME_FORMAT)}-{os.getpid()}-{next(self._sequence):06d}.parquet"
         temporary = self.directory / f".{name}.tmp"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             pq.write_table(_to_table(records), temporary)
             os.replace(temporary, self.directory / name)
-        except Exception:  # noqa: BLE001 - logged, the rows are kept for another try
+        except Exception:
             logger.exception("request log: writing %d rows to %s failed", len(records), self.directory)
             temporary.unlink(missing_ok=True)
             return False
@@ -463,7 +494,10 @@ class RequestLogMiddleware:
             logger.warning(
                 "request log: %s is a relative path and this server runs a built Bento, whose working directory is "
                 "the Bento's own folder: the log goes to %s. Set TEXTCLF_REQUEST_LOG_DIR to an absolute path "
-                "(`textclf serve` does: <TEXTCLF_HOME>/request-log).", settings.directory, directory)
+                "(`textclf serve` does: <TEXTCLF_HOME>/request-log).",
+                settings.directory,
+                directory,
+            )
         self.writer = RequestLogWriter(directory, settings.flush_seconds, settings.max_records, settings.log_text)
 
     async def __call__(self, scope, receive, send):
@@ -511,8 +545,9 @@ class RequestLogMiddleware:
             for key, value in scope.get("headers", ()):
                 if key.lower() == b"content-type":
                     content_type = value.decode("latin-1")
-            self.writer.put(ServedRequest(started_at, (finished - started) * 1000.0, request_id, content_type,
-                                          body, response))
+            self.writer.put(
+                ServedRequest(started_at, (finished - started) * 1000.0, request_id, content_type, body, response)
+            )
 
     def _lifespan_send(self, send):
         async def lifespan_send(message):
@@ -520,16 +555,24 @@ class RequestLogMiddleware:
             if kind == "lifespan.startup.complete":
                 try:
                     self.writer.start()
-                    logger.info("request log: one row per served text, to %s (texts %s, files every %g s or "
-                                "%d rows)", self.writer.directory, "kept" if self.writer.log_text else "hashed only",
-                                self.writer.flush_seconds, self.writer.max_records)
+                    logger.info(
+                        "request log: one row per served text, to %s (texts %s, files every %g s or %d rows)",
+                        self.writer.directory,
+                        "kept" if self.writer.log_text else "hashed only",
+                        self.writer.flush_seconds,
+                        self.writer.max_records,
+                    )
                 except RuntimeError as error:
                     logger.error("request log: %s", error)
                     message = {"type": "lifespan.startup.failed", "message": str(error)}
             elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await asyncio.to_thread(self.writer.close)
-                logger.info("request log: closed, %d rows in %d files written to %s", self.writer.records_written,
-                            self.writer.files_written, self.writer.directory)
+                logger.info(
+                    "request log: closed, %d rows in %d files written to %s",
+                    self.writer.records_written,
+                    self.writer.files_written,
+                    self.writer.directory,
+                )
             await send(message)
 
         return lifespan_send
@@ -550,13 +593,13 @@ def _utc(value) -> dt.datetime | None:
         value = value.to_pydatetime()
     if not isinstance(value, dt.datetime):
         raise TypeError(f"since/until must be a datetime or an ISO 8601 string, not {type(value).__name__}")
-    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 def _written_at(name: str) -> dt.datetime | None:
     try:
-        stamp = name[len(FILE_PREFIX):].split("-", 1)[0]
-        return dt.datetime.strptime(stamp, _TIME_FORMAT).replace(tzinfo=dt.timezone.utc)
+        stamp = name[len(FILE_PREFIX) :].split("-", 1)[0]
+        return dt.datetime.strptime(stamp, _TIME_FORMAT).replace(tzinfo=dt.UTC)
     except ValueError:
         return None
 
@@ -582,8 +625,12 @@ def read_request_log(log_dir: str | Path, since=None, until=None):
         except FileNotFoundError:  # removed (retention) since it was listed
             continue
         table = pa.Table.from_arrays(
-            [table[name].cast(field.type) if name in table.column_names else pa.nulls(len(table), field.type)
-             for name, field in zip(target.names, target)], schema=target)
+            [
+                table[name].cast(field.type) if name in table.column_names else pa.nulls(len(table), field.type)
+                for name, field in zip(target.names, target)
+            ],
+            schema=target,
+        )
         if start is not None:
             table = table.filter(pc.greater_equal(table["time"], pa.scalar(start, target.field("time").type)))
         if end is not None:

@@ -88,7 +88,7 @@ class SearchSpace(BaseModel):
         return _unique(values)  # a repeated choice would only weigh that choice twice
 
     @model_validator(mode="after")
-    def _ranges_ordered(self) -> "SearchSpace":
+    def _ranges_ordered(self) -> SearchSpace:
         for name in ("learning_rate", "epochs", "warmup_ratio", "weight_decay"):
             low, high = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
             if low > high:
@@ -105,11 +105,16 @@ class StudyParameters(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     study_name: str = Field(
-        default="text-classifier-sweep", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$",
+        default="text-classifier-sweep",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$",
         description="Optuna study name; a run with an existing name continues that study.",
     )
     n_trials: int = Field(
-        default=20, ge=1, le=1000,
+        default=20,
+        ge=1,
+        le=1000,
         description="Trials the study should have finished in all (complete, pruned or failed); a re-run of an "
         "interrupted study runs only the rest.",
     )
@@ -133,13 +138,15 @@ class StudyParameters(BaseModel):
         default=60, ge=1, le=3600, description="How often a running trial records that it is alive."
     )
     grace_period_seconds: int = Field(
-        default=180, ge=1, le=24 * 3600,
+        default=180,
+        ge=1,
+        le=24 * 3600,
         description="A trial silent this long is taken as dead (its process was killed) and retried.",
     )
     max_retries: int = Field(default=2, ge=0, le=10, description="Retries of a trial whose process died.")
 
     @model_validator(mode="after")
-    def _grace_longer_than_heartbeat(self) -> "StudyParameters":
+    def _grace_longer_than_heartbeat(self) -> StudyParameters:
         if self.grace_period_seconds <= self.heartbeat_seconds:
             raise ValueError(
                 f"study.grace_period_seconds ({self.grace_period_seconds}) must be longer than "
@@ -246,14 +253,15 @@ def open_storage(ref: StudyRef):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             return RDBStorage(
-                ref.storage_url, engine_kwargs=engine_kwargs,
+                ref.storage_url,
+                engine_kwargs=engine_kwargs,
                 heartbeat_interval=ref.parameters.heartbeat_seconds,
                 grace_period=ref.parameters.grace_period_seconds,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
                     max_retry=ref.parameters.max_retries, inherit_intermediate_values=True
                 ),
             )
-        except Exception as error:  # noqa: BLE001 - any driver error: say which storage and what to check
+        except Exception as error:
             raise SweepInputError(
                 f"Cannot open the Optuna storage {redacted(ref.storage_url)} ({type(error).__name__}: {error}). "
                 f"Check TEXTCLF_OPTUNA_STORAGE (an SQLAlchemy URL such as "
@@ -283,8 +291,12 @@ def load_study(ref: StudyRef, storage, sampler_seed: int | None = None):
         n_startup_trials=ref.parameters.sampler_startup_trials,
     )
     return optuna.create_study(
-        study_name=ref.name, storage=storage, direction="maximize", sampler=sampler,
-        pruner=make_pruner(ref.parameters), load_if_exists=True,
+        study_name=ref.name,
+        storage=storage,
+        direction="maximize",
+        sampler=sampler,
+        pruner=make_pruner(ref.parameters),
+        load_if_exists=True,
     )
 
 
@@ -318,8 +330,12 @@ def prepare_study(ref: StudyRef) -> TrialPlan:
         trials = study.get_trials(deepcopy=False)
         finished = len(_counts_against_budget(trials))
         running = sum(t.state == TrialState.RUNNING for t in trials)  # other flow runs on the same study
-        return TrialPlan(study_key=study.user_attrs[STUDY_KEY_ATTR], trials_to_run=max(0, ref.parameters.n_trials - finished - running),
-                         trials_finished=finished, first_sampler_seed=ref.parameters.seed + len(trials))
+        return TrialPlan(
+            study_key=study.user_attrs[STUDY_KEY_ATTR],
+            trials_to_run=max(0, ref.parameters.n_trials - finished - running),
+            trials_finished=finished,
+            first_sampler_seed=ref.parameters.seed + len(trials),
+        )
     finally:
         storage.engine.dispose()
 
@@ -351,8 +367,9 @@ class TrialConfig(BaseModel):
 def suggest(trial, space: SearchSpace) -> dict[str, object]:
     """The trial's settings from the search space. Categorical choices go through as strings or ints."""
     return {
-        "learning_rate": trial.suggest_float("learning_rate", space.learning_rate_min, space.learning_rate_max,
-                                             log=True),
+        "learning_rate": trial.suggest_float(
+            "learning_rate", space.learning_rate_min, space.learning_rate_max, log=True
+        ),
         "batch_size": trial.suggest_categorical("batch_size", space.batch_sizes),
         "epochs": trial.suggest_int("epochs", space.epochs_min, space.epochs_max),
         "warmup_ratio": trial.suggest_float("warmup_ratio", space.warmup_ratio_min, space.warmup_ratio_max),
@@ -377,9 +394,16 @@ def pruning_callback(trial, tracking: TrackingRef | None = None):
             trial.report(float(metrics["eval_macro_f1"]), step=epoch)
             if tracking is not None:
                 try:
-                    log_metrics(tracking, {f"epoch/validation_{k[5:]}": v for k, v in metrics.items()
-                                           if k.startswith("eval_") and isinstance(v, (int, float))}, step=epoch)
-                except Exception as error:  # noqa: BLE001 - a tracking hiccup must not end the trial
+                    log_metrics(
+                        tracking,
+                        {
+                            f"epoch/validation_{k[5:]}": v
+                            for k, v in metrics.items()
+                            if k.startswith("eval_") and isinstance(v, (int, float))
+                        },
+                        step=epoch,
+                    )
+                except Exception as error:
                     logger.warning("Could not log epoch metrics to MLflow: %s", error)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"validation macro-F1 {metrics['eval_macro_f1']:.4f} at epoch {epoch}")
@@ -396,34 +420,60 @@ def _train_trial(config: TrialConfig, trial, outcome: dict) -> float:
     params = suggest(trial, config.space)
     outcome["params"] = params
     tracking = start_tracking_run(
-        config.parent.tracking_uri, config.experiment_name, run_name=f"trial-{trial.number}",
+        config.parent.tracking_uri,
+        config.experiment_name,
+        run_name=f"trial-{trial.number}",
         idempotency_key=f"{config.parent.run_id}:trial:{trial.number}",
-        tags={PARENT_RUN_TAG: config.parent.run_id, "optuna.study_name": config.study.name,
-              "optuna.trial_number": str(trial.number), **config.run_tags},
+        tags={
+            PARENT_RUN_TAG: config.parent.run_id,
+            "optuna.study_name": config.study.name,
+            "optuna.trial_number": str(trial.number),
+            **config.run_tags,
+        },
     )
     outcome["run_id"] = tracking.run_id
     trial.set_user_attr(TRIAL_RUN_ATTR, tracking.run_id)
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
     retried = frozen.system_attrs.get("failed_trial")  # set on a retry of a trial whose process died
-    log_params(tracking, {**params, **config.settings.model_dump(), "seed": config.study.parameters.seed,
-                          **({"retry_of_trial": retried} if retried is not None else {})})
+    log_params(
+        tracking,
+        {
+            **params,
+            **config.settings.model_dump(),
+            "seed": config.study.parameters.seed,
+            **({"retry_of_trial": retried} if retried is not None else {}),
+        },
+    )
     base_model = config.base_models[params["base_model"]]
     preprocess_config = PreprocessConfig(
-        tokenizer=base_model, max_length=params["max_length"], truncation=params["truncation"],
-        seed=config.study.parameters.seed, validation_fraction=config.validation_fraction,
+        tokenizer=base_model,
+        max_length=params["max_length"],
+        truncation=params["truncation"],
+        seed=config.study.parameters.seed,
+        validation_fraction=config.validation_fraction,
         test_fraction=config.test_fraction,
     )
     with _PREPROCESS_LOCK:
         prepared = preprocess(config.snapshot, preprocess_config, config.preprocess_cache_dir)
     fine_tune_config = FineTuneConfig(
-        base_model=base_model, epochs=params["epochs"], batch_size=params["batch_size"],
-        learning_rate=params["learning_rate"], warmup_ratio=params["warmup_ratio"],
-        weight_decay=params["weight_decay"], class_weighted_loss=config.settings.class_weighted_loss,
-        early_stopping_patience=config.settings.early_stopping_patience, seed=config.study.parameters.seed,
+        base_model=base_model,
+        epochs=params["epochs"],
+        batch_size=params["batch_size"],
+        learning_rate=params["learning_rate"],
+        warmup_ratio=params["warmup_ratio"],
+        weight_decay=params["weight_decay"],
+        class_weighted_loss=config.settings.class_weighted_loss,
+        early_stopping_patience=config.settings.early_stopping_patience,
+        seed=config.study.parameters.seed,
     )
     outcome["work_dir"] = config.fine_tune_dir / run_key(prepared, fine_tune_config)
-    model = fine_tune(prepared, fine_tune_config, config.fine_tune_dir, tracking=tracking,
-                      callbacks=[pruning_callback(trial, tracking)])
+    model = fine_tune(
+        prepared,
+        fine_tune_config,
+        config.fine_tune_dir,
+        tracking=tracking,
+        callbacks=[pruning_callback(trial, tracking)],
+    )
     # The model folder is what the best trial hands on; its checkpoints only served a resume.
     shutil.rmtree(model.model_dir.parent / "checkpoints", ignore_errors=True)
     trial.set_user_attr(TRIAL_MODEL_ATTR, model.model_dump(mode="json"))
@@ -489,10 +539,16 @@ def run_trial(config: TrialConfig, sampler_seed: int) -> TrialOutcome:
         logger.warning("Trial %s failed (the study goes on): %s", frozen.number, note)
     try:
         _finish_trial_run(outcome["run_id"], config.parent, state, note)
-    except Exception as error:  # noqa: BLE001 - the trial's result is in the study; the run's end is bookkeeping
+    except Exception as error:
         logger.warning("Could not close the MLflow run of trial %s: %s", frozen.number, error)
-    return TrialOutcome(number=frozen.number, state=state, value=frozen.value, params=frozen.params,
-                        epochs_run=len(frozen.intermediate_values), run_id=outcome["run_id"])
+    return TrialOutcome(
+        number=frozen.number,
+        state=state,
+        value=frozen.value,
+        params=frozen.params,
+        epochs_run=len(frozen.intermediate_values),
+        run_id=outcome["run_id"],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -506,8 +562,11 @@ def best_trial(ref: StudyRef, parent: TrackingRef) -> BestTrial:
     storage = open_storage(ref)
     try:
         study = load_study(ref, storage)
-        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    if TRIAL_MODEL_ATTR in t.user_attrs]
+        complete = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if TRIAL_MODEL_ATTR in t.user_attrs
+        ]
     finally:
         storage.engine.dispose()
     if not complete:
@@ -523,7 +582,10 @@ def best_trial(ref: StudyRef, parent: TrackingRef) -> BestTrial:
             f"machine must share TEXTCLF_HOME; or run the study again under a new name."
         )
     return BestTrial(
-        number=best.number, validation_macro_f1=float(best.value), params=best.params, model=model,
+        number=best.number,
+        validation_macro_f1=float(best.value),
+        params=best.params,
+        model=model,
         prepared=PreparedDataset.model_validate(best.user_attrs[TRIAL_DATA_ATTR]),
         tracking=parent.model_copy(update={"run_id": best.user_attrs[TRIAL_RUN_ATTR]}),
     )
@@ -551,9 +613,11 @@ def _plots(study, folder: Path) -> list[str]:
     from optuna.visualization import matplotlib as optuna_plots
 
     missing = []
-    for name, plot in (("optimization_history", optuna_plots.plot_optimization_history),
-                       ("intermediate_values", optuna_plots.plot_intermediate_values),
-                       ("param_importances", optuna_plots.plot_param_importances)):
+    for name, plot in (
+        ("optimization_history", optuna_plots.plot_optimization_history),
+        ("intermediate_values", optuna_plots.plot_intermediate_values),
+        ("param_importances", optuna_plots.plot_param_importances),
+    ):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -564,40 +628,62 @@ def _plots(study, folder: Path) -> list[str]:
             figure.tight_layout()
             figure.savefig(folder / f"{name}.png", dpi=100)
             plt.close(figure)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             missing.append(f"{name} ({error})")
             plt.close("all")
     return missing
 
 
-def _markdown(ref: StudyRef, trials, counts: dict[str, int], epochs_run: int, epochs_full: int,
-              missing_plots: list[str]) -> str:
+def _markdown(
+    ref: StudyRef, trials, counts: dict[str, int], epochs_run: int, epochs_full: int, missing_plots: list[str]
+) -> str:
     from optuna.trial import TrialState
 
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
     saved = 1 - epochs_run / epochs_full if epochs_full else 0.0
     lines = [
-        f"# Hyperparameter search: study `{ref.name}`", "",
+        f"# Hyperparameter search: study `{ref.name}`",
+        "",
         f"Storage `{redacted(ref.storage_url)}`, pruner `{ref.parameters.pruner}`, TPE seed {ref.parameters.seed}. "
-        "Objective: validation macro-F1 (the test split is used only for the best trial, after the search).", "",
-        "| trials | " + " | ".join(counts) + " |", "|---|" + "---:|" * len(counts),
-        "| count | " + " | ".join(str(v) for v in counts.values()) + " |", "",
-        f"Trial-epochs run: **{epochs_run}**; without pruning: {epochs_full} ({saved:.0%} saved by pruning).", "",
+        "Objective: validation macro-F1 (the test split is used only for the best trial, after the search).",
+        "",
+        "| trials | " + " | ".join(counts) + " |",
+        "|---|" + "---:|" * len(counts),
+        "| count | " + " | ".join(str(v) for v in counts.values()) + " |",
+        "",
+        f"Trial-epochs run: **{epochs_run}**; without pruning: {epochs_full} ({saved:.0%} saved by pruning).",
+        "",
     ]
     if best is not None:
-        lines += [f"**Best trial: {best.number}**, validation macro-F1 **{best.value:.4f}**", "",
-                  "| parameter | value |", "|---|---|"]
+        lines += [
+            f"**Best trial: {best.number}**, validation macro-F1 **{best.value:.4f}**",
+            "",
+            "| parameter | value |",
+            "|---|---|",
+        ]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in best.params.items()]
         lines.append("")
     names = sorted({k for t in trials for k in t.params})
-    lines += ["## Trials", "", "| trial | state | validation macro-F1 | epochs run | " + " | ".join(names) + " |",
-              "|---:|---|---:|---:|" + "---|" * len(names)]
+    lines += [
+        "## Trials",
+        "",
+        "| trial | state | validation macro-F1 | epochs run | " + " | ".join(names) + " |",
+        "|---:|---|---:|---:|" + "---|" * len(names),
+    ]
     for t in trials:
-        value = f"{t.value:.4f}" if t.value is not None else (
-            f"{t.intermediate_values[max(t.intermediate_values)]:.4f} (last epoch)" if t.intermediate_values else "")
-        lines.append(f"| {t.number} | {t.state.name.lower()} | {value} | {len(t.intermediate_values)} | "
-                     + " | ".join(_fmt(t.params.get(k, "")) for k in names) + " |")
+        value = (
+            f"{t.value:.4f}"
+            if t.value is not None
+            else (
+                f"{t.intermediate_values[max(t.intermediate_values)]:.4f} (last epoch)" if t.intermediate_values else ""
+            )
+        )
+        lines.append(
+            f"| {t.number} | {t.state.name.lower()} | {value} | {len(t.intermediate_values)} | "
+            + " | ".join(_fmt(t.params.get(k, "")) for k in names)
+            + " |"
+        )
     if missing_plots:
         lines += ["", "Plots left out: " + "; ".join(missing_plots)]
     return "\n".join(lines) + "\n"
@@ -612,8 +698,12 @@ def pruning_savings(trials) -> tuple[int, int]:
     from optuna.trial import TrialState
 
     run = sum(len(t.intermediate_values) for t in trials)
-    full = sum(int(t.params.get("epochs", len(t.intermediate_values))) if t.state == TrialState.PRUNED
-               else len(t.intermediate_values) for t in trials)
+    full = sum(
+        int(t.params.get("epochs", len(t.intermediate_values)))
+        if t.state == TrialState.PRUNED
+        else len(t.intermediate_values)
+        for t in trials
+    )
     return run, full
 
 
@@ -629,9 +719,16 @@ def summarize_study(ref: StudyRef, parent: TrackingRef, output_dir: Path) -> Stu
         staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
         try:
             missing = _plots(study, staging)
-            counts = {state.name.lower(): sum(t.state == state for t in trials)
-                      for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING,
-                                    TrialState.WAITING)}
+            counts = {
+                state.name.lower(): sum(t.state == state for t in trials)
+                for state in (
+                    TrialState.COMPLETE,
+                    TrialState.PRUNED,
+                    TrialState.FAIL,
+                    TrialState.RUNNING,
+                    TrialState.WAITING,
+                )
+            }
             epochs_run, epochs_full = pruning_savings(trials)
             markdown = _markdown(ref, trials, counts, epochs_run, epochs_full, missing)
             (staging / "summary.md").write_text(markdown)
@@ -644,17 +741,31 @@ def summarize_study(ref: StudyRef, parent: TrackingRef, output_dir: Path) -> Stu
     _close_dead_trial_runs(trials, parent)
     client = parent.client()
     client.log_artifacts(parent.run_id, str(output_dir), "study")
-    log_metrics(parent, {"trials_complete": counts["complete"], "trials_pruned": counts["pruned"],
-                         "trials_failed": counts["fail"], "trial_epochs_run": epochs_run,
-                         "trial_epochs_without_pruning": epochs_full})
+    log_metrics(
+        parent,
+        {
+            "trials_complete": counts["complete"],
+            "trials_pruned": counts["pruned"],
+            "trials_failed": counts["fail"],
+            "trial_epochs_run": epochs_run,
+            "trial_epochs_without_pruning": epochs_full,
+        },
+    )
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
     if best is not None:
         log_metrics(parent, {"best_validation_macro_f1": best.value})
         client.set_tag(parent.run_id, "best_trial", str(best.number))
-    return StudySummary(study_name=ref.name, trials=counts, best_trial=best.number if best else None,
-                        best_validation_macro_f1=best.value if best else None, epochs_run=epochs_run,
-                        epochs_without_pruning=epochs_full, markdown=markdown, artifacts_dir=output_dir)
+    return StudySummary(
+        study_name=ref.name,
+        trials=counts,
+        best_trial=best.number if best else None,
+        best_validation_macro_f1=best.value if best else None,
+        epochs_run=epochs_run,
+        epochs_without_pruning=epochs_full,
+        markdown=markdown,
+        artifacts_dir=output_dir,
+    )
 
 
 prepare_study_task = task(prepare_study, name="prepare-study", retries=2, retry_delay_seconds=5)

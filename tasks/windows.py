@@ -18,7 +18,6 @@ copies this module into every logged model and the Bento ships it)."""
 from __future__ import annotations
 
 import unicodedata
-
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -29,11 +28,11 @@ Truncation = Literal["head", "tail", "head+tail", "chunks"]
 TRUNCATION_STRATEGIES: tuple[str, ...] = ("head", "tail", "head+tail", "chunks")
 
 
-
 def has_visible_character(text: str) -> bool:
     """Whether `text` holds anything to read: a character that is not a separator (spaces), a control or a format
     character (zero-width ones, NUL). The service refuses texts without one; batch scoring leaves them unscored."""
     return any(not unicodedata.category(character).startswith(("Z", "C")) for character in text)
+
 
 @dataclass(frozen=True)
 class Windowing:
@@ -58,13 +57,23 @@ class Windowing:
     @classmethod
     def from_dict(cls, values: dict) -> Windowing:
         """From a model folder's textclf.json; a model saved before strategies existed was trained on `head`."""
-        names = {"strategy": "truncation", "max_length": "max_length", "head_share": "head_share",
-                 "chunk_overlap": "chunk_overlap", "max_chunks": "max_chunks"}
+        names = {
+            "strategy": "truncation",
+            "max_length": "max_length",
+            "head_share": "head_share",
+            "chunk_overlap": "chunk_overlap",
+            "max_chunks": "max_chunks",
+        }
         return cls(**{field: values[key] for field, key in names.items() if key in values})
 
     def as_dict(self) -> dict:
-        return {"truncation": self.strategy, "max_length": self.max_length, "head_share": self.head_share,
-                "chunk_overlap": self.chunk_overlap, "max_chunks": self.max_chunks}
+        return {
+            "truncation": self.strategy,
+            "max_length": self.max_length,
+            "head_share": self.head_share,
+            "chunk_overlap": self.chunk_overlap,
+            "max_chunks": self.max_chunks,
+        }
 
 
 def content_windows(ids: list[int], budget: int, windowing: Windowing) -> list[list[int]]:
@@ -80,7 +89,7 @@ def content_windows(ids: list[int], budget: int, windowing: Windowing) -> list[l
         return [list(ids[-budget:])]
     if strategy == "head+tail":
         head = int(round(windowing.head_share * budget))
-        return [list(ids[:head]) + (list(ids[-(budget - head):]) if budget > head else [])]
+        return [list(ids[:head]) + (list(ids[-(budget - head) :]) if budget > head else [])]
     # chunks: windows of `budget` tokens every `step` tokens; the last one ends at the text's end.
     overlap = min(int(round(windowing.chunk_overlap * budget)), budget - 1)
     step = budget - overlap

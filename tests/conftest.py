@@ -55,15 +55,24 @@ def bento_env(tmp_path_factory, tuned_fixture) -> dict:
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("TEXTCLF_REQUEST_LOG") or k == "TEXTCLF_REQUEST_LOG_DIR"}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("TEXTCLF_REQUEST_LOG") or k == "TEXTCLF_REQUEST_LOG_DIR"
+    }
     for name in ("TEXTCLF_API_TOKEN", "TEXTCLF_TRACING", "BENTOML_CONFIG", "BENTOML_CONFIG_OPTIONS"):
         env.pop(name, None)
     env.update(BENTOML_HOME=str(tmp_path_factory.mktemp("bentoml-home")), BENTOML_DO_NOT_TRACK="true")
-    script = ("import sys; from pathlib import Path; from tasks.bento import import_to_bento_store; "
-              "print(import_to_bento_store(Path(sys.argv[1]), 'text-classifier', 'topics', 7))")
-    done = subprocess.run([sys.executable, "-c", script, str(tuned_fixture.model_dir)], cwd=Path(__file__).parents[1],
-                          env=env, capture_output=True, text=True, check=True)
+    script = (
+        "import sys; from pathlib import Path; from tasks.bento import import_to_bento_store; "
+        "print(import_to_bento_store(Path(sys.argv[1]), 'text-classifier', 'topics', 7))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tuned_fixture.model_dir)],
+        cwd=Path(__file__).parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     env["TEXTCLF_BENTO_MODEL"] = done.stdout.strip().splitlines()[-1]
     return env
 
@@ -115,8 +124,9 @@ def tuned_fixture(tmp_path_factory, prepared_fixture, tiny_model_dir):
     from tasks.fine_tune import FineTuneConfig, fine_tune
 
     _, prepared = prepared_fixture
-    config = FineTuneConfig(base_model=str(tiny_model_dir), epochs=8, batch_size=8, learning_rate=2e-3,
-                            early_stopping_patience=0)
+    config = FineTuneConfig(
+        base_model=str(tiny_model_dir), epochs=8, batch_size=8, learning_rate=2e-3, early_stopping_patience=0
+    )
     return fine_tune(prepared, config, tmp_path_factory.mktemp("fine-tune"))
 
 
@@ -156,21 +166,48 @@ def production_stack(tmp_path_factory):
     url = "postgresql{driver}://{user}@{host}:{port}/{database}"
     workers = []
     try:
-        mlflow = ensure_mlflow_server(root, port=free_port(), backend_store_uri=url.format(
-            driver="", database=databases["mlflow"], **POSTGRES))
-        prefect = ensure_prefect_server(root, port=free_port(), database_url=url.format(
-            driver="+asyncpg", database=databases["prefect"], **POSTGRES))
+        mlflow = ensure_mlflow_server(
+            root, port=free_port(), backend_store_uri=url.format(driver="", database=databases["mlflow"], **POSTGRES)
+        )
+        prefect = ensure_prefect_server(
+            root,
+            port=free_port(),
+            database_url=url.format(driver="+asyncpg", database=databases["prefect"], **POSTGRES),
+        )
         deployments = deploy(prefect.url, "process")
-        env = {**os.environ, "PREFECT_API_URL": prefect.url, "MLFLOW_TRACKING_URI": mlflow.url,
-               "TEXTCLF_HOME": str(root / "home"), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+        env = {
+            **os.environ,
+            "PREFECT_API_URL": prefect.url,
+            "MLFLOW_TRACKING_URI": mlflow.url,
+            "TEXTCLF_HOME": str(root / "home"),
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+        }
         for pool in ("gpu", "cpu"):
             log = (root / f"worker-{pool}.log").open("wb")
-            workers.append(subprocess.Popen(
-                [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            ))
-        yield {"prefect": prefect.url, "mlflow": mlflow.url, "root": root, "deployments": deployments,
-               "databases": databases}
+            workers.append(
+                subprocess.Popen(
+                    [
+                        str(Path(sys.executable).parent / "prefect"),
+                        "worker",
+                        "start",
+                        "--pool",
+                        pool,
+                        "--type",
+                        "process",
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        yield {
+            "prefect": prefect.url,
+            "mlflow": mlflow.url,
+            "root": root,
+            "deployments": deployments,
+            "databases": databases,
+        }
     finally:
         import signal
 

@@ -67,9 +67,11 @@ def flow_run_and_artifacts(api_url: str, flow_run_id) -> tuple[dict, list[dict]]
     import httpx
 
     run = httpx.get(f"{api_url}/flow_runs/{flow_run_id}").raise_for_status().json()
-    artifacts = httpx.post(
-        f"{api_url}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}}
-    ).raise_for_status().json()
+    artifacts = (
+        httpx.post(f"{api_url}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}})
+        .raise_for_status()
+        .json()
+    )
     return run, artifacts
 
 
@@ -81,7 +83,9 @@ def relabelled_model(tuned, folder: Path, relabel) -> object:
     return tuned.model_copy(update={"model_dir": folder})
 
 
-def register_model_versions(servers, prepared_fixture, tuned_fixture, tmp_path, name: str, variants: list[str]) -> list[int]:
+def register_model_versions(
+    servers, prepared_fixture, tuned_fixture, tmp_path, name: str, variants: list[str]
+) -> list[int]:
     """Register one version per variant of the tuned fixture model: "good" (as trained), "fair" (two classes'
     names swapped, macro-F1 about 1/3) or "worse" (every class renamed, macro-F1 0)."""
     from tasks.evaluate import EvaluationConfig, evaluate
@@ -99,8 +103,16 @@ def register_model_versions(servers, prepared_fixture, tuned_fixture, tmp_path, 
         model = relabelled_model(tuned_fixture, tmp_path / f"{variant}-{index}", relabel[variant])
         evaluation = evaluate(model, prepared, tmp_path / f"eval-{index}", config=EvaluationConfig(latency_samples=1))
         tracking = start_tracking_run(servers["mlflow"], f"{name}-training", "train", idempotency_key=f"{name}-{index}")
-        version = register(model, evaluation, snapshot, prepared, tracking, RegisterConfig(registered_model_name=name),
-                           {"variant": variant}, "test")
+        version = register(
+            model,
+            evaluation,
+            snapshot,
+            prepared,
+            tracking,
+            RegisterConfig(registered_model_name=name),
+            {"variant": variant},
+            "test",
+        )
         versions.append(version.version)
     return versions
 
@@ -117,9 +129,20 @@ def serve_from_repository(env: dict, log: Path, timeout_seconds: float = 180):
 
     port = free_port()
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "service:TextClassifierService", "--host",
-         "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(Path(sys.executable).parent / "bentoml"),
+            "serve",
+            "service:TextClassifierService",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:

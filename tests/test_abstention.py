@@ -50,8 +50,9 @@ def test_evaluate_picks_the_threshold_of_the_target_coverage_on_validation(tuned
     from tasks.evaluate import EvaluationConfig, evaluate
 
     _, prepared = prepared_fixture
-    result = evaluate(tuned_fixture, prepared, tmp_path / "eval",
-                      config=EvaluationConfig(latency_samples=1, target_coverage=0.8))
+    result = evaluate(
+        tuned_fixture, prepared, tmp_path / "eval", config=EvaluationConfig(latency_samples=1, target_coverage=0.8)
+    )
     metrics = result.metrics
     threshold = metrics["suggested_min_confidence"]
     classifier = TextClassifier(tuned_fixture.model_dir)
@@ -77,8 +78,14 @@ def test_batch_scoring_with_min_confidence(tuned_fixture, fixture_frame, tmp_pat
     config = ScoringSource(source=str(source))
     runs = {}
     for name, value in (("never", None), ("none", 0.0), ("all", 1.0)):
-        runs[name] = score_in_process(config, tuned_fixture.model_dir, "topics/1", tmp_path / f"{name}.parquet",
-                                      chunk_size=8, min_confidence=value)
+        runs[name] = score_in_process(
+            config,
+            tuned_fixture.model_dir,
+            "topics/1",
+            tmp_path / f"{name}.parquet",
+            chunk_size=8,
+            min_confidence=value,
+        )
     never = pq.read_table(runs["never"].output_path).to_pandas()
     assert runs["never"].abstained_texts == 0 and UNKNOWN_LABEL not in set(never["label"])
     assert pq.read_table(runs["none"].output_path).to_pandas()["label"].tolist() == never["label"].tolist()
@@ -88,8 +95,9 @@ def test_batch_scoring_with_min_confidence(tuned_fixture, fixture_frame, tmp_pat
     assert everything["probability"].tolist() == pytest.approx(never["probability"].tolist())  # still the top class's
     # In between: exactly the texts below the threshold abstain.
     middle = float(np.median(never["probability"]))
-    summary = score_in_process(config, tuned_fixture.model_dir, "topics/1", tmp_path / "middle.parquet",
-                               min_confidence=middle)
+    summary = score_in_process(
+        config, tuned_fixture.model_dir, "topics/1", tmp_path / "middle.parquet", min_confidence=middle
+    )
     frame = pq.read_table(summary.output_path).to_pandas()
     below = never["probability"] < middle
     assert (frame["label"] == UNKNOWN_LABEL).tolist() == below.tolist() and summary.abstained_texts == below.sum()
@@ -126,9 +134,20 @@ def test_a_bad_min_confidence_stops_the_start_up_naming_the_variable(bento_env, 
     from flows.local_stack import free_port
 
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "service:TextClassifierService", "--host",
-         "127.0.0.1", "--port", str(free_port())],
-        cwd=ROOT, env={**bento_env, "TEXTCLF_MIN_CONFIDENCE": "1.5"}, capture_output=True, text=True, timeout=180,
+        [
+            str(Path(sys.executable).parent / "bentoml"),
+            "serve",
+            "service:TextClassifierService",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+        ],
+        cwd=ROOT,
+        env={**bento_env, "TEXTCLF_MIN_CONFIDENCE": "1.5"},
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode != 0
     assert "TEXTCLF_MIN_CONFIDENCE=1.5 must be a finite number, between 0 and 1" in done.stdout + done.stderr
@@ -152,10 +171,26 @@ def _stand_in_shared_data(folder: Path) -> Path:
 def test_abstain_benchmark_smoke(tuned_fixture, fixture_csv, tmp_path):
     output = tmp_path / "abstain.json"
     done = subprocess.run(
-        [sys.executable, "bench/abstain.py", "--model-dir", str(tuned_fixture.model_dir), "--in-domain",
-         str(fixture_csv), "--max-ood-texts", "30", "--output", str(output), "--work-dir", str(tmp_path / "work"),
-         "--shared-data", str(_stand_in_shared_data(tmp_path / "shared"))],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "bench/abstain.py",
+            "--model-dir",
+            str(tuned_fixture.model_dir),
+            "--in-domain",
+            str(fixture_csv),
+            "--max-ood-texts",
+            "30",
+            "--output",
+            str(output),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--shared-data",
+            str(_stand_in_shared_data(tmp_path / "shared")),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(output.read_text())
@@ -171,8 +206,10 @@ def test_textclf_score_takes_min_confidence_from_the_flow_parameter(capsys):
     from flows.settings import Settings
 
     parse = build_parser(["score"]).parse_args
-    assert _flow_parameters(parse(["score", "--source", "x.csv", "--min-confidence", "0.8"]),
-                            Settings())["min_confidence"] == 0.8
+    assert (
+        _flow_parameters(parse(["score", "--source", "x.csv", "--min-confidence", "0.8"]), Settings())["min_confidence"]
+        == 0.8
+    )
     assert "min_confidence" not in _flow_parameters(parse(["score", "--source", "x.csv"]), Settings())
     with pytest.raises(SystemExit) as exit_:
         main(["score", "--source", "x.csv", "--min-confidence", "1.5"])

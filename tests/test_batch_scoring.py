@@ -38,9 +38,12 @@ def _all_rows(config: ScoringSource, chunk_size: int) -> tuple[pd.DataFrame, lis
 @pytest.mark.parametrize("suffix", ["csv", "tsv", "jsonl", "parquet"])
 def test_table_files_stream_in_bounded_chunks_with_ids(texts_frame, tmp_path, suffix):
     path = tmp_path / f"new.{suffix}"
-    {"csv": lambda: texts_frame.to_csv(path, index=False), "tsv": lambda: texts_frame.to_csv(path, sep="\t", index=False),
-     "jsonl": lambda: texts_frame.to_json(path, orient="records", lines=True),
-     "parquet": lambda: texts_frame.to_parquet(path, index=False)}[suffix]()
+    {
+        "csv": lambda: texts_frame.to_csv(path, index=False),
+        "tsv": lambda: texts_frame.to_csv(path, sep="\t", index=False),
+        "jsonl": lambda: texts_frame.to_json(path, orient="records", lines=True),
+        "parquet": lambda: texts_frame.to_parquet(path, index=False),
+    }[suffix]()
     rows, sizes = _all_rows(ScoringSource(source=str(path), id_column="doc_id"), chunk_size=16)
     assert sizes == [16, 16, 16, 2]
     assert rows["id"].tolist() == texts_frame["doc_id"].tolist()
@@ -65,7 +68,7 @@ def test_bad_sources_say_what_is_wrong(texts_frame, tmp_path):
     with pytest.raises(ScoringSourceError, match="does not exist"):
         list(iter_text_chunks(ScoringSource(source=str(tmp_path / "missing.csv")), 10))
     texts_frame.rename(columns={"text": "body"}).to_csv(tmp_path / "other.csv", index=False)
-    with pytest.raises(ScoringSourceError, match="no column 'text'.*Set text_column"):
+    with pytest.raises(ScoringSourceError, match=r"no column 'text'.*Set text_column"):
         list(iter_text_chunks(ScoringSource(source=str(tmp_path / "other.csv")), 10))
 
 
@@ -76,16 +79,24 @@ def test_a_failure_midway_leaves_no_partial_file(texts_frame, tmp_path):
     output = tmp_path / "out" / "predictions.parquet"
     scorer = lambda texts: __import__("numpy").full((len(texts), 2), 0.5)  # noqa: E731 - scoring is not under test
     with pytest.raises(ScoringSourceError):
-        score_to_parquet(ScoringSource(source=str(tmp_path / "*.csv")), scorer, ["x", "y"], "m/1", output,
-                         chunk_size=10, progress=False)
+        score_to_parquet(
+            ScoringSource(source=str(tmp_path / "*.csv")),
+            scorer,
+            ["x", "y"],
+            "m/1",
+            output,
+            chunk_size=10,
+            progress=False,
+        )
     assert list((tmp_path / "out").iterdir()) == []
 
 
 @pytest.fixture(scope="module")
 def champion(servers, prepared_fixture, tuned_fixture, tmp_path_factory):
     name = "batch-topics"
-    (version,) = register_model_versions(servers, prepared_fixture, tuned_fixture, tmp_path_factory.mktemp("batch"),
-                                         name, ["good"])
+    (version,) = register_model_versions(
+        servers, prepared_fixture, tuned_fixture, tmp_path_factory.mktemp("batch"), name, ["good"]
+    )
     move_aliases(servers["mlflow"], name, version)
     return name, version
 
@@ -96,8 +107,12 @@ def test_batch_scoring_flow_in_process(project_env, servers, champion, texts_fra
     texts_frame.loc[3, "text"] = "   "  # a blank text is kept as a row without a label
     source = tmp_path / "incoming.jsonl"
     texts_frame.to_json(source, orient="records", lines=True)
-    state = batch_scoring(ScoringSource(source=str(source), id_column="doc_id"), registered_model_name=name,
-                          chunk_size=16, return_state=True)
+    state = batch_scoring(
+        ScoringSource(source=str(source), id_column="doc_id"),
+        registered_model_name=name,
+        chunk_size=16,
+        return_state=True,
+    )
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary.rows == 50 and summary.blank_texts == 1 and summary.model_version == f"{name}/{version}+pytorch"
@@ -109,7 +124,9 @@ def test_batch_scoring_flow_in_process(project_env, servers, champion, texts_fra
     names = table.column_names
     assert names[:3] == ["id", "label", "probability"] and names[-2:] == ["model_version", "scored_at"]
     assert sorted(names[3:-2]) == ["proba_food", "proba_sport", "proba_tech"]
-    assert str(table.schema.field("probability").type) == "float" and "timestamp" in str(table.schema.field("scored_at").type)
+    assert str(table.schema.field("probability").type) == "float" and "timestamp" in str(
+        table.schema.field("scored_at").type
+    )
     frame = table.to_pandas()
     assert frame["id"].tolist() == texts_frame["doc_id"].tolist()
     assert pd.isna(frame.loc[3, "label"]) and frame["label"].drop(index=3).notna().all()
@@ -118,14 +135,19 @@ def test_batch_scoring_flow_in_process(project_env, servers, champion, texts_fra
     import mlflow.pyfunc
 
     scored = frame.drop(index=3)
-    expected = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(
-        texts_frame.drop(index=3)["text"].tolist())["label"].tolist()
+    expected = (
+        mlflow.pyfunc.load_model(f"models:/{name}@champion")
+        .predict(texts_frame.drop(index=3)["text"].tolist())["label"]
+        .tolist()
+    )
     assert scored["label"].tolist() == expected
 
     # A summary in the monitoring experiment and a table artifact in Prefect.
     client = MlflowClient(servers["mlflow"])
     experiment = client.get_experiment_by_name("text-classifier-monitoring")
-    (run,) = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{state.state_details.flow_run_id}'")
+    (run,) = client.search_runs(
+        [experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{state.state_details.flow_run_id}'"
+    )
     assert run.data.metrics["rows"] == 50 and 0 < run.data.metrics["mean_probability"] <= 1
     assert sum(v for k, v in run.data.metrics.items() if k.startswith("label_share_")) == pytest.approx(1)
     _, artifacts = flow_run_and_artifacts(servers["prefect"], state.state_details.flow_run_id)
@@ -133,8 +155,9 @@ def test_batch_scoring_flow_in_process(project_env, servers, champion, texts_fra
 
 
 @pytest.mark.slow
-def test_batch_scoring_flow_through_the_bento_endpoint(project_env, servers, champion, tuned_fixture, texts_frame,
-                                                       tmp_path):
+def test_batch_scoring_flow_through_the_bento_endpoint(
+    project_env, servers, champion, tuned_fixture, texts_frame, tmp_path
+):
     from tasks.bento import import_to_bento_store, stop_bento_server
 
     name, version = champion
@@ -143,8 +166,13 @@ def test_batch_scoring_flow_through_the_bento_endpoint(project_env, servers, cha
     try:
         source = tmp_path / "incoming.csv"
         texts_frame.to_csv(source, index=False)
-        summary = batch_scoring(ScoringSource(source=str(source)), registered_model_name=name, mode="endpoint",
-                                endpoint_url=url, chunk_size=20)
+        summary = batch_scoring(
+            ScoringSource(source=str(source)),
+            registered_model_name=name,
+            mode="endpoint",
+            endpoint_url=url,
+            chunk_size=20,
+        )
     finally:
         stop_bento_server(process.pid)
     assert summary.rows == 50 and summary.model_version == f"{name}/{version}+pytorch"
@@ -152,12 +180,16 @@ def test_batch_scoring_flow_through_the_bento_endpoint(project_env, servers, cha
     assert frame["id"].tolist() == [f"incoming.csv:{i}" for i in range(50)]
     from tasks.classifier import TextClassifier
 
-    assert frame["label"].tolist() == TextClassifier(tuned_fixture.model_dir).predict(texts_frame["text"].tolist())["label"].tolist()
+    assert (
+        frame["label"].tolist()
+        == TextClassifier(tuned_fixture.model_dir).predict(texts_frame["text"].tolist())["label"].tolist()
+    )
 
 
 @pytest.mark.slow
-def test_a_killed_run_leaves_no_output_and_the_next_run_cleans_up(project_env, servers, champion, texts_frame,
-                                                                   tmp_path):
+def test_a_killed_run_leaves_no_output_and_the_next_run_cleans_up(
+    project_env, servers, champion, texts_frame, tmp_path
+):
     """SIGKILL mid-run: no predictions file appears; the orphaned temporary is removed by the next run."""
     name, _ = champion
     big = pd.concat([texts_frame] * 400, ignore_index=True)  # 20,000 texts: long enough to kill mid-way
@@ -167,8 +199,14 @@ def test_a_killed_run_leaves_no_output_and_the_next_run_cleans_up(project_env, s
         "import sys; from flows.batch_scoring import batch_scoring; from tasks.batch_score import ScoringSource; "
         f"batch_scoring(ScoringSource(source={str(source)!r}), registered_model_name={name!r}, chunk_size=500)"
     )
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=dict(os.environ),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     folder = project_env / "predictions" / name
     try:
         deadline = __import__("time").monotonic() + 300
@@ -191,7 +229,9 @@ def test_a_scheduled_run_with_nothing_new_succeeds_and_writes_nothing(project_en
     name, _ = champion
     summary = batch_scoring(ScoringSource(source=str(tmp_path / "incoming" / "*.jsonl")), registered_model_name=name)
     assert summary.rows == 0 and summary.output_path is None and summary.label_counts == {}
-    assert not (project_env / "predictions" / name).exists() or not any((project_env / "predictions" / name).glob("*.parquet"))
+    assert not (project_env / "predictions" / name).exists() or not any(
+        (project_env / "predictions" / name).glob("*.parquet")
+    )
 
 
 @pytest.mark.slow
@@ -201,8 +241,9 @@ def test_batch_scoring_flow_abstains_below_min_confidence(project_env, servers, 
     name, version = champion
     source = tmp_path / "incoming.csv"
     texts_frame.to_csv(source, index=False)
-    state = batch_scoring(ScoringSource(source=str(source)), registered_model_name=name, min_confidence=1.0,
-                          return_state=True)
+    state = batch_scoring(
+        ScoringSource(source=str(source)), registered_model_name=name, min_confidence=1.0, return_state=True
+    )
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary.label_counts == {"unknown": 50} and summary.abstained_texts == 50 and summary.min_confidence == 1.0
@@ -210,10 +251,14 @@ def test_batch_scoring_flow_abstains_below_min_confidence(project_env, servers, 
     assert (frame["label"] == "unknown").all() and frame["probability"].between(0, 1).all()
     client = MlflowClient(servers["mlflow"])
     experiment = client.get_experiment_by_name("text-classifier-monitoring")
-    (run,) = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{state.state_details.flow_run_id}'")
+    (run,) = client.search_runs(
+        [experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{state.state_details.flow_run_id}'"
+    )
     assert run.data.metrics["abstained_share"] == 1.0 and run.data.params["min_confidence"] == "1.0"
     registered = client.get_model_version(name, str(version))
     training_run = client.get_run(registered.run_id)
     suggested = training_run.data.metrics["suggested_min_confidence"]
     assert 0 < suggested <= 1 and registered.tags["suggested_min_confidence"] == f"{suggested:.4f}"
-    assert "evaluation/accuracy_coverage.png" in {a.path for a in client.list_artifacts(registered.run_id, "evaluation")}
+    assert "evaluation/accuracy_coverage.png" in {
+        a.path for a in client.list_artifacts(registered.run_id, "evaluation")
+    }

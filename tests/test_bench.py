@@ -23,15 +23,32 @@ def _tiny_service_model(fixture_frame, folder: Path) -> Path:
     return model_dir
 
 
-
 @pytest.mark.slow
 def test_fine_tune_benchmark_writes_both_variants(fixture_csv, tiny_model_dir, tmp_path):
     output = tmp_path / "result.json"
     done = subprocess.run(
-        [sys.executable, "bench/fine_tune_throughput.py", "--dataset", str(fixture_csv), "--base-model",
-         str(tiny_model_dir), "--max-length", "32", "--train-samples", "48", "--epochs", "1",
-         "--output", str(output), "--work-dir", str(tmp_path / "work")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "bench/fine_tune_throughput.py",
+            "--dataset",
+            str(fixture_csv),
+            "--base-model",
+            str(tiny_model_dir),
+            "--max-length",
+            "32",
+            "--train-samples",
+            "48",
+            "--epochs",
+            "1",
+            "--output",
+            str(output),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(output.read_text())
@@ -51,30 +68,64 @@ def test_serving_load_benchmark_runs_every_variant(fixture_frame, tmp_path):
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     output = tmp_path / "serving.json"
     done = subprocess.run(
-        [sys.executable, "bench/serving_load.py", "--model-dir", str(model_dir), "--texts", str(tmp_path / "texts.txt"),
-         "--duration", "1", "--warmup", "0.5", "--clients", "1,4", "--output", str(output),
-         "--work-dir", str(tmp_path / "work")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "bench/serving_load.py",
+            "--model-dir",
+            str(model_dir),
+            "--texts",
+            str(tmp_path / "texts.txt"),
+            "--duration",
+            "1",
+            "--warmup",
+            "0.5",
+            "--clients",
+            "1,4",
+            "--output",
+            str(output),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(output.read_text())
     variants = {r["variant"]: r for r in result["results"].values()}
-    assert set(variants) == {"in-process", "bento-batching", "bento-batching-logging", "bento-batching-spans",
-                             "bento-no-batching", "fastapi-pipeline"}
+    assert set(variants) == {
+        "in-process",
+        "bento-batching",
+        "bento-batching-logging",
+        "bento-batching-spans",
+        "bento-no-batching",
+        "fastapi-pipeline",
+    }
     assert variants["in-process"]["texts_per_second"] > 0
     check = variants["bento-batching-logging"]["request_log"]  # counted after the server's graceful stop
     assert check["rows"] == check["answered_ok"] > 0 and check["rows_equal_answered"], check
     assert "request_log_throughput" in result["targets"]
-    for name in ("bento-batching", "bento-batching-logging", "bento-batching-spans", "bento-no-batching",
-                 "fastapi-pipeline"):
+    for name in (
+        "bento-batching",
+        "bento-batching-logging",
+        "bento-batching-spans",
+        "bento-no-batching",
+        "fastapi-pipeline",
+    ):
         assert "failed" not in variants[name], variants[name]["failed"]
         assert set(variants[name]["levels"]) == {"1", "4"}
         for level in variants[name]["levels"].values():
             assert level["requests_per_second"] > 0, (name, level)
             assert level["errors"] == 0, (name, level["error_kinds"], level["error_samples"])
             assert level["latency_ms"]["p99"] >= level["latency_ms"]["p50"] > 0
-    assert set(result["targets"]) >= {"requests_per_second_vs_fastapi", "requests_per_second_vs_in_process",
-                                      "p99_latency", "errors_at_64_clients", "all_targets_met"}
+    assert set(result["targets"]) >= {
+        "requests_per_second_vs_fastapi",
+        "requests_per_second_vs_in_process",
+        "p99_latency",
+        "errors_at_64_clients",
+        "all_targets_met",
+    }
     assert result["targets"]["variant"].startswith("bento-batching[")
     assert set(result["spans"]["levels"]) == {"1", "4"}  # BentoML's spans on classify against the service as is
     assert not list((tmp_path / "work").iterdir())  # working files removed
@@ -86,10 +137,30 @@ def test_sweep_benchmark_compares_the_sweep_with_the_default(fixture_csv, tiny_m
     a dataset that is absent (ATIS without ../shared) skipped with a note rather than failing the run."""
     output = tmp_path / "sweep.json"
     done = subprocess.run(
-        [sys.executable, "bench/sweep.py", "--datasets", f"{fixture_csv},atis", "--shared-data",
-         str(tmp_path / "no-shared"), "--base-model", str(tiny_model_dir), "--max-length", "32", "--trials", "2",
-         "--epochs-max", "1", "--output", str(output), "--work-dir", str(tmp_path / "work")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "bench/sweep.py",
+            "--datasets",
+            f"{fixture_csv},atis",
+            "--shared-data",
+            str(tmp_path / "no-shared"),
+            "--base-model",
+            str(tiny_model_dir),
+            "--max-length",
+            "32",
+            "--trials",
+            "2",
+            "--epochs-max",
+            "1",
+            "--output",
+            str(output),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(output.read_text())
@@ -113,10 +184,30 @@ def test_quality_benchmark_runs_the_training_flow_on_each_real_dataset(tiny_mode
         pytest.skip(f"the shared datasets are absent ({SHARED_DATA})")
     output = tmp_path / "quality.json"
     done = subprocess.run(
-        [sys.executable, "bench/quality.py", "--datasets", "atis,sms-spam,drug-reviews", "--base-model",
-         str(tiny_model_dir), "--max-length", "32", "--epochs", "1", "--max-rows", "200", "--output", str(output),
-         "--work-dir", str(tmp_path / "work"), "--shared-data", str(SHARED_DATA)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "bench/quality.py",
+            "--datasets",
+            "atis,sms-spam,drug-reviews",
+            "--base-model",
+            str(tiny_model_dir),
+            "--max-length",
+            "32",
+            "--epochs",
+            "1",
+            "--max-rows",
+            "200",
+            "--output",
+            str(output),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--shared-data",
+            str(SHARED_DATA),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(output.read_text())
@@ -139,10 +230,30 @@ def test_inference_runtimes_benchmark_measures_every_runtime(fixture_frame, tmp_
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     output = tmp_path / "runtimes.json"
     done = subprocess.run(
-        [sys.executable, "bench/inference_runtimes.py", "--model-dir", str(model_dir), "--texts",
-         str(tmp_path / "texts.txt"), "--batch-sizes", "1,8", "--duration", "0.4", "--rounds", "2",
-         "--agreement-texts", "32", "--output", str(output), "--work-dir", str(tmp_path / "work")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "bench/inference_runtimes.py",
+            "--model-dir",
+            str(model_dir),
+            "--texts",
+            str(tmp_path / "texts.txt"),
+            "--batch-sizes",
+            "1,8",
+            "--duration",
+            "0.4",
+            "--rounds",
+            "2",
+            "--agreement-texts",
+            "32",
+            "--output",
+            str(output),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(output.read_text())
@@ -164,10 +275,30 @@ def test_overload_benchmark_measures_levels_and_recovery(fixture_frame, tmp_path
     """wrk against the guarded server, one short level: the JSON holds the level, the recovery and the targets."""
     output = tmp_path / "overload.json"
     done = subprocess.run(
-        [sys.executable, "bench/overload.py", "--model-dir", str(_tiny_service_model(fixture_frame, tmp_path / "m")),
-         "--variants", "guarded", "--connections", "4", "--duration", "2", "--idle-seconds", "1",
-         "--recovery-seconds", "2", "--texts", "short", "--output", str(output)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "bench/overload.py",
+            "--model-dir",
+            str(_tiny_service_model(fixture_frame, tmp_path / "m")),
+            "--variants",
+            "guarded",
+            "--connections",
+            "4",
+            "--duration",
+            "2",
+            "--idle-seconds",
+            "1",
+            "--recovery-seconds",
+            "2",
+            "--texts",
+            "short",
+            "--output",
+            str(output),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     result = json.loads(output.read_text())
@@ -180,9 +311,20 @@ def test_overload_benchmark_measures_levels_and_recovery(fixture_frame, tmp_path
 def test_hostile_input_benchmark_reports_every_probe(fixture_frame, tmp_path):
     output = tmp_path / "hostile.json"
     done = subprocess.run(
-        [sys.executable, "bench/hostile_input.py", "--model-dir", str(_tiny_service_model(fixture_frame, tmp_path / "m")),
-         "--paths", "100", "--output", str(output)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "bench/hostile_input.py",
+            "--model-dir",
+            str(_tiny_service_model(fixture_frame, tmp_path / "m")),
+            "--paths",
+            "100",
+            "--output",
+            str(output),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(output.read_text())

@@ -47,8 +47,11 @@ def test_every_option_shows_its_description_default_and_bounds(command):
         line = text.split(f"{option.flag} ", 1)[1].split("  --", 1)[0]
         assert " ".join(option.info.description.split())[:40] in " ".join(text.split()), option.flag
         if not option.info.is_required():
-            shown = {True: "on", False: "off", None: "unset"}.get(option.default, option.default) \
-                if isinstance(option.default, bool | None) else option.default
+            shown = (
+                {True: "on", False: "off", None: "unset"}.get(option.default, option.default)
+                if isinstance(option.default, bool | None)
+                else option.default
+            )
             if isinstance(shown, list):
                 shown = " ".join(map(str, shown))
             assert f"default: {shown}" in text, f"{command} {option.flag}: no default shown"
@@ -59,12 +62,28 @@ def test_every_option_shows_its_description_default_and_bounds(command):
 
 def test_train_help_shows_every_training_parameter_with_its_stage_default():
     text = _help("train")
-    for expected in ("--seed INT", "--class-weighted-loss, --no-class-weighted-loss", "--early-stopping-patience INT",
-                     "--truncation {head,tail,head+tail,chunks}", "--head-share FLOAT", "--chunk-overlap FLOAT",
-                     "--max-chunks INT", "--chunks-per-training-text INT", "--encoding TEXT", "--fallback-encoding TEXT",
-                     "--validation-fraction FLOAT", "--test-fraction FLOAT", "--split-column TEXT", "--hub-config TEXT",
-                     "--timeout-minutes INT", "--weight-decay FLOAT", "--device {auto,cuda,cpu}",
-                     "--registered-model-name TEXT", "default: all-MiniLM-L6-v2", "(default: 3; 1 <= value <= 100)"):
+    for expected in (
+        "--seed INT",
+        "--class-weighted-loss, --no-class-weighted-loss",
+        "--early-stopping-patience INT",
+        "--truncation {head,tail,head+tail,chunks}",
+        "--head-share FLOAT",
+        "--chunk-overlap FLOAT",
+        "--max-chunks INT",
+        "--chunks-per-training-text INT",
+        "--encoding TEXT",
+        "--fallback-encoding TEXT",
+        "--validation-fraction FLOAT",
+        "--test-fraction FLOAT",
+        "--split-column TEXT",
+        "--hub-config TEXT",
+        "--timeout-minutes INT",
+        "--weight-decay FLOAT",
+        "--device {auto,cuda,cpu}",
+        "--registered-model-name TEXT",
+        "default: all-MiniLM-L6-v2",
+        "(default: 3; 1 <= value <= 100)",
+    ):
         assert expected in text, expected
     from tasks.fine_tune import FineTuneConfig
 
@@ -74,12 +93,12 @@ def test_train_help_shows_every_training_parameter_with_its_stage_default():
 def test_bounds_text():
     from pydantic import Field
 
-    assert bounds_text((Field(ge=1, le=50))) == "1 <= value <= 50"
-    assert bounds_text((Field(gt=0, lt=0.5))) == "0 < value < 0.5"
-    assert bounds_text((Field(ge=0))) == "value >= 0"
-    assert bounds_text((Field(lt=3))) == "value < 3"
-    assert bounds_text((Field(min_length=1, max_length=256))) == "1 to 256 characters"
-    assert bounds_text((Field())) == ""
+    assert bounds_text(Field(ge=1, le=50)) == "1 <= value <= 50"
+    assert bounds_text(Field(gt=0, lt=0.5)) == "0 < value < 0.5"
+    assert bounds_text(Field(ge=0)) == "value >= 0"
+    assert bounds_text(Field(lt=3)) == "value < 3"
+    assert bounds_text(Field(min_length=1, max_length=256)) == "1 to 256 characters"
+    assert bounds_text(Field()) == ""
 
 
 def test_the_flow_models_reuse_the_stage_fields_so_each_default_lives_once():
@@ -91,11 +110,17 @@ def test_the_flow_models_reuse_the_stage_fields_so_each_default_lives_once():
     assert issubclass(DatasetParameters, IngestConfig) and issubclass(ModelParameters, WindowingConfig)
     pairs = [(TrainingParameters, FineTuneConfig, n) for n in TrainingParameters.model_fields if n != "timeout_minutes"]
     pairs += [(DatasetParameters, PreprocessConfig, n) for n in ("validation_fraction", "test_fraction")]
-    assert set(TrainingParameters.model_fields) - {"timeout_minutes"} == set(FineTuneConfig.model_fields) - {"base_model"}
+    assert set(TrainingParameters.model_fields) - {"timeout_minutes"} == set(FineTuneConfig.model_fields) - {
+        "base_model"
+    }
     for flow_model, stage, name in pairs:
         mine, theirs = flow_model.model_fields[name], stage.model_fields[name]
-        assert (mine.annotation, mine.default, mine.description, mine.metadata) == \
-               (theirs.annotation, theirs.default, theirs.description, theirs.metadata), name
+        assert (mine.annotation, mine.default, mine.description, mine.metadata) == (
+            theirs.annotation,
+            theirs.default,
+            theirs.description,
+            theirs.metadata,
+        ), name
     # The flow, given nothing, builds the stage configs with exactly their own defaults.
     defaults = TrainingParameters().model_dump(exclude={"timeout_minutes"})
     assert FineTuneConfig(base_model="m", **defaults) == FineTuneConfig(base_model="m")
@@ -104,16 +129,43 @@ def test_the_flow_models_reuse_the_stage_fields_so_each_default_lives_once():
 def test_parsed_options_become_the_flow_parameters_and_only_given_ones_are_set():
     from flows.training import DatasetParameters, ModelParameters, TrainingParameters
 
-    argv = ["train", "--source", "data.csv", "--encoding", "cp1252", "--split-column", "", "--truncation", "head+tail",
-            "--head-share", "0.5", "--class-weighted-loss", "--early-stopping-patience", "0", "--seed", "7",
-            "--epochs", "5", "--learning-rate", "2e-3", "--timeout-minutes", "30"]
+    argv = [
+        "train",
+        "--source",
+        "data.csv",
+        "--encoding",
+        "cp1252",
+        "--split-column",
+        "",
+        "--truncation",
+        "head+tail",
+        "--head-share",
+        "0.5",
+        "--class-weighted-loss",
+        "--early-stopping-patience",
+        "0",
+        "--seed",
+        "7",
+        "--epochs",
+        "5",
+        "--learning-rate",
+        "2e-3",
+        "--timeout-minutes",
+        "30",
+    ]
     args = build_parser(argv).parse_args(argv)
     parameters = args.options.values(args)
     assert parameters == {
         "dataset": DatasetParameters(source="data.csv", encoding="cp1252", split_column=None),
         "model": ModelParameters(truncation="head+tail", head_share=0.5),
-        "training": TrainingParameters(class_weighted_loss=True, early_stopping_patience=0, seed=7, epochs=5,
-                                       learning_rate=2e-3, timeout_minutes=30),
+        "training": TrainingParameters(
+            class_weighted_loss=True,
+            early_stopping_patience=0,
+            seed=7,
+            epochs=5,
+            learning_rate=2e-3,
+            timeout_minutes=30,
+        ),
     }
     args = build_parser(["train"]).parse_args(["train"])
     assert args.options.values(args) == {}  # nothing given: the flow's own defaults apply
@@ -136,16 +188,28 @@ def test_the_registered_model_name_defaults_to_the_environment_when_set(monkeypa
     assert _flow_parameters(args, Settings())["registered_model_name"] == "from-env"
 
 
-@pytest.mark.parametrize(("argv", "expected"), [
-    (["train", "--max-length", "100000"], "--max-length: Input should be less than or equal to 8192 (got '100000')"),
-    (["train", "--test-fraction", "0.5"], "--test-fraction: Input should be less than 0.5"),
-    (["train", "--epochs", "three"], "--epochs: Input should be a valid integer"),
-    (["promote", "--first-champion-floor", "1.5"], "--min-macro-f1-first-champion: Input should be less than or equal to 1"),
-    (["score", "--source", "x.csv", "--low-confidence-threshold", "1"], "--low-confidence-threshold: Input should be less than 1"),
-    (["monitor", "--alpha", "0"], "--alpha: Input should be greater than 0"),
-    (["monitor", "--text-column", "body"], "--source is needed with --text-column"),
-    (["serve", "--port", "70000"], "--port: Input should be less than or equal to 65535"),
-])
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["train", "--max-length", "100000"],
+            "--max-length: Input should be less than or equal to 8192 (got '100000')",
+        ),
+        (["train", "--test-fraction", "0.5"], "--test-fraction: Input should be less than 0.5"),
+        (["train", "--epochs", "three"], "--epochs: Input should be a valid integer"),
+        (
+            ["promote", "--first-champion-floor", "1.5"],
+            "--min-macro-f1-first-champion: Input should be less than or equal to 1",
+        ),
+        (
+            ["score", "--source", "x.csv", "--low-confidence-threshold", "1"],
+            "--low-confidence-threshold: Input should be less than 1",
+        ),
+        (["monitor", "--alpha", "0"], "--alpha: Input should be greater than 0"),
+        (["monitor", "--text-column", "body"], "--source is needed with --text-column"),
+        (["serve", "--port", "70000"], "--port: Input should be less than or equal to 65535"),
+    ],
+)
 def test_a_bad_value_is_a_clean_usage_error_naming_the_option_and_bound(argv, expected, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -156,8 +220,13 @@ def test_a_bad_value_is_a_clean_usage_error_naming_the_option_and_bound(argv, ex
 
 
 def test_a_bad_value_from_the_installed_command_exits_2_without_a_traceback():
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--epochs", "0", "--truncation", "head"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "train", "--epochs", "0", "--truncation", "head"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "textclf train: error: --epochs: Input should be greater than or equal to 1 (got '0')" in done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
@@ -174,15 +243,17 @@ def cli_champion(servers, prepared_fixture, tuned_fixture, tmp_path_factory):
     from tests.fixtures import register_model_versions
 
     name = "cli-topics"
-    (version,) = register_model_versions(servers, prepared_fixture, tuned_fixture, tmp_path_factory.mktemp("cli"),
-                                         name, ["good"])
+    (version,) = register_model_versions(
+        servers, prepared_fixture, tuned_fixture, tmp_path_factory.mktemp("cli"), name, ["good"]
+    )
     move_aliases(servers["mlflow"], name, version)
     return name, version
 
 
 @pytest.mark.slow
-def test_textclf_score_end_to_end_prints_where_to_look(project_env, servers, cli_champion, fixture_frame, tmp_path,
-                                                      capsys, monkeypatch):
+def test_textclf_score_end_to_end_prints_where_to_look(
+    project_env, servers, cli_champion, fixture_frame, tmp_path, capsys, monkeypatch
+):
     name, version = cli_champion
     monkeypatch.setenv("TEXTCLF_REGISTERED_MODEL_NAME", name)  # the default of every command
     source = tmp_path / "new.csv"
@@ -201,15 +272,31 @@ def test_textclf_score_end_to_end_prints_where_to_look(project_env, servers, cli
 
 
 @pytest.mark.slow
-def test_textclf_monitor_end_to_end_prints_the_decision_and_where_to_look(project_env, servers, cli_champion, tmp_path,
-                                                                         capsys):
+def test_textclf_monitor_end_to_end_prints_the_decision_and_where_to_look(
+    project_env, servers, cli_champion, tmp_path, capsys
+):
     from tests.fixtures import make_texts
 
     name, version = cli_champion
     source = tmp_path / "window.csv"
     make_texts(per_class=10, seed=5)[["text"]].to_csv(source, index=False)
-    code = main(["monitor", "--registered-model-name", name, "--source", str(source), "--min-window-size", "10",
-                 "--min-reference-size", "10", "--permutations", "100", "--max-embedding-texts", "20"])
+    code = main(
+        [
+            "monitor",
+            "--registered-model-name",
+            name,
+            "--source",
+            str(source),
+            "--min-window-size",
+            "10",
+            "--min-reference-size",
+            "10",
+            "--permutations",
+            "100",
+            "--max-embedding-texts",
+            "20",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert re.search(rf"{name} version {version}: (NO DRIFT|DRIFT)\n", out), out
@@ -220,7 +307,9 @@ def test_textclf_monitor_end_to_end_prints_the_decision_and_where_to_look(projec
     from mlflow import MlflowClient
 
     run = MlflowClient(servers["mlflow"]).get_run(run_id)
-    assert run.data.tags["textclf.kind"] == "drift-monitoring" and run.data.params["model_version"] == f"{name}/{version}"
+    assert (
+        run.data.tags["textclf.kind"] == "drift-monitoring" and run.data.params["model_version"] == f"{name}/{version}"
+    )
     assert f"Prefect UI:   {servers['prefect'].removesuffix('/api')}/runs/flow-run/" in out
 
 

@@ -32,24 +32,37 @@ def _wait_for(api: str, flow_run_id: str, timeout: float = 900) -> dict:
 
 
 def _runs_of(api: str, deployment_id: str) -> list[dict]:
-    return httpx.post(f"{api}/flow_runs/filter",
-                      json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}}).raise_for_status().json()
+    return (
+        httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}})
+        .raise_for_status()
+        .json()
+    )
 
 
 def run_deployment_like_the_ui(api: str, deployment_id: str, parameters: dict) -> dict:
     """What the UI's custom-run form sends: the deployment's create_flow_run with the edited parameters."""
-    return httpx.post(
-        f"{api}/deployments/{deployment_id}/create_flow_run",
-        json={"parameters": parameters, "state": {"type": "SCHEDULED", "message": "Run from the Prefect UI"}},
-    ).raise_for_status().json()
+    return (
+        httpx.post(
+            f"{api}/deployments/{deployment_id}/create_flow_run",
+            json={"parameters": parameters, "state": {"type": "SCHEDULED", "message": "Run from the Prefect UI"}},
+        )
+        .raise_for_status()
+        .json()
+    )
 
 
 def test_every_deployment_is_registered_on_its_pool_with_a_typed_form(production_stack):
     api = production_stack["prefect"]
-    expected = {("training", "training"): "gpu", ("training", "training-cpu"): "cpu",
-                ("training", "retraining"): "gpu", ("promotion", "promotion"): "cpu", ("rollback", "rollback"): "cpu",
-                ("batch-scoring", "batch-scoring"): "cpu", ("drift-monitoring", "monitoring"): "cpu",
-                ("sweep", "sweep"): "gpu"}
+    expected = {
+        ("training", "training"): "gpu",
+        ("training", "training-cpu"): "cpu",
+        ("training", "retraining"): "gpu",
+        ("promotion", "promotion"): "cpu",
+        ("rollback", "rollback"): "cpu",
+        ("batch-scoring", "batch-scoring"): "cpu",
+        ("drift-monitoring", "monitoring"): "cpu",
+        ("sweep", "sweep"): "gpu",
+    }
     for (flow, name), pool in expected.items():
         deployment = _deployment(api, flow, name)
         assert deployment["work_pool_name"] == pool, name
@@ -93,8 +106,9 @@ def test_a_training_run_from_the_ui_is_run_by_the_worker_and_its_completion_prom
     promotion = _deployment(api, "promotion", "promotion")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        runs = [r for r in _runs_of(api, promotion["id"])
-                if r["parameters"].get("training_flow_run_id") == created["id"]]
+        runs = [
+            r for r in _runs_of(api, promotion["id"]) if r["parameters"].get("training_flow_run_id") == created["id"]
+        ]
         if runs:
             break
         time.sleep(2)

@@ -43,12 +43,26 @@ def test_evaluation_writes_metrics_plots_report_and_baseline(tuned_fixture, prep
     for label in prepared.label_names:
         assert f"test_f1_{label}" in metrics and f"test_precision_{label}" in metrics
     files = {p.name for p in result.artifacts_dir.iterdir()}
-    assert {"confusion_matrix.png", "reliability_diagram.png", "per_class_f1.png", "metrics.json", "report.md",
-            "test_predictions.parquet", "per_class.csv", "length_slices.csv"} <= files
+    assert {
+        "confusion_matrix.png",
+        "reliability_diagram.png",
+        "per_class_f1.png",
+        "metrics.json",
+        "report.md",
+        "test_predictions.parquet",
+        "per_class.csv",
+        "length_slices.csv",
+    } <= files
     assert json.loads((result.artifacts_dir / "metrics.json").read_text()) == metrics
     report = result.report_markdown
-    for section in ("## Test metrics", "TF-IDF", "## Per class", "## By text length", "## Known limits",
-                    prepared.data_version):
+    for section in (
+        "## Test metrics",
+        "TF-IDF",
+        "## Per class",
+        "## By text length",
+        "## Known limits",
+        prepared.data_version,
+    ):
         assert section in report
     assert (result.artifacts_dir / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -36,8 +36,9 @@ def test_fine_tune_learns_the_fixture_and_writes_a_complete_model(tuned_fixture,
 def test_same_fine_tune_again_reuses_the_finished_model(tuned_fixture, prepared_fixture, tiny_model_dir):
     _, prepared = prepared_fixture
     root = tuned_fixture.model_dir.parents[1]
-    config = FineTuneConfig(base_model=str(tiny_model_dir), epochs=8, batch_size=8, learning_rate=2e-3,
-                            early_stopping_patience=0)
+    config = FineTuneConfig(
+        base_model=str(tiny_model_dir), epochs=8, batch_size=8, learning_rate=2e-3, early_stopping_patience=0
+    )
     again = fine_tune(prepared, config, root)
     assert again.reused and again.model_dir == tuned_fixture.model_dir
 
@@ -63,8 +64,9 @@ def test_device_falls_back_to_cpu_with_all_cores():
 
 def test_interrupted_fine_tune_resumes_from_its_last_checkpoint(prepared_fixture, tiny_model_dir, tmp_path):
     _, prepared = prepared_fixture
-    config = FineTuneConfig(base_model=str(tiny_model_dir), epochs=60, batch_size=8, learning_rate=1e-3,
-                            early_stopping_patience=0)
+    config = FineTuneConfig(
+        base_model=str(tiny_model_dir), epochs=60, batch_size=8, learning_rate=1e-3, early_stopping_patience=0
+    )
     work = tmp_path / run_key(prepared, config)
     child = (
         "import sys; from pathlib import Path\n"
@@ -76,7 +78,9 @@ def test_interrupted_fine_tune_resumes_from_its_last_checkpoint(prepared_fixture
     log = tmp_path / "child.log"
     process = subprocess.Popen(
         [sys.executable, "-c", child, prepared.model_dump_json(), config.model_dump_json(), str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=log.open("wb"), cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        cwd=Path(__file__).resolve().parents[1],
     )
     try:
         deadline = time.monotonic() + 300

@@ -38,7 +38,11 @@ def test_hub_model_id_is_fine_tuned_from_the_cache(tmp_path, tiny_model_dir, pre
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-c", script, snapshot.model_dump_json(), str(tmp_path / "work")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     line = [l for l in done.stdout.splitlines() if l.startswith("MODEL ")][0]
@@ -56,8 +60,14 @@ def test_unknown_hub_model_fails_with_its_name(tmp_path, prepared_fixture):
         "PreprocessConfig(tokenizer='no-such-org/no-such-model'), Path(sys.argv[2]))\n"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty-hub"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", script, snapshot.model_dump_json(), str(tmp_path / "work")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script, snapshot.model_dump_json(), str(tmp_path / "work")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0
     assert "no-such-org/no-such-model" in done.stderr
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())

@@ -24,7 +24,6 @@ from tasks.ingest import (
     ingest_task,
 )
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------
@@ -32,11 +31,7 @@ from tasks.ingest import (
 
 def labelled(per_class: int = 6, labels=("neg", "pos"), prefix: str = "review") -> pd.DataFrame:
     """Distinct texts, `per_class` per label, labels interleaved."""
-    rows = [
-        {"text": f"{prefix} {label} number {i}", "label": label}
-        for i in range(per_class)
-        for label in labels
-    ]
+    rows = [{"text": f"{prefix} {label} number {i}", "label": label} for i in range(per_class) for label in labels]
     return pd.DataFrame(rows)
 
 
@@ -127,14 +122,15 @@ def test_column_mapping_and_integer_labels(tmp_path, snapshots):
 
 def test_split_column_in_single_file_with_aliases(tmp_path, snapshots):
     frame = labelled(per_class=10)
-    frame["split"] = (["train", "Training", "dev", "val", "VALID", "test", "testing", "train", "train", "train"] * 2)
+    frame["split"] = ["train", "Training", "dev", "val", "VALID", "test", "testing", "train", "train", "train"] * 2
     snapshot = run(write_csv(tmp_path / "all.csv", frame), snapshots)
 
     stored = read_snapshot(snapshot)
     assert snapshot.has_splits is True
-    assert stored["split"].tolist() == [
-        "train", "train", "validation", "validation", "validation", "test", "test", "train", "train", "train"
-    ] * 2
+    assert (
+        stored["split"].tolist()
+        == ["train", "train", "validation", "validation", "validation", "test", "test", "train", "train", "train"] * 2
+    )
     assert set(stored["split"]) == {"train", "validation", "test"}
 
 
@@ -264,7 +260,9 @@ def hub_folder(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
     folder = tmp_path / "org" / "name"
     folder.mkdir(parents=True)
-    features = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
     for split, size in (("train", 12), ("test", 6)):
         datasets.Dataset.from_dict(
             {"sentence": [f"{split} sentence {i}" for i in range(size)], "label": [i % 2 for i in range(size)]},
@@ -337,7 +335,13 @@ def test_bare_name_goes_to_hub_and_path_like_names_do_not(monkeypatch, tmp_path,
         run("someone/dataset", snapshots)
     assert asked == ["someone/dataset"]
 
-    for source in ("./missing", "missing.csv", str(tmp_path / "missing"), "~/surely-missing-folder/x.jsonl", "notes.txt"):
+    for source in (
+        "./missing",
+        "missing.csv",
+        str(tmp_path / "missing"),
+        "~/surely-missing-folder/x.jsonl",
+        "notes.txt",
+    ):
         with pytest.raises(DatasetValidationError, match="no such file or folder") as error:
             run(source, snapshots)
         assert repr(source) in str(error.value)
@@ -452,7 +456,9 @@ def test_min_examples_per_class_is_configurable(tmp_path, snapshots):
 def test_too_few_counts_only_train_and_validation_rows(tmp_path, snapshots):
     # 'rare' has 7 rows but 5 are in test: only 2 can be trained on.
     frame = labelled(per_class=8)
-    rare = pd.DataFrame({"text": [f"rare {i}" for i in range(7)], "label": "rare", "split": ["train"] * 2 + ["test"] * 5})
+    rare = pd.DataFrame(
+        {"text": [f"rare {i}" for i in range(7)], "label": "rare", "split": ["train"] * 2 + ["test"] * 5}
+    )
     frame["split"] = "train"
     with pytest.raises(DatasetValidationError, match=r"'rare' \(2\)"):
         run(write_csv(tmp_path / "data.csv", pd.concat([frame, rare])), snapshots)
@@ -487,7 +493,11 @@ def test_named_split_column_that_is_missing(tmp_path, snapshots):
 
 
 def cp1252_csv(path: Path) -> Path:
-    path.write_bytes(b"text,label\n" + b"".join(f"nice place {i},pos\nbad place {i},neg\n".encode() for i in range(5)) + b"caf\xe9 au lait,pos\n")
+    path.write_bytes(
+        b"text,label\n"
+        + b"".join(f"nice place {i},pos\nbad place {i},neg\n".encode() for i in range(5))
+        + b"caf\xe9 au lait,pos\n"
+    )
     return path
 
 
@@ -629,10 +639,10 @@ def test_success_writes_exactly_one_snapshot_named_by_version(tmp_path, snapshot
 def test_version_is_a_hash_of_the_rows(tmp_path, snapshots):
     # Pinned to the documented recipe, so it cannot drift with pandas or pyarrow versions.
     unsplit = pd.DataFrame({"text": ["a b", "c"], "label": ["x", "y"], "split": None})
-    expected = hashlib.sha256("a b\x1fx\x1f\x1ec\x1fy\x1f\x1e".encode()).hexdigest()[:16]
+    expected = hashlib.sha256(b"a b\x1fx\x1f\x1ec\x1fy\x1f\x1e").hexdigest()[:16]
     assert content_version(unsplit) == expected
     split = unsplit.assign(split=["train", "test"])
-    expected = hashlib.sha256("a b\x1fx\x1ftrain\x1ec\x1fy\x1ftest\x1e".encode()).hexdigest()[:16]
+    expected = hashlib.sha256(b"a b\x1fx\x1ftrain\x1ec\x1fy\x1ftest\x1e").hexdigest()[:16]
     assert content_version(split) == expected
     assert content_version(split.iloc[::-1]) != content_version(split)  # row order is part of the content
 
@@ -723,7 +733,8 @@ def test_encoding_hint_names_the_cli_options_and_form_fields(tmp_path, snapshots
     with pytest.raises(DatasetValidationError) as error:
         run(cp1252_csv(tmp_path / "latin.csv"), snapshots)
     assert "--encoding / --fallback-encoding (dataset.encoding / dataset.fallback_encoding in the Prefect form)" in str(
-        error.value)
+        error.value
+    )
 
 
 def test_the_options_named_in_hints_exist_on_the_cli_and_in_the_form():
@@ -731,8 +742,14 @@ def test_the_options_named_in_hints_exist_on_the_cli_and_in_the_form():
     from flows.training import DatasetParameters
 
     help_text = build_parser(["train"])._subparsers._group_actions[0].choices["train"].format_help()
-    for field in ("encoding", "fallback_encoding", "text_column", "label_column", "split_column",
-                  "min_examples_per_class"):
+    for field in (
+        "encoding",
+        "fallback_encoding",
+        "text_column",
+        "label_column",
+        "split_column",
+        "min_examples_per_class",
+    ):
         assert field in DatasetParameters.model_fields
         assert f"--{field.replace('_', '-')} " in help_text
         assert f"--{field.replace('_', '-')}" in ingest_module.setting(field)

@@ -58,8 +58,9 @@ def test_settings_default_to_the_embedded_stack(monkeypatch, tmp_path):
 
 
 def _textclf(*args, env, timeout=600):
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.slow
@@ -71,9 +72,22 @@ def test_textclf_train_starts_the_embedded_stack_and_prints_where_to_look(fixtur
     env.update(TEXTCLF_HOME=str(home), TEXTCLF_MLFLOW_PORT=str(mlflow_port), TEXTCLF_PREFECT_PORT=str(prefect_port))
     mlflow_url, prefect_ui = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}"
     try:
-        done = _textclf("train", "--source", str(fixture_csv), "--base-model", str(tiny_model_dir),
-                        "--max-length", "32", "--epochs", "2", "--learning-rate", "2e-3",
-                        "--registered-model-name", "cli-model", env=env)
+        done = _textclf(
+            "train",
+            "--source",
+            str(fixture_csv),
+            "--base-model",
+            str(tiny_model_dir),
+            "--max-length",
+            "32",
+            "--epochs",
+            "2",
+            "--learning-rate",
+            "2e-3",
+            "--registered-model-name",
+            "cli-model",
+            env=env,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert f"Prefect server  started: {prefect_ui}" in done.stdout
         assert f"MLflow server   started: {mlflow_url}" in done.stdout
@@ -97,13 +111,16 @@ def test_textclf_train_starts_the_embedded_stack_and_prints_where_to_look(fixtur
         assert promoted.returncode == 0, promoted.stderr[-3000:]
         assert "cli-model version 1: PROMOTED" in promoted.stdout and "No Docker engine" in promoted.stdout
         bento_port = free_port()
-        served = _textclf("serve", "--registered-model-name", "cli-model", env={**env, "TEXTCLF_BENTO_PORT": str(bento_port)})
+        served = _textclf(
+            "serve", "--registered-model-name", "cli-model", env={**env, "TEXTCLF_BENTO_PORT": str(bento_port)}
+        )
         assert served.returncode == 0, served.stderr[-3000:]
         assert "Serving cli-model version 1" in served.stdout and f"http://127.0.0.1:{bento_port}/" in served.stdout
         lines = served.stdout.splitlines()
         start = next(i for i, line in enumerate(lines) if line.strip().startswith("curl "))
-        curl = subprocess.run(["bash", "-c", "\n".join(lines[start : start + 2])], capture_output=True, text=True,
-                              timeout=60)
+        curl = subprocess.run(
+            ["bash", "-c", "\n".join(lines[start : start + 2])], capture_output=True, text=True, timeout=60
+        )
         answer = json.loads(curl.stdout)
         assert answer[0]["model_version"].split("+")[0] == "cli-model/1" and "probabilities" in answer[0]
     finally:
@@ -113,8 +130,12 @@ def test_textclf_train_starts_the_embedded_stack_and_prints_where_to_look(fixtur
 
 @pytest.mark.slow
 def test_textclf_serve_without_a_champion_says_what_to_run(servers, tmp_path):
-    env = {**os.environ, "PREFECT_API_URL": servers["prefect"], "MLFLOW_TRACKING_URI": servers["mlflow"],
-           "TEXTCLF_HOME": str(tmp_path / "home")}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": servers["prefect"],
+        "MLFLOW_TRACKING_URI": servers["mlflow"],
+        "TEXTCLF_HOME": str(tmp_path / "home"),
+    }
     done = _textclf("serve", "--registered-model-name", "nothing-promoted", env=env, timeout=120)
     assert done.returncode == 1
     assert "has no @champion yet: run `.venv/bin/textclf promote`" in done.stderr
@@ -124,11 +145,19 @@ def test_textclf_serve_without_a_champion_says_what_to_run(servers, tmp_path):
 def test_textclf_train_on_bad_data_exits_nonzero_with_the_reason(servers, tmp_path, tiny_model_dir):
     bad = tmp_path / "one-class.csv"
     bad.write_text("text,label\n" + "".join(f"text number {i},only\n" for i in range(10)))
-    env = {**os.environ, "PREFECT_API_URL": servers["prefect"], "MLFLOW_TRACKING_URI": servers["mlflow"],
-           "TEXTCLF_HOME": str(tmp_path / "home")}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": servers["prefect"],
+        "MLFLOW_TRACKING_URI": servers["mlflow"],
+        "TEXTCLF_HOME": str(tmp_path / "home"),
+    }
     done = subprocess.run(
         [sys.executable, "-m", "flows.cli", "train", "--source", str(bad), "--base-model", str(tiny_model_dir)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 1
     assert "Only one class ('only')" in done.stderr
@@ -145,8 +174,9 @@ def test_server_logs_rotate_by_size_and_keep_every_line(tmp_path):
 
     log = tmp_path / "logs" / "server.log"
     script = "import sys\nfor i in range(20000): print(f'line {i:05d} ' + 'x' * 40)\nprint('done', file=sys.stderr)"
-    process = start_with_rotating_log([sys.executable, "-c", script], dict(os.environ), log, max_bytes=100_000,
-                                      backups=3)
+    process = start_with_rotating_log(
+        [sys.executable, "-c", script], dict(os.environ), log, max_bytes=100_000, backups=3
+    )
     assert process.wait(timeout=60) == 0
     deadline = time.monotonic() + 20
     while "done" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:

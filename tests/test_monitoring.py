@@ -31,8 +31,26 @@ from tests.conftest import SHARED_DATA
 from tests.fixtures import make_texts
 
 NAME = "drift-topics"
-OTHER_WORDS = ["invoice", "tomorrow", "meeting", "please", "urgent", "office", "parcel", "delivery", "refund",
-               "password", "account", "weekend", "mum", "sorry", "ticket", "train", "station", "holiday"]
+OTHER_WORDS = [
+    "invoice",
+    "tomorrow",
+    "meeting",
+    "please",
+    "urgent",
+    "office",
+    "parcel",
+    "delivery",
+    "refund",
+    "password",
+    "account",
+    "weekend",
+    "mum",
+    "sorry",
+    "ticket",
+    "train",
+    "station",
+    "holiday",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -40,12 +58,16 @@ OTHER_WORDS = ["invoice", "tomorrow", "meeting", "please", "urgent", "office", "
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _synthetic(rng: np.random.Generator, n: int, label_p=(0.3, 0.25, 0.2, 0.15, 0.1), length_mu=6.0,
-               embedding_shift=0.0) -> Sample:
+def _synthetic(
+    rng: np.random.Generator, n: int, label_p=(0.3, 0.25, 0.2, 0.15, 0.1), length_mu=6.0, embedding_shift=0.0
+) -> Sample:
     tokens = rng.integers(20, 200, n)
     return Sample(
-        labels=rng.choice(list("abcde"), size=n, p=label_p), confidence=rng.beta(8, 1.5, n),
-        length=rng.lognormal(length_mu, 0.5, n).astype(int), unknown=rng.binomial(tokens, 0.002), tokens=tokens,
+        labels=rng.choice(list("abcde"), size=n, p=label_p),
+        confidence=rng.beta(8, 1.5, n),
+        length=rng.lognormal(length_mu, 0.5, n).astype(int),
+        unknown=rng.binomial(tokens, 0.002),
+        tokens=tokens,
         embeddings=rng.normal(embedding_shift, 1.0, (n, 16)),
     )
 
@@ -55,19 +77,29 @@ def test_same_distribution_windows_rarely_fire():
     gates: Holm at alpha 0.05 promises at most ~5 false alarms in 100; allow 8 (the seeds are fixed, so this is
     deterministic). The default thresholds (alpha 0.01 and the gates) fire less still."""
     rng = np.random.default_rng(7)
-    ungated = DriftThresholds(alpha=0.05, permutations=200, label_psi=0, confidence_ks=0, low_confidence_share_change=0,
-                              length_psi=0, unknown_token_rate_change=0)
+    ungated = DriftThresholds(
+        alpha=0.05,
+        permutations=200,
+        label_psi=0,
+        confidence_ks=0,
+        low_confidence_share_change=0,
+        length_psi=0,
+        unknown_token_rate_change=0,
+    )
     decisions = [compare_samples(_synthetic(rng, 150), _synthetic(rng, 120), ungated, seed=i) for i in range(100)]
     assert sum(d.drift_detected for d in decisions) <= 8
     p_values = np.array([t.p_value for d in decisions for t in d.tests])
     assert 0.35 < p_values.mean() < 0.65  # roughly uniform p-values: the tests are calibrated, not just timid
 
 
-@pytest.mark.parametrize(("shift", "expected"), [
-    ({"label_p": (0.05, 0.05, 0.1, 0.2, 0.6)}, "label"),
-    ({"length_mu": 4.0}, "length"),
-    ({"embedding_shift": 0.5}, "embedding"),
-])
+@pytest.mark.parametrize(
+    ("shift", "expected"),
+    [
+        ({"label_p": (0.05, 0.05, 0.1, 0.2, 0.6)}, "label"),
+        ({"length_mu": 4.0}, "length"),
+        ({"embedding_shift": 0.5}, "embedding"),
+    ],
+)
 def test_a_shift_fires_the_test_that_measures_it(shift, expected):
     rng = np.random.default_rng(3)
     decision = compare_samples(_synthetic(rng, 200), _synthetic(rng, 200, **shift), DriftThresholds(), seed=0)
@@ -139,12 +171,21 @@ def drift_champion(servers, tuned_fixture, tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("drift-champion")
     make_texts(per_class=80, seed=11).to_csv(root / "topics.csv", index=False)
     snapshot = ingest(IngestConfig(source=str(root / "topics.csv")), root / "snapshots")
-    prepared = preprocess(snapshot, PreprocessConfig(tokenizer=str(tiny_model_dir), max_length=32, test_fraction=0.45),
-                          root / "cache")
+    prepared = preprocess(
+        snapshot, PreprocessConfig(tokenizer=str(tiny_model_dir), max_length=32, test_fraction=0.45), root / "cache"
+    )
     evaluation = evaluate(tuned_fixture, prepared, root / "evaluation", config=EvaluationConfig(latency_samples=1))
     tracking = start_tracking_run(servers["mlflow"], f"{NAME}-training", "train", idempotency_key=NAME)
-    version = register(tuned_fixture, evaluation, snapshot, prepared, tracking, RegisterConfig(registered_model_name=NAME),
-                       {"purpose": "drift tests"}, "test")
+    version = register(
+        tuned_fixture,
+        evaluation,
+        snapshot,
+        prepared,
+        tracking,
+        RegisterConfig(registered_model_name=NAME),
+        {"purpose": "drift tests"},
+        "test",
+    )
     move_aliases(servers["mlflow"], NAME, version.version)
     return {"version": version.version, "snapshot": snapshot}
 
@@ -180,21 +221,42 @@ def test_same_distribution_texts_do_not_fire(project_env, servers, drift_champio
     texts = make_texts(per_class=50, seed=12)["text"].tolist()
     result, flow_run_id = _run(source={"source": str(_texts_file(tmp_path, texts))})
     assert result.status == "no_drift", result.reason
-    assert result.window_size == 150 and result.reference_size == 108 and result.model_version == drift_champion["version"]
-    assert {t.name for t in result.tests if t.ran} == {"label", "confidence", "low_confidence", "length",
-                                                       "unknown_tokens", "embedding"}
+    assert (
+        result.window_size == 150 and result.reference_size == 108 and result.model_version == drift_champion["version"]
+    )
+    assert {t.name for t in result.tests if t.ran} == {
+        "label",
+        "confidence",
+        "low_confidence",
+        "length",
+        "unknown_tokens",
+        "embedding",
+    }
     assert not result.notified and result.retraining_flow_run_id is None and result.event_id is None
 
     client = MlflowClient(servers["mlflow"])
     run = client.get_run(result.mlflow_run_id)
     assert run.data.metrics["drift_detected"] == 0 and run.data.metrics["drift_window_size"] == 150
-    for key in ("drift_label_psi", "drift_label_pvalue", "drift_confidence_ks_pvalue", "drift_length_psi",
-                "drift_unknown_tokens_pvalue", "drift_mmd_pvalue", "drift_mmd2"):
+    for key in (
+        "drift_label_psi",
+        "drift_label_pvalue",
+        "drift_confidence_ks_pvalue",
+        "drift_length_psi",
+        "drift_unknown_tokens_pvalue",
+        "drift_mmd_pvalue",
+        "drift_mmd2",
+    ):
         assert key in run.data.metrics, key
     assert run.data.tags["drift.status"] == "no_drift" and run.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "drift")}
-    assert {"drift/report.md", "drift/labels.png", "drift/confidence.png", "drift/length.png",
-            "drift/embeddings.png", "drift/drift.json"} <= artifacts
+    assert {
+        "drift/report.md",
+        "drift/labels.png",
+        "drift/confidence.png",
+        "drift/length.png",
+        "drift/embeddings.png",
+        "drift/drift.json",
+    } <= artifacts
     _, prefect_artifacts = flow_run_and_artifacts(servers["prefect"], flow_run_id)
     (report,) = [a for a in prefect_artifacts if a["key"] == "drift-report"]
     assert report["type"] == "markdown" and "no drift" in report["data"] and result.mlflow_run_id in report["data"]
@@ -237,33 +299,42 @@ def retraining_deployment(servers):
     from flows.training import training
 
     deployment_id = training.to_deployment(
-        name="retraining", parameters={"dataset": {"source": "bbc-news"}, "registered_model_name": "text-classifier"},
+        name="retraining",
+        parameters={"dataset": {"source": "bbc-news"}, "registered_model_name": "text-classifier"},
     ).apply()
     return deployment_id
 
 
 def _drift_events(api_url: str, since: dt.datetime) -> list[dict]:
-    response = httpx.post(f"{api_url}/events/filter", json={
-        "filter": {"event": {"name": ["textclf.drift.detected"]}, "occurred": {"since": since.isoformat()}},
-    })
+    response = httpx.post(
+        f"{api_url}/events/filter",
+        json={
+            "filter": {"event": {"name": ["textclf.drift.detected"]}, "occurred": {"since": since.isoformat()}},
+        },
+    )
     return response.raise_for_status().json()["events"]
 
 
 @pytest.mark.slow
-def test_shifted_texts_fire_notify_and_start_retraining(project_env, servers, drift_champion, webhook,
-                                                         retraining_deployment, tmp_path):
+def test_shifted_texts_fire_notify_and_start_retraining(
+    project_env, servers, drift_champion, webhook, retraining_deployment, tmp_path
+):
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
     started = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
     CustomWebhookNotificationBlock(
-        name="drift-alerts", url=webhook.url, json_data={"subject": "{{subject}}", "text": "{{body}}"},
+        name="drift-alerts",
+        url=webhook.url,
+        json_data={"subject": "{{subject}}", "text": "{{body}}"},
     ).save("drift-alerts", overwrite=True)
     new_rows = make_texts(per_class=5, seed=31).assign(text=lambda f: f["text"] + " refund")
     new_rows.to_json(tmp_path / "new.jsonl", orient="records", lines=True)
 
-    result, flow_run_id = _run(source={"source": str(_texts_file(tmp_path, _other_texts(120)))},
-                               notification_block="custom-webhook/drift-alerts",
-                               new_labelled_data=str(tmp_path / "new.jsonl"))
+    result, _flow_run_id = _run(
+        source={"source": str(_texts_file(tmp_path, _other_texts(120)))},
+        notification_block="custom-webhook/drift-alerts",
+        new_labelled_data=str(tmp_path / "new.jsonl"),
+    )
     assert result.status == "drift" and result.drift_detected
     fired = {t.name for t in result.tests if t.drift}
     assert {"unknown_tokens", "length", "embedding"} <= fired, result.reason
@@ -284,8 +355,10 @@ def test_shifted_texts_fire_notify_and_start_retraining(project_env, servers, dr
     assert len(combined) == len(snapshot) + len(new_rows)
     assert set(new_rows["text"]) <= set(combined["text"]) and combined["split"].isna().all()
     assert result.retraining_dataset.parent == project_env.resolve() / "retraining"
-    httpx.post(f"{servers['prefect']}/flow_runs/{result.retraining_flow_run_id}/set_state",
-               json={"state": {"type": "CANCELLED"}, "force": True}).raise_for_status()
+    httpx.post(
+        f"{servers['prefect']}/flow_runs/{result.retraining_flow_run_id}/set_state",
+        json={"state": {"type": "CANCELLED"}, "force": True},
+    ).raise_for_status()
 
     # Metrics and the event.
     from mlflow import MlflowClient
@@ -301,8 +374,7 @@ def test_shifted_texts_fire_notify_and_start_retraining(project_env, servers, dr
 
 
 @pytest.mark.slow
-def test_a_label_shift_fires_and_without_a_block_logs_a_warning(project_env, servers, drift_champion, tmp_path,
-                                                                caplog):
+def test_a_label_shift_fires_and_without_a_block_logs_a_warning(project_env, servers, drift_champion, tmp_path, caplog):
     """Known words, known lengths, but only one topic: the label distribution drifts. No block: a WARNING."""
     sport = make_texts(per_class=130, seed=13).query("label == 'sport'")["text"].tolist()
     with caplog.at_level("WARNING"):
@@ -318,8 +390,9 @@ def test_request_log_window_without_raw_texts(project_env, servers, drift_champi
     read_request_log from the default folder (<TEXTCLF_HOME>/request-log): label, confidence and length are
     compared; the report says embedding and unknown-token drift need raw texts. Rows older than the window and
     rows of another model version are left out."""
-    request_log = pytest.importorskip("tasks.request_log", reason="tasks/request_log.py (the service's request log) "
-                                                                 "is not in this checkout")
+    request_log = pytest.importorskip(
+        "tasks.request_log", reason="tasks/request_log.py (the service's request log) is not in this checkout"
+    )
     from tasks.bento import download_model_version
     from tasks.classifier import TextClassifier
 
@@ -331,7 +404,8 @@ def test_request_log_window_without_raw_texts(project_env, servers, drift_champi
     log = pd.DataFrame(_request_log(texts, version, "x"))
     log["label"], log["probability"] = predicted["label"].to_numpy(), predicted["probability"].to_numpy()
     stale = pd.DataFrame(_request_log(_other_texts(50), version, "food")).assign(
-        time=pd.Timestamp.now(tz="UTC") - pd.Timedelta(hours=30))  # drifted, but before the window
+        time=pd.Timestamp.now(tz="UTC") - pd.Timedelta(hours=30)
+    )  # drifted, but before the window
     other = pd.DataFrame(_request_log(_other_texts(50, seed=1), f"{NAME}/999", "food"))  # another model's answers
     writer = request_log.RequestLogWriter(project_env / "request-log", flush_seconds=0.05).start()
     for frame in (log, stale, other):
@@ -349,7 +423,9 @@ def test_request_log_window_without_raw_texts(project_env, servers, drift_champi
 def _sms_texts(count: int) -> list[str]:
     path = SHARED_DATA / "sms_spam_collection" / "SMSSpamCollection"
     if not path.exists():
-        pytest.skip(f"{path} is absent (the shared data folder ../shared/data is not checked out next to the repository)")
+        pytest.skip(
+            f"{path} is absent (the shared data folder ../shared/data is not checked out next to the repository)"
+        )
     lines = path.read_text(encoding="utf-8").splitlines()
     return [line.split("\t", 1)[1] for line in lines[:count]]
 
@@ -363,8 +439,9 @@ def test_real_sms_messages_sent_to_the_topic_model_fire(project_env, servers, dr
 
 
 def test_reference_is_the_champions_test_predictions(tmp_path):
-    frame = pd.DataFrame({"text": ["a b", "c d e"], "label": ["x", "y"], "predicted": ["x", "x"],
-                          "probability": [0.9, 0.6]})
+    frame = pd.DataFrame(
+        {"text": ["a b", "c d e"], "label": ["x", "y"], "predicted": ["x", "x"], "probability": [0.9, 0.6]}
+    )
     frame.to_parquet(tmp_path / "test.parquet")
     window = reference_from_test_split(tmp_path / "test.parquet", "m/1", tmp_path / "ref.parquet")
     stored = window.frame()

@@ -31,13 +31,20 @@ DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yaml"
 DASHBOARD_PROVIDER = GRAFANA / "provisioning" / "dashboards" / "provider.yaml"
 DASHBOARD = GRAFANA / "dashboards" / "textclf-serving.json"
 SCRAPE_JOB = "textclf-classifier"
-INSTALL_HINT = ("Run `make prometheus` (it apt-installs Debian's `prometheus` package, which ships `prometheus` and "
-                "`promtool`; `make test` does it), or `apt-get install prometheus`.")
+INSTALL_HINT = (
+    "Run `make prometheus` (it apt-installs Debian's `prometheus` package, which ships `prometheus` and "
+    "`promtool`; `make test` does it), or `apt-get install prometheus`."
+)
 # Grafana's built-in interval variables, as Grafana would expand them for a short time range.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
 # The panels that must show numbers once the Bento has served some requests (the others may be empty or 0, e.g. 503).
-MUST_ANSWER = ("Requests/s by HTTP status", "Latency p50 / p95 / p99 (answered 2xx)",
-               "Adaptive batch size (requests per forward pass)", "Model and runtime serving", "In-flight requests")
+MUST_ANSWER = (
+    "Requests/s by HTTP status",
+    "Latency p50 / p95 / p99 (answered 2xx)",
+    "Adaptive batch size (requests per forward pass)",
+    "Model and runtime serving",
+    "In-flight requests",
+)
 
 
 def binary(name: str) -> str:
@@ -106,21 +113,26 @@ def test_every_panel_has_promql_targets_on_the_provisioned_datasource():
         for target in panel["targets"]:
             assert target["datasource"] == {"type": "prometheus", "uid": uid}, (panel["title"], target["refId"])
             assert target["expr"].strip(), (panel["title"], target["refId"])
-            assert "$" not in expressions({"panels": [{**panel, "targets": [target]}]})[0][2], \
+            assert "$" not in expressions({"panels": [{**panel, "targets": [target]}]})[0][2], (
                 f"{panel['title']}: a variable Grafana does not define"
+            )
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24 and grid["w"] > 0 and grid["h"] > 0, panel["title"]
     # What issue 12 asks the dashboard to show, each by the metric BentoML (or the service) really exposes.
     by_title = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in found}
     assert set(MUST_ANSWER) <= set(by_title)
     assert "http_response_code" in by_title["Requests/s by HTTP status"]
-    assert all(f"histogram_quantile({q}," in by_title["Latency p50 / p95 / p99 (answered 2xx)"]
-               for q in ("0.5", "0.95", "0.99"))
+    assert all(
+        f"histogram_quantile({q}," in by_title["Latency p50 / p95 / p99 (answered 2xx)"]
+        for q in ("0.5", "0.95", "0.99")
+    )
     assert "bentoml_service_adaptive_batch_size" in by_title["Adaptive batch size (requests per forward pass)"]
     assert "bentoml_service_request_in_progress" in by_title["In-flight requests"]
     assert 'http_response_code="503"' in by_title["503 share (over capacity)"]
-    assert "runtime" in by_title["Model and runtime serving"] and "textclf_model_info" in by_title[
-        "Model and runtime serving"]
+    assert (
+        "runtime" in by_title["Model and runtime serving"]
+        and "textclf_model_info" in by_title["Model and runtime serving"]
+    )
 
 
 def test_grafana_provisioning_matches_prometheus_and_the_mounted_dashboard_folder():
@@ -138,8 +150,9 @@ def test_grafana_provisioning_matches_prometheus_and_the_mounted_dashboard_folde
 
 
 def test_shipped_prometheus_config_passes_promtool_and_scrapes_the_classifier():
-    done = subprocess.run([binary("promtool"), "check", "config", str(PROMETHEUS_CONFIG)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [binary("promtool"), "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     from flows.settings import Settings
 
@@ -193,8 +206,9 @@ def bento(bento_env, tmp_path_factory):
     from tests.fixtures import serve_from_repository
 
     binary("prometheus")  # fail before starting a Bento when there is no Prometheus
-    process, url = serve_from_repository({**bento_env, "TEXTCLF_API_TOKEN": TOKEN},
-                                         tmp_path_factory.mktemp("serve") / "serve.log")
+    process, url = serve_from_repository(
+        {**bento_env, "TEXTCLF_API_TOKEN": TOKEN}, tmp_path_factory.mktemp("serve") / "serve.log"
+    )
     yield url
     # Reaped here: stop_bento_server alone waits its whole 30 s on the zombie of a server nobody has waited for.
     os.killpg(process.pid, signal.SIGTERM)
@@ -221,9 +235,15 @@ def prometheus(bento, tmp_path_factory):
     port = free_port()
     log = root / "prometheus.log"
     process = subprocess.Popen(
-        [executable, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            executable,
+            f"--config.file={root / 'prometheus.yml'}",
+            f"--storage.tsdb.path={root / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -269,8 +289,9 @@ def test_every_panel_query_runs_on_a_real_prometheus_scraping_a_real_bento(bento
     auth = {"Authorization": f"Bearer {TOKEN}"}
 
     def classify(i: int) -> int:
-        return httpx.post(f"{bento}/classify", json={"texts": texts[: 1 + i % len(texts)]}, headers=auth,
-                          timeout=60).status_code
+        return httpx.post(
+            f"{bento}/classify", json={"texts": texts[: 1 + i % len(texts)]}, headers=auth, timeout=60
+        ).status_code
 
     def bad_request() -> int:
         return httpx.post(f"{bento}/classify", json={"texts": [" "]}, headers=auth, timeout=60).status_code
@@ -292,7 +313,8 @@ def test_every_panel_query_runs_on_a_real_prometheus_scraping_a_real_bento(bento
 
     names = set(httpx.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10).json()["data"])
     assert "textclf_model_info" in names, (
-        "the service exposes no textclf_model_info{registered_model, model_version, runtime} gauge on /metrics")
+        "the service exposes no textclf_model_info{registered_model, model_version, runtime} gauge on /metrics"
+    )
     results = {}
     for title, ref, expr in expressions(dashboard()):
         answer = query(prometheus, expr)
@@ -306,8 +328,9 @@ def test_every_panel_query_runs_on_a_real_prometheus_scraping_a_real_bento(bento
             assert result, f"{title}: {expr} returned nothing"
             values = [float(series["value"][1]) for series in result]
             assert all(math.isfinite(v) and v >= 0 for v in values), (title, expr, result)
-    by_status = {s["metric"]["http_response_code"]: float(s["value"][1])
-                 for s in results["Requests/s by HTTP status"][0][1]}
+    by_status = {
+        s["metric"]["http_response_code"]: float(s["value"][1]) for s in results["Requests/s by HTTP status"][0][1]
+    }
     assert by_status["200"] > 0 and by_status["400"] > 0, by_status
     latencies = [float(result[0]["value"][1]) for _, result in results["Latency p50 / p95 / p99 (answered 2xx)"]]
     assert 0 < latencies[0] <= latencies[1] <= latencies[2] < 60, latencies

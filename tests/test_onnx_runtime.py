@@ -66,21 +66,26 @@ def test_onnx_fp32_logits_match_pytorch_and_int8_agrees_on_labels(tuned_fixture,
 
     encoded = encode_windows(pytorch.tokenizer, texts, pytorch.windowing)
     for batch_size in (1, 7, 64):  # padding differs with the batch: the dynamic axes must hold for every shape
-        assert np.allclose(fp32.window_logits(encoded, batch_size), pytorch.window_logits(encoded, batch_size),
-                           atol=1e-4)
+        assert np.allclose(
+            fp32.window_logits(encoded, batch_size), pytorch.window_logits(encoded, batch_size), atol=1e-4
+        )
     reference = pytorch.predict(texts)["label"].tolist()
     assert fp32.predict(texts)["label"].tolist() == reference
     assert int8.predict(texts)["label"].tolist() == reference
     assert np.abs(int8.predict_proba(texts) - pytorch.predict_proba(texts)).max() < 0.1
 
 
-def test_the_folder_says_which_runtime_answers_and_runtime_overrides_it(tuned_fixture, variants, test_split,
-                                                                         tmp_path):
+def test_the_folder_says_which_runtime_answers_and_runtime_overrides_it(tuned_fixture, variants, test_split, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(tuned_fixture.model_dir, folder)
     assert folder_runtime(folder) == "pytorch" and TextClassifier(folder).runtime == "pytorch"  # as trained
-    gate = gate_runtimes(tuned_fixture.model_dir, {"onnx-int8": variants["onnx-int8"]}, test_split,
-                         RuntimeGateConfig(), tmp_path / "gate")
+    gate = gate_runtimes(
+        tuned_fixture.model_dir,
+        {"onnx-int8": variants["onnx-int8"]},
+        test_split,
+        RuntimeGateConfig(),
+        tmp_path / "gate",
+    )
     # Whatever is faster here, force the int8 choice to test the switch: the gate's files for int8.
     int8 = gate.score("onnx-int8")
     assert int8.passed and int8.label_agreement == 1.0, int8.reason
@@ -89,8 +94,9 @@ def test_the_folder_says_which_runtime_answers_and_runtime_overrides_it(tuned_fi
     shutil.copy2(variants["onnx-int8"], files / ONNX_DIR / variants["onnx-int8"].name)
     from tasks.onnx_runtime import sha256_of
 
-    (files / RUNTIME_FILE).write_text(json.dumps({"runtime": "onnx-int8", "file": "onnx/model.int8.onnx",
-                                                  "sha256": sha256_of(variants["onnx-int8"])}))
+    (files / RUNTIME_FILE).write_text(
+        json.dumps({"runtime": "onnx-int8", "file": "onnx/model.int8.onnx", "sha256": sha256_of(variants["onnx-int8"])})
+    )
     install_runtime(folder, files)
     assert sorted(p.name for p in (folder / ONNX_DIR).iterdir()) == ["model.int8.onnx"]
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary left behind
@@ -101,8 +107,10 @@ def test_the_folder_says_which_runtime_answers_and_runtime_overrides_it(tuned_fi
     with pytest.raises(ValueError, match="not one of pytorch, onnx-fp32, onnx-int8"):
         TextClassifier(folder, runtime="tensorrt")
     texts = test_split["text"].tolist()
-    assert TextClassifier(folder).predict(texts)["label"].tolist() == \
-        TextClassifier(folder, runtime="pytorch").predict(texts)["label"].tolist()
+    assert (
+        TextClassifier(folder).predict(texts)["label"].tolist()
+        == TextClassifier(folder, runtime="pytorch").predict(texts)["label"].tolist()
+    )
 
 
 def test_chunks_pool_the_same_windows_in_every_runtime(tuned_fixture, variants, fixture_frame, tmp_path):
@@ -110,8 +118,10 @@ def test_chunks_pool_the_same_windows_in_every_runtime(tuned_fixture, variants, 
     settings = json.loads((folder / "textclf.json").read_text())
     (folder / "textclf.json").write_text(json.dumps({**settings, "truncation": "chunks", "max_length": 12}))
     texts = [" ".join(fixture_frame["text"].iloc[i : i + 4]) for i in range(0, 80, 4)]  # 4 texts in one: long
-    answers = {runtime: TextClassifier(folder, runtime=runtime).classify(texts)
-               for runtime in ("pytorch", "onnx-fp32", "onnx-int8")}
+    answers = {
+        runtime: TextClassifier(folder, runtime=runtime).classify(texts)
+        for runtime in ("pytorch", "onnx-fp32", "onnx-int8")
+    }
     truncated = answers["pytorch"][1]
     assert any(truncated) and all(answer[1] == truncated for answer in answers.values())
     assert np.allclose(answers["onnx-fp32"][0], answers["pytorch"][0], atol=1e-5)
@@ -132,8 +142,13 @@ def test_the_gate_rejects_a_variant_that_disagrees(tuned_fixture, variants, test
         model.classifier.bias[0] += 100.0
     model.save_pretrained(broken_dir)
     broken = export_onnx(broken_dir, tmp_path / "broken-onnx" / "model.onnx")
-    gate = gate_runtimes(tuned_fixture.model_dir, {"onnx-fp32": broken, "onnx-int8": variants["onnx-int8"]},
-                         test_split, RuntimeGateConfig(), tmp_path / "gate")
+    gate = gate_runtimes(
+        tuned_fixture.model_dir,
+        {"onnx-fp32": broken, "onnx-int8": variants["onnx-int8"]},
+        test_split,
+        RuntimeGateConfig(),
+        tmp_path / "gate",
+    )
     fp32 = gate.score("onnx-fp32")
     assert not fp32.passed and "fails, label agreement" in fp32.reason and fp32.label_agreement < 0.6
     assert gate.score("onnx-int8").passed and gate.chosen in ("onnx-int8", "pytorch")  # the fastest passing one
@@ -153,8 +168,9 @@ def test_judge_variant_on_the_thresholds():
     truth = ["a"] * 100 + ["b"] * 100
     reference = list(truth)
     one_off = ["b"] + truth[1:]  # 99.5 % agreement: exactly at the threshold passes
-    passed, reason, agreement, macro_f1, drop = judge_variant("onnx-int8", one_off, reference, truth, ["a", "b"],
-                                                              0.999, config)
+    passed, reason, agreement, macro_f1, drop = judge_variant(
+        "onnx-int8", one_off, reference, truth, ["a", "b"], 0.999, config
+    )
     assert passed and agreement == pytest.approx(0.995) and drop == pytest.approx(0.999 - macro_f1), reason
     assert 0 < drop < 0.005
     passed, reason, *_ = judge_variant("onnx-int8", one_off, reference, truth, ["a", "b"], 1.0, config)
@@ -172,8 +188,9 @@ def test_a_corrupt_onnx_file_says_which_file_and_what_to_do(tuned_fixture, varia
     # Recorded with a SHA-256 (what promotion writes): a changed file is caught before ONNX Runtime reads it.
     from tasks.onnx_runtime import sha256_of
 
-    (folder / RUNTIME_FILE).write_text(json.dumps({"runtime": "onnx-int8", "file": "onnx/model.int8.onnx",
-                                                   "sha256": sha256_of(variants["onnx-int8"])}))
+    (folder / RUNTIME_FILE).write_text(
+        json.dumps({"runtime": "onnx-int8", "file": "onnx/model.int8.onnx", "sha256": sha256_of(variants["onnx-int8"])})
+    )
     assert TextClassifier(folder).runtime == "onnx-int8"
     with open(folder / ONNX_DIR / "model.int8.onnx", "r+b") as file:
         file.truncate(1000)
@@ -190,8 +207,9 @@ def test_installing_a_corrupt_runtime_leaves_the_folder_as_it_was(tuned_fixture,
     source = tmp_path / "source"
     (source / ONNX_DIR).mkdir(parents=True)
     shutil.copy2(variants["onnx-int8"], source / ONNX_DIR / "model.int8.onnx")
-    (source / RUNTIME_FILE).write_text(json.dumps({"runtime": "onnx-int8", "file": "onnx/model.int8.onnx",
-                                                   "sha256": "0" * 64}))
+    (source / RUNTIME_FILE).write_text(
+        json.dumps({"runtime": "onnx-int8", "file": "onnx/model.int8.onnx", "sha256": "0" * 64})
+    )
     before = sorted(p.name for p in folder.iterdir())
     with pytest.raises(RuntimeFileError, match="is corrupt"):
         install_runtime(folder, source)
@@ -203,18 +221,24 @@ def test_the_drift_window_counts_every_runtime_of_the_champion(tmp_path):
     from tasks.drift import window_from_request_log_frame
 
     rows = 6
-    log = pd.DataFrame({"label": ["x"] * rows, "probability": [0.9] * rows, "length_chars": [10] * rows,
-                        "model_version": ["m/2+onnx-int8", "m/2+onnx-int8", "m/2", "m/2+pytorch", "m/1+onnx-int8",
-                                          "m/1"],
-                        "text_sha256": [str(i) for i in range(rows)]})
+    log = pd.DataFrame(
+        {
+            "label": ["x"] * rows,
+            "probability": [0.9] * rows,
+            "length_chars": [10] * rows,
+            "model_version": ["m/2+onnx-int8", "m/2+onnx-int8", "m/2", "m/2+pytorch", "m/1+onnx-int8", "m/1"],
+            "text_sha256": [str(i) for i in range(rows)],
+        }
+    )
     window = window_from_request_log_frame(log, "m/2", tmp_path / "window.parquet")
     assert window.rows == 4
     assert any("2 of 6 requests were served by other model versions (m/1, m/1+onnx-int8)" in n for n in window.notes)
 
 
 @pytest.mark.slow
-def test_promotion_chooses_a_runtime_records_it_and_the_bento_answers_with_it(project_env, servers, prepared_fixture,
-                                                                              tuned_fixture, tmp_path):
+def test_promotion_chooses_a_runtime_records_it_and_the_bento_answers_with_it(
+    project_env, servers, prepared_fixture, tuned_fixture, tmp_path
+):
     from mlflow import MlflowClient
 
     from flows.promotion import promotion
@@ -269,7 +293,8 @@ def _packed_model(dockerfile: Path) -> str:
 def test_with_optimization_off_pytorch_serves_and_nothing_is_exported(tuned_fixture, test_split, tmp_path):
     from tasks.optimize_runtime import optimize_runtime
 
-    gate = optimize_runtime(tuned_fixture.model_dir, test_split, tmp_path / "work",
-                            RuntimeGateConfig(optimize_runtime=False))
+    gate = optimize_runtime(
+        tuned_fixture.model_dir, test_split, tmp_path / "work", RuntimeGateConfig(optimize_runtime=False)
+    )
     assert gate.chosen == "pytorch" and "optimization is off" in gate.reason
     assert [s.runtime for s in gate.variants] == ["pytorch"] and not (tmp_path / "work" / ONNX_DIR).exists()

@@ -29,8 +29,7 @@ def test_trigger_parameters_validate_against_the_triggered_flow():
     deployment = next(d for d in config["deployments"] if d["name"] == "promotion")
     (trigger,) = deployment["triggers"]
     assert trigger["expect"] == ["prefect.flow-run.Completed"]
-    assert trigger["match_related"] == {"prefect.resource.role": "flow",
-                                        "prefect.resource.name": ["training", "sweep"]}
+    assert trigger["match_related"] == {"prefect.resource.role": "flow", "prefect.resource.name": ["training", "sweep"]}
     rendered = {key: "rendered-value" for key in trigger["parameters"]}
     assert promotion.validate_parameters({**deployment.get("parameters", {}), **rendered})
 
@@ -38,8 +37,16 @@ def test_trigger_parameters_validate_against_the_triggered_flow():
 def test_deployments_share_pools_and_schedules_through_definitions():
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     pools = {d["name"]: d["work_pool"]["name"] for d in config["deployments"]}
-    assert pools == {"training": "gpu", "training-cpu": "cpu", "retraining": "gpu", "sweep": "gpu",
-                     "promotion": "cpu", "rollback": "cpu", "batch-scoring": "cpu", "monitoring": "cpu"}
+    assert pools == {
+        "training": "gpu",
+        "training-cpu": "cpu",
+        "retraining": "gpu",
+        "sweep": "gpu",
+        "promotion": "cpu",
+        "rollback": "cpu",
+        "batch-scoring": "cpu",
+        "monitoring": "cpu",
+    }
     retraining = next(d for d in config["deployments"] if d["name"] == "retraining")
     assert retraining["schedules"] == [config["definitions"]["schedules"]["weekly"]]
     assert retraining["schedules"][0]["cron"] == "0 3 * * 1"
@@ -103,6 +110,8 @@ def test_deployments_set_only_what_differs_from_the_flow_defaults():
                 model = typing.get_type_hints(flow.fn)[parameter]
                 for field, field_value in value.items():
                     info = model.model_fields[field]
-                    assert info.is_required() or field_value != info.default, f"{deployment['name']}: {parameter}.{field}"
+                    assert info.is_required() or field_value != info.default, (
+                        f"{deployment['name']}: {parameter}.{field}"
+                    )
             else:
                 assert value != default, f"{deployment['name']}: {parameter} repeats the flow's default {default!r}"

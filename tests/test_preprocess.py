@@ -125,7 +125,9 @@ def topics_snapshot(tmp_path_factory, fixture_frame) -> DatasetSnapshot:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, topics_snapshot, tokenizer_dir):
     """One preprocess run shared by the read-only tests (120 texts, 3 classes of 40, no source splits)."""
-    return preprocess(topics_snapshot, PreprocessConfig(tokenizer=tokenizer_dir, max_length=32), tmp_path_factory.mktemp("cache"))
+    return preprocess(
+        topics_snapshot, PreprocessConfig(tokenizer=tokenizer_dir, max_length=32), tmp_path_factory.mktemp("cache")
+    )
 
 
 def test_split_sizes_add_up(prepared, fixture_frame):
@@ -200,7 +202,9 @@ def test_same_seed_same_split_different_seed_different_split(tmp_path, topics_sn
     assert same.cache_hit is False  # a fresh cache: really recomputed
     assert pd.read_parquet(same.splits_path).equals(pd.read_parquet(prepared.splits_path))
 
-    other = preprocess(topics_snapshot, PreprocessConfig(tokenizer=tokenizer_dir, max_length=32, seed=7), tmp_path / "b")
+    other = preprocess(
+        topics_snapshot, PreprocessConfig(tokenizer=tokenizer_dir, max_length=32, seed=7), tmp_path / "b"
+    )
     assert other.cache_key != prepared.cache_key
     assert set(other.split("test")["text"]) != set(prepared.split("test")["text"])
     assert other.split_sizes == prepared.split_sizes
@@ -294,7 +298,9 @@ def test_same_tokenizer_elsewhere_is_a_cache_hit(tmp_path, topics_snapshot, toke
 )
 def test_changed_settings_are_a_cache_miss(tmp_path, topics_snapshot, tokenizer_dir, change):
     first = preprocess(topics_snapshot, PreprocessConfig(tokenizer=tokenizer_dir, max_length=32), tmp_path)
-    second = preprocess(topics_snapshot, PreprocessConfig(tokenizer=tokenizer_dir, **{"max_length": 32, **change}), tmp_path)
+    second = preprocess(
+        topics_snapshot, PreprocessConfig(tokenizer=tokenizer_dir, **{"max_length": 32, **change}), tmp_path
+    )
     assert second.cache_hit is False
     assert second.path != first.path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.cache_key, second.cache_key])

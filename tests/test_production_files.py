@@ -147,10 +147,21 @@ def test_templates_exist_for_both_pools_of_every_type_and_keep_prefects_defaults
     may be lost, or the worker would build a different configuration than Prefect documents."""
     import prefect
 
-    metadata = json.loads((Path(prefect.__file__).parent / "server" / "api" / "collections_data" / "views"
-                           / "aggregate-worker-metadata.json").read_text())
-    defaults = {worker["type"]: worker["default_base_job_configuration"]
-                for collection in metadata.values() for worker in collection.values()}
+    metadata = json.loads(
+        (
+            Path(prefect.__file__).parent
+            / "server"
+            / "api"
+            / "collections_data"
+            / "views"
+            / "aggregate-worker-metadata.json"
+        ).read_text()
+    )
+    defaults = {
+        worker["type"]: worker["default_base_job_configuration"]
+        for collection in metadata.values()
+        for worker in collection.values()
+    }
     assert {p.name for p in POOLS_DIR.iterdir() if p.is_dir()} == set(POOL_TYPES)
     for pool_type in POOL_TYPES:
         assert {p.stem for p in (POOLS_DIR / pool_type).glob("*.json")} == set(POOLS), pool_type
@@ -181,8 +192,10 @@ def test_kubernetes_gpu_template_requests_a_gpu_and_the_cpu_template_does_not():
             assert {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
             # The variable really drives the request: a deployment asking for 2 GPUs gets 2.
             two = render(template("kubernetes", pool), {"gpu_count": 2})
-            assert two["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
-                GPU_RESOURCE] == 2
+            assert (
+                two["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][GPU_RESOURCE]
+                == 2
+            )
         else:
             assert "nvidia" not in json.dumps(job)
         assert "{{" not in json.dumps(job), f"unresolved placeholder in the rendered {pool} job"
@@ -197,11 +210,18 @@ def _docker_engine_payload(job: dict) -> dict:
     `containers.create` does. docker-py raises on an argument it does not know."""
     docker_containers = pytest.importorskip("docker.models.containers")
     settings_ = dict(
-        image=job["image"], network=(job.get("networks") or [None])[0], network_mode=job.get("network_mode"),
+        image=job["image"],
+        network=(job.get("networks") or [None])[0],
+        network_mode=job.get("network_mode"),
         command=job.get("command"),
-        environment=job.get("env"), auto_remove=job.get("auto_remove"), labels=job.get("labels"),
-        name=job.get("name"), volumes=job.get("volumes"), mem_limit=job.get("mem_limit"),
-        memswap_limit=job.get("memswap_limit"), privileged=job.get("privileged", False),
+        environment=job.get("env"),
+        auto_remove=job.get("auto_remove"),
+        labels=job.get("labels"),
+        name=job.get("name"),
+        volumes=job.get("volumes"),
+        mem_limit=job.get("mem_limit"),
+        memswap_limit=job.get("memswap_limit"),
+        privileged=job.get("privileged", False),
         **(job.get("container_create_kwargs") or {}),
     )
     return docker_containers._create_container_args({**settings_, "version": "1.44"})
@@ -215,7 +235,8 @@ def test_docker_gpu_template_requests_the_gpu_device_and_the_cpu_template_does_n
         if pool == "gpu":
             # What `docker run --gpus all` sends.
             assert host_config["DeviceRequests"] == [
-                {"Driver": "nvidia", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}]
+                {"Driver": "nvidia", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}
+            ]
         else:
             assert not host_config.get("DeviceRequests")
         assert host_config["ShmSize"] >= 2**30
@@ -278,14 +299,23 @@ def test_dockerfile_targets_copy_existing_files_and_install_the_pinned_project()
         lines = stages[target]
         copies = [line.split()[1:-1] for line in lines if line.startswith("COPY") and "--from" not in line]
         sources = [source for sources in copies for source in sources]
-        for needed in ("flows/", "tasks/", "service.py", "bentofile.yaml", "prefect.yaml", "constraints.txt",
-                       "requirements-packaged.txt", "pyproject.toml"):
+        for needed in (
+            "flows/",
+            "tasks/",
+            "service.py",
+            "bentofile.yaml",
+            "prefect.yaml",
+            "constraints.txt",
+            "requirements-packaged.txt",
+            "pyproject.toml",
+        ):
             assert needed in sources, f"target {target} does not COPY {needed}"
         for source in sources:
             assert (ROOT / source).exists(), f"target {target} copies {source}, which does not exist"
             for pattern in ignored:
-                assert not (fnmatch.fnmatch(source.rstrip("/"), pattern)
-                            or source.startswith(pattern + "/")), f"{source} is excluded by .dockerignore ({pattern})"
+                assert not (fnmatch.fnmatch(source.rstrip("/"), pattern) or source.startswith(pattern + "/")), (
+                    f"{source} is excluded by .dockerignore ({pattern})"
+                )
         run = " ".join(line for line in lines if line.startswith("RUN"))
         assert "-c constraints.txt" in run and "'.[postgres]'" in run, target
         assert "--no-deps -r requirements-packaged.txt" in run, target
@@ -307,10 +337,18 @@ def test_versions_in_images_and_commands_match_constraints():
     torch = re.search(r"^ARG TORCH_VERSION=(\S+)", DOCKERFILE.read_text(), re.MULTILINE).group(1)
     assert torch == constraint("torch")
     prefect_version = constraint("prefect")
-    prefect_images = [service["image"] for service in compose()["services"].values()
-                      if service.get("image", "").startswith("prefecthq/prefect:")]
-    prefect_images += [c["image"] for d in k8s_documents() if d["kind"] == "Deployment"
-                       for c in d["spec"]["template"]["spec"]["containers"] if c["image"].startswith("prefecthq/")]
+    prefect_images = [
+        service["image"]
+        for service in compose()["services"].values()
+        if service.get("image", "").startswith("prefecthq/prefect:")
+    ]
+    prefect_images += [
+        c["image"]
+        for d in k8s_documents()
+        if d["kind"] == "Deployment"
+        for c in d["spec"]["template"]["spec"]["containers"]
+        if c["image"].startswith("prefecthq/")
+    ]
     assert prefect_images, "no official Prefect image: adapt this test"
     for image in prefect_images:
         assert image.split(":")[1].startswith(f"{prefect_version}-python3.11"), image
@@ -322,19 +360,29 @@ def test_versions_in_images_and_commands_match_constraints():
 
 def test_every_image_is_a_dockerfile_target_the_bento_or_a_pinned_upstream_image():
     targets = set(dockerfile_stages())
-    images = [(f"compose {name}", service["image"], service.get("build"))
-              for name, service in compose()["services"].items()]
-    images += [(f"kubernetes {d['metadata']['name']}", c["image"], None) for d in k8s_documents()
-               if d["kind"] == "Deployment" for c in d["spec"]["template"]["spec"]["containers"]]
-    images += [(f"{t}/{p}.json", template(t, p)["variables"]["properties"]["image"]["default"], None)
-               for t in ("docker", "kubernetes") for p in POOLS]
+    images = [
+        (f"compose {name}", service["image"], service.get("build")) for name, service in compose()["services"].items()
+    ]
+    images += [
+        (f"kubernetes {d['metadata']['name']}", c["image"], None)
+        for d in k8s_documents()
+        if d["kind"] == "Deployment"
+        for c in d["spec"]["template"]["spec"]["containers"]
+    ]
+    images += [
+        (f"{t}/{p}.json", template(t, p)["variables"]["properties"]["image"]["default"], None)
+        for t in ("docker", "kubernetes")
+        for p in POOLS
+    ]
     for where, image, build in images:
         if image.startswith("textclf-flows:"):
             tag = image.split(":")[1]
             assert tag in targets, f"{where}: {image} is no target of docker/Dockerfile"
             if build:
-                assert build["target"] == tag and (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() \
-                    == DOCKERFILE.resolve(), where
+                assert (
+                    build["target"] == tag
+                    and (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE.resolve()
+                ), where
         elif image in ("${BENTO_IMAGE:-text-classifier:latest}", f"{BENTO_IMAGE}:latest"):
             pass
         elif image.startswith(("prefecthq/prefect:", "postgres:", "prom/prometheus:", "grafana/grafana:")):
@@ -353,8 +401,11 @@ def test_compose_ports_health_checks_and_start_order():
     assert f"{s.mlflow_port}:{s.mlflow_port}" in stack["mlflow"]["ports"]
     assert option(command_list(stack["mlflow"]["command"]), "--port") == str(s.mlflow_port)
     assert f"{s.bento_port}:{s.bento_port}" in stack["classifier"]["ports"]
-    health = {name: " ".join(command_list(service["healthcheck"]["test"]))
-              for name, service in stack.items() if "healthcheck" in service}
+    health = {
+        name: " ".join(command_list(service["healthcheck"]["test"]))
+        for name, service in stack.items()
+        if "healthcheck" in service
+    }
     assert f":{s.prefect_port}/api/health" in health["prefect-server"]
     assert f":{s.mlflow_port}/health" in health["mlflow"]
     assert f":{s.bento_port}/readyz" in health["classifier"]
@@ -437,7 +488,8 @@ def test_kustomization_builds_with_the_classifier_image_set():
     assert done.returncode == 0, done.stderr
     built = [d for d in yaml.safe_load_all(done.stdout) if d]
     assert {(d["kind"], d["metadata"]["name"]) for d in built} == {
-        (d["kind"], d["metadata"]["name"]) for d in k8s_documents()}
+        (d["kind"], d["metadata"]["name"]) for d in k8s_documents()
+    }
     image = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())["images"][0]
     classifier = next(d for d in built if d["kind"] == "Deployment" and d["metadata"]["name"] == "text-classifier")
     assert classifier["spec"]["template"]["spec"]["containers"][0]["image"] == f"{image['newName']}:{image['newTag']}"
@@ -495,9 +547,21 @@ def test_every_template_creates_its_work_pool_on_a_real_prefect_server(servers):
                 name = f"{pool_type[:3]}-{pool}-test-{suffix}"
                 path = POOLS_DIR / pool_type / f"{pool}.json"
                 done = subprocess.run(
-                    [str(Path(sys.executable).parent / "prefect"), "work-pool", "create", name, "--type", pool_type,
-                     "--base-job-template", str(path), "--overwrite"],
-                    env=env, capture_output=True, text=True, timeout=300,
+                    [
+                        str(Path(sys.executable).parent / "prefect"),
+                        "work-pool",
+                        "create",
+                        name,
+                        "--type",
+                        pool_type,
+                        "--base-job-template",
+                        str(path),
+                        "--overwrite",
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
                 )
                 assert done.returncode == 0, done.stdout + done.stderr
                 created.append(name)
@@ -543,8 +607,12 @@ def test_compose_mlflow_command_serves_the_other_containers_on_postgresql(tmp_pa
         cursor.execute(f"CREATE DATABASE {database}")
     command = command_list(compose()["services"]["mlflow"]["command"])
     port = free_port()
-    replace = {"--backend-store-uri": f"postgresql://{POSTGRES['user']}@127.0.0.1:5432/{database}",
-               "--artifacts-destination": str(tmp_path / "mlartifacts"), "--host": "127.0.0.1", "--port": str(port)}
+    replace = {
+        "--backend-store-uri": f"postgresql://{POSTGRES['user']}@127.0.0.1:5432/{database}",
+        "--artifacts-destination": str(tmp_path / "mlartifacts"),
+        "--host": "127.0.0.1",
+        "--port": str(port),
+    }
     for flag, value in replace.items():
         command[command.index(flag) + 1] = value
     command[0] = str(Path(sys.executable).parent / "mlflow")
@@ -570,8 +638,10 @@ def test_compose_mlflow_command_serves_the_other_containers_on_postgresql(tmp_pa
             assert answer.status_code == 200, (host, answer.text)
         assert httpx.get(search, headers={"Host": "attacker.example:5000"}, timeout=10).status_code == 403
         # The tracking store is the PostgreSQL database.
-        with psycopg.connect(dbname=database, connect_timeout=5, **POSTGRES) as connection, \
-                connection.cursor() as cursor:
+        with (
+            psycopg.connect(dbname=database, connect_timeout=5, **POSTGRES) as connection,
+            connection.cursor() as cursor,
+        ):
             cursor.execute("SELECT name FROM experiments")
             assert ("Default",) in cursor.fetchall()
     finally:
@@ -589,8 +659,11 @@ def test_bentofile_pins_every_package_to_constraints_and_never_locks():
     """`bentoml build` with package locking resolves against the package index (the network) at build time: the
     promotion flow must build offline, so every package is pinned to the tested version and nothing is locked."""
     bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
-    pins = dict(line.strip().split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
+    pins = dict(
+        line.strip().split("==")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     pins = {name.lower().replace("_", "-"): version for name, version in pins.items()}
     assert bentofile["python"]["lock_packages"] is False
     for requirement in bentofile["python"]["packages"]:

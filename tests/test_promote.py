@@ -126,13 +126,24 @@ def two_versions(servers, prepared_fixture, tuned_fixture, tmp_path_factory):
     from tasks.tracking import start_tracking_run
 
     snapshot, prepared = prepared_fixture
-    evaluation = evaluate(tuned_fixture, prepared, tmp_path_factory.mktemp("promote") / "eval",
-                          config=EvaluationConfig(latency_samples=1))
+    evaluation = evaluate(
+        tuned_fixture, prepared, tmp_path_factory.mktemp("promote") / "eval", config=EvaluationConfig(latency_samples=1)
+    )
     versions = []
     for key in ("promote-train-1", "promote-train-2"):
         tracking = start_tracking_run(servers["mlflow"], "promote-test", "train", idempotency_key=key)
-        versions.append(register(tuned_fixture, evaluation, snapshot, prepared, tracking,
-                                 RegisterConfig(registered_model_name=MODEL), {"epochs": 8}, "test"))
+        versions.append(
+            register(
+                tuned_fixture,
+                evaluation,
+                snapshot,
+                prepared,
+                tracking,
+                RegisterConfig(registered_model_name=MODEL),
+                {"epochs": 8},
+                "test",
+            )
+        )
     assert [v.version for v in versions] == [1, 2]
     return servers["mlflow"]
 
@@ -172,7 +183,7 @@ def test_invalid_alias_name_is_an_error_not_a_missing_champion(two_versions):
 @pytest.mark.slow
 def test_rollback_without_previous_champion_says_so(servers):
     MlflowClient(servers["mlflow"]).create_registered_model("promote-fresh-model")
-    with pytest.raises(ValueError, match="'promote-fresh-model'.*no previous champion to roll back to"):
+    with pytest.raises(ValueError, match=r"'promote-fresh-model'.*no previous champion to roll back to"):
         rollback(servers["mlflow"], "promote-fresh-model")
 
 
@@ -199,9 +210,15 @@ def test_record_decision_tags_the_version_and_logs_the_run(two_versions):
     uri = two_versions
     tracking = start_tracking_run(uri, "promote-test", "promotion", idempotency_key="promotion-1")
     decision = GateDecision(
-        promote=False, reason="class 'tech' F1 drops -0.100", candidate_version=2, champion_version=1,
-        candidate_macro_f1=0.9, champion_macro_f1=0.85, macro_f1_delta=0.05,
-        per_class_f1_delta={"tech": -0.1, "sport": 0.2}, worst_class="tech",
+        promote=False,
+        reason="class 'tech' F1 drops -0.100",
+        candidate_version=2,
+        champion_version=1,
+        candidate_macro_f1=0.9,
+        champion_macro_f1=0.85,
+        macro_f1_delta=0.05,
+        per_class_f1_delta={"tech": -0.1, "sport": 0.2},
+        worst_class="tech",
     )
     record_decision(tracking, MODEL, decision, GateConfig())
     record_decision(tracking, MODEL, decision, GateConfig())  # a retry

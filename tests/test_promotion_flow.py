@@ -32,8 +32,9 @@ def _version_tags(uri: str, name: str, version: int) -> dict:
 
 def test_promotion_gates_builds_serves_and_rolls_back(project_env, servers, prepared_fixture, tuned_fixture, tmp_path):
     uri, name = servers["mlflow"], "promo-flow"
-    fair, worse, good = register_model_versions(servers, prepared_fixture, tuned_fixture, tmp_path, name,
-                                           ["fair", "worse", "good"])
+    fair, worse, good = register_model_versions(
+        servers, prepared_fixture, tuned_fixture, tmp_path, name, ["fair", "worse", "good"]
+    )
 
     # 1. No champion yet: the first candidate above the floor becomes the champion, with a built, checked Bento.
     state = promotion(name, candidate_version=fair, gate=FIRST_CHAMPION_FLOOR, return_state=True)
@@ -42,8 +43,11 @@ def test_promotion_gates_builds_serves_and_rolls_back(project_env, servers, prep
     assert first.decision.promote and "no champion yet" in first.decision.reason
     assert (first.champion_version, first.previous_champion_version) == (fair, None)
     assert resolve_alias(uri, name, CHAMPION_ALIAS) == fair
-    assert _bento_labels(first.bento.bento_tag) == {"project": "textclf", "registered_model": name,
-                                                     "model_version": str(fair)}
+    assert _bento_labels(first.bento.bento_tag) == {
+        "project": "textclf",
+        "registered_model": name,
+        "model_version": str(fair),
+    }
     # No Docker engine here: no image, a clear message, and the generated Dockerfile to build one elsewhere.
     assert first.bento.container_image is None and "No Docker engine" in first.bento.container_message
     assert first.bento.dockerfile.is_file() and "FROM" in first.bento.dockerfile.read_text()
@@ -100,6 +104,7 @@ def test_promotion_gates_builds_serves_and_rolls_back(project_env, servers, prep
     assert resolve_alias(uri, name, CHAMPION_ALIAS) == fair
     assert resolve_alias(uri, name, PREVIOUS_CHAMPION_ALIAS) == good
     assert _bento_labels(rolled.bento.bento_tag)["model_version"] == str(fair)
+
     def packed_model(bento) -> str:
         manifest = yaml.safe_load((bento.dockerfile.parents[2] / "bento.yaml").read_text())
         return manifest["services"][0]["models"][0]["tag"]
@@ -111,11 +116,14 @@ def test_promotion_gates_builds_serves_and_rolls_back(project_env, servers, prep
     assert len(imported) == 2  # fair and good, each imported once (other tests share the store)
 
 
-def test_a_bento_that_fails_its_smoke_test_leaves_the_champion_alone(project_env, servers, prepared_fixture,
-                                                                       tuned_fixture, tmp_path):
+def test_a_bento_that_fails_its_smoke_test_leaves_the_champion_alone(
+    project_env, servers, prepared_fixture, tuned_fixture, tmp_path
+):
     uri, name = servers["mlflow"], "promo-failure"
     fair, good = register_model_versions(servers, prepared_fixture, tuned_fixture, tmp_path, name, ["fair", "good"])
-    assert promotion(name, candidate_version=fair, gate=FIRST_CHAMPION_FLOOR, containerize=False).champion_version == fair
+    assert (
+        promotion(name, candidate_version=fair, gate=FIRST_CHAMPION_FLOOR, containerize=False).champion_version == fair
+    )
 
     # The gate passes, but the Bento cannot become ready within 1 s: the flow fails and no alias moves.
     state = promotion(name, candidate_version=good, smoke_test_timeout_seconds=1, return_state=True)

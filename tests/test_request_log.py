@@ -24,6 +24,8 @@ import httpx
 import pandas as pd
 import pytest
 
+from tasks.bento import bento_worker_pids
+from tasks.processes import process_alive
 from tasks.request_log import (
     COLUMNS,
     RequestLogMiddleware,
@@ -33,13 +35,11 @@ from tasks.request_log import (
     read_request_log,
     texts_from_request,
 )
-from tasks.bento import bento_worker_pids
-from tasks.processes import process_alive
 from tests.fixtures import serve_from_repository
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = re.compile(r"^requests-\d{8}T\d{6}\.\d{6}Z-\d+-\d{6}\.parquet$")
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def sha(text: str) -> str:
@@ -47,8 +47,18 @@ def sha(text: str) -> str:
 
 
 def row(when: dt.datetime, **values) -> dict:
-    base = {"time": when, "request_id": "r1", "text_sha256": sha("a"), "text": None, "length_chars": 1,
-            "label": "sport", "probability": 0.9, "truncated": False, "model_version": "m/1", "latency_ms": 12.5}
+    base = {
+        "time": when,
+        "request_id": "r1",
+        "text_sha256": sha("a"),
+        "text": None,
+        "length_chars": 1,
+        "label": "sport",
+        "probability": 0.9,
+        "truncated": False,
+        "model_version": "m/1",
+        "latency_ms": 12.5,
+    }
     return {**base, **values}
 
 
@@ -68,19 +78,31 @@ def test_settings_defaults_and_values(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert default.resolved_directory() == tmp_path.resolve() / ".textclf" / "request-log"
     assert RequestLogSettings.from_env({"TEXTCLF_HOME": "/srv/textclf"}).directory == Path("/srv/textclf/request-log")
-    given = RequestLogSettings.from_env({
-        "TEXTCLF_REQUEST_LOG": "False", "TEXTCLF_REQUEST_LOG_DIR": "/var/log/clf", "TEXTCLF_REQUEST_LOG_TEXT": "TRUE",
-        "TEXTCLF_REQUEST_LOG_FLUSH_SECONDS": "0.5", "TEXTCLF_REQUEST_LOG_MAX_RECORDS": "100",
-        "TEXTCLF_HOME": "/ignored"})
+    given = RequestLogSettings.from_env(
+        {
+            "TEXTCLF_REQUEST_LOG": "False",
+            "TEXTCLF_REQUEST_LOG_DIR": "/var/log/clf",
+            "TEXTCLF_REQUEST_LOG_TEXT": "TRUE",
+            "TEXTCLF_REQUEST_LOG_FLUSH_SECONDS": "0.5",
+            "TEXTCLF_REQUEST_LOG_MAX_RECORDS": "100",
+            "TEXTCLF_HOME": "/ignored",
+        }
+    )
     assert given == RequestLogSettings(False, Path("/var/log/clf"), True, 0.5, 100)
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("TEXTCLF_REQUEST_LOG", "maybe"), ("TEXTCLF_REQUEST_LOG_TEXT", "2"),
-    ("TEXTCLF_REQUEST_LOG_FLUSH_SECONDS", "soon"), ("TEXTCLF_REQUEST_LOG_FLUSH_SECONDS", "0"),
-    ("TEXTCLF_REQUEST_LOG_FLUSH_SECONDS", "nan"), ("TEXTCLF_REQUEST_LOG_MAX_RECORDS", "1.5"),
-    ("TEXTCLF_REQUEST_LOG_MAX_RECORDS", "0"),
-])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("TEXTCLF_REQUEST_LOG", "maybe"),
+        ("TEXTCLF_REQUEST_LOG_TEXT", "2"),
+        ("TEXTCLF_REQUEST_LOG_FLUSH_SECONDS", "soon"),
+        ("TEXTCLF_REQUEST_LOG_FLUSH_SECONDS", "0"),
+        ("TEXTCLF_REQUEST_LOG_FLUSH_SECONDS", "nan"),
+        ("TEXTCLF_REQUEST_LOG_MAX_RECORDS", "1.5"),
+        ("TEXTCLF_REQUEST_LOG_MAX_RECORDS", "0"),
+    ],
+)
 def test_bad_settings_name_the_variable(name, value):
     with pytest.raises(ValueError, match=name):
         RequestLogSettings.from_env({name: value})
@@ -179,26 +201,36 @@ def test_since_until_bounds(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-PREDICTIONS = [{"label": "sport", "probability": 0.8, "probabilities": {}, "truncated": False, "model_version": "m/2"},
-               {"label": "tech", "probability": 0.6, "probabilities": {}, "truncated": True, "model_version": "m/2"}]
+PREDICTIONS = [
+    {"label": "sport", "probability": 0.8, "probabilities": {}, "truncated": False, "model_version": "m/2"},
+    {"label": "tech", "probability": 0.6, "probabilities": {}, "truncated": True, "model_version": "m/2"},
+]
 
 
-@pytest.mark.parametrize(("content_type", "body"), [
-    ("application/json", json.dumps({"texts": ["héllo 👋", "b"]}).encode()),
-    ("", json.dumps({"texts": ["héllo 👋", "b"]}).encode()),
-    ("application/x-www-form-urlencoded", b"texts=%5B%22h%C3%A9llo%20%F0%9F%91%8B%22%2C%20%22b%22%5D"),
-    ("multipart/form-data; boundary=XyZ",
-     b'--XyZ\r\nContent-Disposition: form-data; name="texts"\r\n\r\n["h\xc3\xa9llo \xf0\x9f\x91\x8b", "b"]\r\n--XyZ--\r\n'),
-])
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", json.dumps({"texts": ["héllo 👋", "b"]}).encode()),
+        ("", json.dumps({"texts": ["héllo 👋", "b"]}).encode()),
+        ("application/x-www-form-urlencoded", b"texts=%5B%22h%C3%A9llo%20%F0%9F%91%8B%22%2C%20%22b%22%5D"),
+        (
+            "multipart/form-data; boundary=XyZ",
+            b'--XyZ\r\nContent-Disposition: form-data; name="texts"\r\n\r\n["h\xc3\xa9llo \xf0\x9f\x91\x8b", "b"]\r\n--XyZ--\r\n',
+        ),
+    ],
+)
 def test_rows_from_a_served_request(content_type, body):
     assert texts_from_request(content_type, body) == ["héllo 👋", "b"]
-    request = ServedRequest(1_700_000_000.25, 42.0, "abc", content_type, [body[:5], body[5:]],
-                            [json.dumps(PREDICTIONS).encode()])
+    request = ServedRequest(
+        1_700_000_000.25, 42.0, "abc", content_type, [body[:5], body[5:]], [json.dumps(PREDICTIONS).encode()]
+    )
     rows = request.to_records(log_text=False)
     assert [r["text_sha256"] for r in rows] == [sha("héllo 👋"), sha("b")]
     assert [r["length_chars"] for r in rows] == [7, 1] and {r["text"] for r in rows} == {None}
     assert [(r["label"], r["probability"], r["truncated"], r["model_version"]) for r in rows] == [
-        ("sport", 0.8, False, "m/2"), ("tech", 0.6, True, "m/2")]
+        ("sport", 0.8, False, "m/2"),
+        ("tech", 0.6, True, "m/2"),
+    ]
     assert {(r["request_id"], r["latency_ms"], r["time"]) for r in rows} == {("abc", 42.0, 1_700_000_000_250_000)}
     assert [r["text"] for r in request.to_records(log_text=True)] == ["héllo 👋", "b"]
 
@@ -224,9 +256,14 @@ def test_middleware_logs_only_200_answers_and_flushes_at_lifespan_shutdown(tmp_p
             await send({"type": "http.response.start", "status": 400, "headers": []})
             await send({"type": "http.response.body", "body": b'{"error": "empty"}'})
             return
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"x-bentoml-request-id", b"id-1")]})
-        answer = json.dumps(PREDICTIONS[:len(request["texts"])]).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"x-bentoml-request-id", b"id-1")],
+            }
+        )
+        answer = json.dumps(PREDICTIONS[: len(request["texts"])]).encode()
         await send({"type": "http.response.body", "body": answer[:10], "more_body": True})
         await send({"type": "http.response.body", "body": answer[10:]})
 
@@ -236,8 +273,7 @@ def test_middleware_logs_only_200_answers_and_flushes_at_lifespan_shutdown(tmp_p
     async def call(path, texts):
         sent, body = [], json.dumps({"texts": texts}).encode()
         messages = iter([{"type": "http.request", "body": body, "more_body": False}])
-        scope = {"type": "http", "method": "POST", "path": path,
-                 "headers": [(b"content-type", b"application/json")]}
+        scope = {"type": "http", "method": "POST", "path": path, "headers": [(b"content-type", b"application/json")]}
         await middleware(scope, lambda: asyncio.sleep(0, next(messages)), lambda m: asyncio.sleep(0, sent.append(m)))
         return sent
 
@@ -251,7 +287,7 @@ def test_middleware_logs_only_200_answers_and_flushes_at_lifespan_shutdown(tmp_p
             message = await inbox.get()
             if message["type"] == "lifespan.shutdown":  # serve the requests between start-up and shutdown
                 assert middleware.writer.running
-                assert len((await call("/classify", ["x", "y"]))) == 3
+                assert len(await call("/classify", ["x", "y"])) == 3
                 await call("/classify", [""])  # 400: not logged
                 await call("/other", ["z"])  # another path: not logged
             return message
@@ -282,7 +318,9 @@ def _stop(process, log: Path) -> None:
 
 
 def _bad_request(url: str, i: int) -> httpx.Response:
-    body = [b'{"texts": [""]}', b'{"texts": []}', b'{"texts": ', b'{"texts": [' + b",".join([b'"t"'] * 65) + b"]}"][i % 4]
+    body = [b'{"texts": [""]}', b'{"texts": []}', b'{"texts": ', b'{"texts": [' + b",".join([b'"t"'] * 65) + b"]}"][
+        i % 4
+    ]
     return httpx.post(f"{url}/classify", content=body, headers={"content-type": "application/json"}, timeout=120)
 
 
@@ -291,8 +329,12 @@ def test_under_concurrent_load_every_served_text_is_logged_once(bento_env, prepa
     """300 requests of 1 to 3 texts from 24 threads, 24 bad requests among them, a few form-encoded ones; part
     files of at most 50 rows. After SIGTERM: exactly the served texts, each once, with their answers."""
     log_dir = tmp_path / "request-log"
-    env = {**bento_env, "TEXTCLF_REQUEST_LOG_DIR": str(log_dir), "TEXTCLF_REQUEST_LOG_MAX_RECORDS": "50",
-           "TEXTCLF_REQUEST_LOG_FLUSH_SECONDS": "2"}
+    env = {
+        **bento_env,
+        "TEXTCLF_REQUEST_LOG_DIR": str(log_dir),
+        "TEXTCLF_REQUEST_LOG_MAX_RECORDS": "50",
+        "TEXTCLF_REQUEST_LOG_FLUSH_SECONDS": "2",
+    }
     base = prepared_fixture[1].split("test")["text"].tolist()
     rng = random.Random(7)
     requests = [[f"{rng.choice(base)} #{i}.{j}" for j in range(rng.randint(1, 3))] for i in range(300)]
@@ -326,10 +368,21 @@ def test_under_concurrent_load_every_served_text_is_logged_once(bento_env, prepa
     expected = []
     for texts, response in served:
         for text, prediction in zip(texts, response.json(), strict=True):
-            expected.append((response.headers["x-bentoml-request-id"], sha(text), len(text), prediction["label"],
-                             round(prediction["probability"], 6), prediction["truncated"], prediction["model_version"]))
-    got = [(r.request_id, r.text_sha256, r.length_chars, r.label, round(r.probability, 6), r.truncated,
-            r.model_version) for r in log.itertuples()]
+            expected.append(
+                (
+                    response.headers["x-bentoml-request-id"],
+                    sha(text),
+                    len(text),
+                    prediction["label"],
+                    round(prediction["probability"], 6),
+                    prediction["truncated"],
+                    prediction["model_version"],
+                )
+            )
+    got = [
+        (r.request_id, r.text_sha256, r.length_chars, r.label, round(r.probability, 6), r.truncated, r.model_version)
+        for r in log.itertuples()
+    ]
     assert len(log) == len(expected) == sum(len(texts) for texts, _ in served)
     assert Counter(got) == Counter(expected)
     assert log["request_id"].nunique() == len(served)
@@ -347,9 +400,13 @@ def test_under_concurrent_load_every_served_text_is_logged_once(bento_env, prepa
 @pytest.mark.slow
 def test_texts_are_logged_when_allowed_and_files_appear_while_serving(bento_env, tmp_path):
     log_dir = tmp_path / "request-log"
-    env = {**bento_env, "TEXTCLF_REQUEST_LOG_DIR": str(log_dir), "TEXTCLF_REQUEST_LOG_TEXT": "true",
-           "TEXTCLF_REQUEST_LOG_FLUSH_SECONDS": "1"}
-    texts = ["the striker scored a goal for the team", "Zürich — prices ↑ 5 %, \"quoted\" \\ back\\slash"]
+    env = {
+        **bento_env,
+        "TEXTCLF_REQUEST_LOG_DIR": str(log_dir),
+        "TEXTCLF_REQUEST_LOG_TEXT": "true",
+        "TEXTCLF_REQUEST_LOG_FLUSH_SECONDS": "1",
+    }
+    texts = ["the striker scored a goal for the team", 'Zürich — prices ↑ 5 %, "quoted" \\ back\\slash']
     process, url = serve_from_repository(env, tmp_path / "serve.log")
     try:
         answered = httpx.post(f"{url}/classify", json={"texts": texts}, timeout=60)
@@ -362,8 +419,10 @@ def test_texts_are_logged_when_allowed_and_files_appear_while_serving(bento_env,
         assert len(running) == 2, "no rows in the log 10 s after the answer, with a 1 s flush interval"
         assert seen_after < 1 + 3  # the flush interval, plus slack for a busy machine
         assert process.poll() is None  # read while the server runs
-        assert httpx.post(f"{url}/classify", json={"texts": ["one more, flushed at shutdown"]},
-                          timeout=60).status_code == 200
+        assert (
+            httpx.post(f"{url}/classify", json={"texts": ["one more, flushed at shutdown"]}, timeout=60).status_code
+            == 200
+        )
     finally:
         _stop(process, tmp_path / "serve.log")
     log = read_request_log(log_dir)
@@ -379,17 +438,30 @@ def test_settings_at_service_import(tmp_path):
     importing creates no folder (the server's worker does, when it starts)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTCLF_")}
     env["TEXTCLF_REQUEST_LOG_DIR"] = str(tmp_path / "log")
-    script = ("import service; print([m[0].__name__ for m in service.TextClassifierService.middlewares]); "
-              "print(service.REQUEST_LOG)")
-    bad = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**env, "TEXTCLF_REQUEST_LOG_TEXT": "sure"},
-                         capture_output=True, text=True, timeout=120)
+    script = (
+        "import service; print([m[0].__name__ for m in service.TextClassifierService.middlewares]); "
+        "print(service.REQUEST_LOG)"
+    )
+    bad = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**env, "TEXTCLF_REQUEST_LOG_TEXT": "sure"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "TEXTCLF_REQUEST_LOG_TEXT='sure'" in bad.stderr
-    off = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**env, "TEXTCLF_REQUEST_LOG": "false"},
-                         capture_output=True, text=True, timeout=120)
+    off = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**env, "TEXTCLF_REQUEST_LOG": "false"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert off.returncode == 0, off.stderr[-2000:]
     assert off.stdout.splitlines()[0] == "['RequestIdMiddleware', 'RequestGuard']"
-    on = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=120)
+    on = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert on.returncode == 0, on.stderr[-2000:]
     assert on.stdout.splitlines()[0] == "['RequestIdMiddleware', 'RequestGuard', 'RequestLogMiddleware']"
     assert not (tmp_path / "log").exists()
@@ -414,8 +486,9 @@ time.sleep(600)
 
 
 def test_rows_a_killed_writer_held_are_recovered_by_the_next_writer_and_a_live_ones_are_left_alone(tmp_path):
-    process = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert process.stdout.readline().strip() == "journaled"
         alive = RequestLogWriter(tmp_path).start()  # the writer process still runs: its journal is its own
@@ -469,7 +542,7 @@ def test_a_sigkill_loses_no_served_row(bento_env, tmp_path, victim):
     log_dir = tmp_path / "request-log"
     env = {**bento_env, "TEXTCLF_REQUEST_LOG_DIR": str(log_dir)}
     env.pop("TEXTCLF_REQUEST_LOG_FLUSH_SECONDS", None)
-    process, url, texts = _serve_and_send(env, tmp_path / "serve.log", 60, victim)
+    process, _url, texts = _serve_and_send(env, tmp_path / "serve.log", 60, victim)
     if victim == "server":  # all of it at once, as when a container or its node dies
         worker = _worker_pid(process.pid)
         os.killpg(process.pid, signal.SIGKILL)

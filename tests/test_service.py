@@ -86,12 +86,21 @@ def test_concurrent_single_text_requests_equal_one_batched_call_in_order(server,
         (b'{"texts": [' + b",".join([b'"text"'] * 65) + b"]}", "at most 64 items"),
         (b'{"texts": ["\xff\xfe invalid utf-8"]}', "Invalid JSON"),
     ],
-    ids=["broken-json", "string-not-list", "numbers", "wrong-field", "empty-list", "empty-text", "blank-text",
-         "text-too-long", "too-many-texts", "invalid-utf8"],
+    ids=[
+        "broken-json",
+        "string-not-list",
+        "numbers",
+        "wrong-field",
+        "empty-list",
+        "empty-text",
+        "blank-text",
+        "text-too-long",
+        "too-many-texts",
+        "invalid-utf8",
+    ],
 )
 def test_bad_input_gets_400_with_the_reason_and_the_server_stays_up(server, body, message):
-    response = httpx.post(f"{server}/classify", content=body, headers={"content-type": "application/json"},
-                          timeout=30)
+    response = httpx.post(f"{server}/classify", content=body, headers={"content-type": "application/json"}, timeout=30)
     assert response.status_code == 400, response.text
     assert message in response.text
     assert httpx.get(f"{server}/readyz").status_code == 200
@@ -134,8 +143,14 @@ def test_bentofile_builds_a_bento_with_its_dockerfile_and_the_built_bento_serves
     Containerizing needs a Docker engine, which is not available here: the generated Dockerfile is checked."""
     import yaml
 
-    built = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "build", "--output", "tag"],
-                           cwd=ROOT, env=bento_env, capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [str(Path(sys.executable).parent / "bentoml"), "build", "--output", "tag"],
+        cwd=ROOT,
+        env=bento_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     name, version = tag.split(":")
@@ -161,8 +176,11 @@ def _log_line_of(log: Path, request_id: str, timeout_seconds: float = 10) -> str
     """The server's access-log line that names `request_id` as its span (log lines are written asynchronously)."""
     deadline = time.monotonic() + timeout_seconds
     while True:
-        lines = [line for line in log.read_text(errors="replace").splitlines()
-                 if f"span={request_id}" in line and "/classify" in line]
+        lines = [
+            line
+            for line in log.read_text(errors="replace").splitlines()
+            if f"span={request_id}" in line and "/classify" in line
+        ]
         if lines or time.monotonic() > deadline:
             assert lines, f"no log line names span={request_id}:\n{log.read_text(errors='replace')[-3000:]}"
             return lines[0]
@@ -186,7 +204,8 @@ def test_with_tracing_switched_on_bentoml_traces_classify(bento_env, tmp_path):
     """TEXTCLF_TRACING=true and an exporter configured: BentoML's own spans cover `classify`, sampled."""
     log = tmp_path / "serve.log"
     process, url = serve_from_repository(
-        {**bento_env, "TEXTCLF_TRACING": "true", "BENTOML_CONFIG_OPTIONS": TRACING_EXPORTER}, log)
+        {**bento_env, "TEXTCLF_TRACING": "true", "BENTOML_CONFIG_OPTIONS": TRACING_EXPORTER}, log
+    )
     try:
         answer = classify(url, ["the striker scored a goal"])
         assert answer.status_code == 200
@@ -196,13 +215,27 @@ def test_with_tracing_switched_on_bentoml_traces_classify(bento_env, tmp_path):
 
 
 def test_an_exporter_without_the_tracing_switch_is_warned_about_and_a_bad_switch_stops_the_start_up():
-    script = ("import service; service.TextClassifierService.inject_config(); "
-              "service.RequestIdMiddleware(None, ('/classify',))")
+    script = (
+        "import service; service.TextClassifierService.inject_config(); "
+        "service.RequestIdMiddleware(None, ('/classify',))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TEXTCLF_TRACING"}
-    warned = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**env, "BENTOML_CONFIG_OPTIONS": TRACING_EXPORTER})
+    warned = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "BENTOML_CONFIG_OPTIONS": TRACING_EXPORTER},
+    )
     assert warned.returncode == 0, warned.stderr[-2000:]
     assert "left out of tracing: set TEXTCLF_TRACING=true" in warned.stderr
-    bad = subprocess.run([sys.executable, "-c", "import service"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, env={**env, "TEXTCLF_TRACING": "maybe"})
+    bad = subprocess.run(
+        [sys.executable, "-c", "import service"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "TEXTCLF_TRACING": "maybe"},
+    )
     assert bad.returncode != 0 and "TEXTCLF_TRACING='maybe' is not true or false" in bad.stderr

@@ -66,8 +66,9 @@ def test_a_body_over_the_size_limit_gets_413_and_nothing_breaks(served):
             yield b"y" * (1024 * 1024)
         yield b'"]}'
 
-    response = httpx.post(f"{url}/classify", content=streamed(), headers={"content-type": "application/json"},
-                          timeout=60)
+    response = httpx.post(
+        f"{url}/classify", content=streamed(), headers={"content-type": "application/json"}, timeout=60
+    )
     assert response.status_code == 413
     assert_still_serving(url)
 
@@ -155,11 +156,16 @@ def test_unknown_paths_get_a_json_404_and_never_become_metric_series(served):
 def test_the_bearer_scheme_is_case_insensitive(crowded):
     url, _ = crowded
     for scheme in ("Bearer", "bearer", "BEARER"):
-        response = httpx.post(f"{url}/classify", json={"texts": ["a text"]},
-                              headers={"Authorization": f"{scheme} s3cret"}, timeout=30)
+        response = httpx.post(
+            f"{url}/classify", json={"texts": ["a text"]}, headers={"Authorization": f"{scheme} s3cret"}, timeout=30
+        )
         assert response.status_code == 200, (scheme, response.text)
-    assert httpx.post(f"{url}/classify", json={"texts": ["a text"]},
-                      headers={"Authorization": "Basic s3cret"}, timeout=30).status_code == 401
+    assert (
+        httpx.post(
+            f"{url}/classify", json={"texts": ["a text"]}, headers={"Authorization": "Basic s3cret"}, timeout=30
+        ).status_code
+        == 401
+    )
     assert httpx.get(f"{url}/metrics").status_code == 200
 
 
@@ -284,8 +290,7 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(s
         operation = result.ok()
         strategy = operation.as_strategy()
 
-        @settings(max_examples=60, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(case=strategy)
         def check(case):
             calls[operation.label] = calls.get(operation.label, 0) + 1

@@ -27,14 +27,33 @@ POSTGRES_URL = "postgresql+psycopg://root@127.0.0.1:5432/{database}"
 
 def _space(model_dir, **changes) -> SearchSpace:
     # Learning rates from far too small (the tiny model stays at chance) to good: the pruner has work to do.
-    return SearchSpace(**{"learning_rate_min": 1e-5, "learning_rate_max": 5e-3, "batch_sizes": [8], "epochs_min": 3,
-                          "epochs_max": 3, "max_lengths": [32], "truncations": ["head", "chunks"],
-                          "base_models": [str(model_dir)], **changes})
+    return SearchSpace(
+        **{
+            "learning_rate_min": 1e-5,
+            "learning_rate_max": 5e-3,
+            "batch_sizes": [8],
+            "epochs_min": 3,
+            "epochs_max": 3,
+            "max_lengths": [32],
+            "truncations": ["head", "chunks"],
+            "base_models": [str(model_dir)],
+            **changes,
+        }
+    )
 
 
 def _study(name, **changes) -> StudyParameters:
-    return StudyParameters(**{"study_name": name, "n_trials": 4, "pruner": "median", "pruner_startup_trials": 1,
-                              "sampler_startup_trials": 10, "seed": 3, **changes})
+    return StudyParameters(
+        **{
+            "study_name": name,
+            "n_trials": 4,
+            "pruner": "median",
+            "pruner_startup_trials": 1,
+            "sampler_startup_trials": 10,
+            "seed": 3,
+            **changes,
+        }
+    )
 
 
 def _optuna_study(storage_url: str, name: str):
@@ -49,8 +68,11 @@ def _optuna_study(storage_url: str, name: str):
 
 
 def test_search_space_refuses_a_reversed_range_naming_the_fields():
-    with pytest.raises(ValueError, match=r"search_space\.learning_rate_min \(0\.01\) is greater than "
-                                         r"search_space\.learning_rate_max \(0\.001\): set learning_rate_min <= "):
+    with pytest.raises(
+        ValueError,
+        match=r"search_space\.learning_rate_min \(0\.01\) is greater than "
+        r"search_space\.learning_rate_max \(0\.001\): set learning_rate_min <= ",
+    ):
         SearchSpace(learning_rate_min=0.01, learning_rate_max=0.001)
     with pytest.raises(ValueError, match=r"search_space\.epochs_min \(5\) is greater than search_space\.epochs_max"):
         SearchSpace(epochs_min=5, epochs_max=2)
@@ -71,8 +93,11 @@ def test_search_space_checks_each_choice_and_drops_repeats():
 
 
 def test_study_parameters_refuse_a_grace_period_shorter_than_the_heartbeat():
-    with pytest.raises(ValueError, match=r"study\.grace_period_seconds \(30\) must be longer than "
-                                         r"study\.heartbeat_seconds \(60\).*at least 120"):
+    with pytest.raises(
+        ValueError,
+        match=r"study\.grace_period_seconds \(30\) must be longer than "
+        r"study\.heartbeat_seconds \(60\).*at least 120",
+    ):
         StudyParameters(heartbeat_seconds=60, grace_period_seconds=30)
 
 
@@ -99,17 +124,32 @@ def test_flow_parameters_validate_and_describe_every_field():
 
 
 def _task_runs(api_url: str, flow_run_id) -> list[dict]:
-    return httpx.post(f"{api_url}/task_runs/filter", json={
-        "task_runs": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": 200,
-    }).raise_for_status().json()
+    return (
+        httpx.post(
+            f"{api_url}/task_runs/filter",
+            json={
+                "task_runs": {"flow_run_id": {"any_": [str(flow_run_id)]}},
+                "limit": 200,
+            },
+        )
+        .raise_for_status()
+        .json()
+    )
 
 
 @pytest.mark.slow
-def test_sweep_prunes_tracks_every_trial_and_registers_the_best_as_candidate(project_env, servers, fixture_csv,
-                                                                             tiny_model_dir):
+def test_sweep_prunes_tracks_every_trial_and_registers_the_best_as_candidate(
+    project_env, servers, fixture_csv, tiny_model_dir
+):
     name = f"sweep-e2e-{uuid.uuid4().hex[:6]}"
-    state = sweep(DatasetParameters(source=str(fixture_csv)), _space(tiny_model_dir), _study(name),
-                  TrialSettings(early_stopping_patience=0), registered_model_name=name, return_state=True)
+    state = sweep(
+        DatasetParameters(source=str(fixture_csv)),
+        _space(tiny_model_dir),
+        _study(name),
+        TrialSettings(early_stopping_patience=0),
+        registered_model_name=name,
+        return_state=True,
+    )
     assert state.is_completed(), state.message
     version = state.result()
     assert version.name == name and version.alias == "candidate"
@@ -132,8 +172,9 @@ def test_sweep_prunes_tracks_every_trial_and_registers_the_best_as_candidate(pro
     # MLflow: one parent run with the plots and summary, one child run per trial with its state and epoch metrics.
     client = MlflowClient(servers["mlflow"])
     parent_run = client.get_run(client.get_run(version.run_id).data.tags[PARENT_RUN_TAG])
-    children = client.search_runs([parent_run.info.experiment_id],
-                                  filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run.info.run_id}'")
+    children = client.search_runs(
+        [parent_run.info.experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run.info.run_id}'"
+    )
     assert len(children) == 4
     by_trial = {int(r.data.tags["optuna.trial_number"]): r for r in children}
     for trial in study.trials:
@@ -172,15 +213,21 @@ sweep(DatasetParameters(source=csv),
 
 
 @pytest.mark.slow
-def test_a_study_killed_mid_trial_resumes_with_the_same_name(project_env, servers, fixture_csv, tiny_model_dir,
-                                                             tmp_path):
+def test_a_study_killed_mid_trial_resumes_with_the_same_name(
+    project_env, servers, fixture_csv, tiny_model_dir, tmp_path
+):
     """SIGKILL the sweep's process after the first trial saved a checkpoint; the same study name then retries that
     trial (its heartbeat stopped), resuming its fine-tune from the checkpoint, and completes the study."""
     name = f"sweep-resume-{uuid.uuid4().hex[:6]}"
     log = (tmp_path / "killed.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-c", SWEEP_SCRIPT, str(fixture_csv), str(tiny_model_dir), name],
-                               cwd=ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", SWEEP_SCRIPT, str(fixture_csv), str(tiny_model_dir), name],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     checkpoints = project_env / "sweeps" / name / "fine-tune"
     deadline = time.monotonic() + 240
     while not list(checkpoints.glob("*/checkpoints/checkpoint-*/trainer_state.json")):
@@ -195,12 +242,23 @@ def test_a_study_killed_mid_trial_resumes_with_the_same_name(project_env, server
     assert killed.state.name == "RUNNING"  # left behind by the dead process
     time.sleep(4)  # past the grace period: its heartbeat is stale
 
-    state = sweep(DatasetParameters(source=str(fixture_csv)),
-                  SearchSpace(learning_rate_min=2e-3, learning_rate_max=2e-3, batch_sizes=[8], epochs_min=6,
-                              epochs_max=6, max_lengths=[32], truncations=["head"], base_models=[str(tiny_model_dir)]),
-                  StudyParameters(study_name=name, n_trials=2, pruner="none", heartbeat_seconds=1,
-                                  grace_period_seconds=3),
-                  TrialSettings(early_stopping_patience=0), registered_model_name=name, return_state=True)
+    state = sweep(
+        DatasetParameters(source=str(fixture_csv)),
+        SearchSpace(
+            learning_rate_min=2e-3,
+            learning_rate_max=2e-3,
+            batch_sizes=[8],
+            epochs_min=6,
+            epochs_max=6,
+            max_lengths=[32],
+            truncations=["head"],
+            base_models=[str(tiny_model_dir)],
+        ),
+        StudyParameters(study_name=name, n_trials=2, pruner="none", heartbeat_seconds=1, grace_period_seconds=3),
+        TrialSettings(early_stopping_patience=0),
+        registered_model_name=name,
+        return_state=True,
+    )
     assert state.is_completed(), state.message
     trials = _optuna_study(storage, name).trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
@@ -213,23 +271,27 @@ def test_a_study_killed_mid_trial_resumes_with_the_same_name(project_env, server
     assert client.get_model_version_by_alias(name, "candidate").version == str(state.result().version)
 
     # Done studies run nothing more: the same name again adds no trial.
-    again = sweep(DatasetParameters(source=str(fixture_csv)),
-                  _space(tiny_model_dir, epochs_min=6, epochs_max=6, learning_rate_min=2e-3),
-                  StudyParameters(study_name=name, n_trials=2, pruner="none"),
-                  TrialSettings(early_stopping_patience=0), registered_model_name=name, return_state=True)
+    again = sweep(
+        DatasetParameters(source=str(fixture_csv)),
+        _space(tiny_model_dir, epochs_min=6, epochs_max=6, learning_rate_min=2e-3),
+        StudyParameters(study_name=name, n_trials=2, pruner="none"),
+        TrialSettings(early_stopping_patience=0),
+        registered_model_name=name,
+        return_state=True,
+    )
     assert again.is_completed(), again.message
     assert len(_optuna_study(storage, name).trials) == 3
 
 
 @pytest.mark.slow
-def test_the_study_lives_in_postgresql_when_configured(project_env, servers, fixture_csv, tiny_model_dir,
-                                                       monkeypatch):
+def test_the_study_lives_in_postgresql_when_configured(project_env, servers, fixture_csv, tiny_model_dir, monkeypatch):
     import psycopg
 
     database = f"textclf_optuna_{uuid.uuid4().hex[:8]}"
     try:
-        admin = psycopg.connect(dbname="postgres", host="127.0.0.1", port=5432, user="root", connect_timeout=5,
-                                autocommit=True)
+        admin = psycopg.connect(
+            dbname="postgres", host="127.0.0.1", port=5432, user="root", connect_timeout=5, autocommit=True
+        )
     except psycopg.OperationalError as error:
         pytest.fail(f"PostgreSQL is not answering on 127.0.0.1:5432 ({error}); this test needs it.")
     with admin.cursor() as cursor:
@@ -238,10 +300,14 @@ def test_the_study_lives_in_postgresql_when_configured(project_env, servers, fix
         url = POSTGRES_URL.format(database=database)
         monkeypatch.setenv("TEXTCLF_OPTUNA_STORAGE", url)
         name = f"sweep-pg-{uuid.uuid4().hex[:6]}"
-        state = sweep(DatasetParameters(source=str(fixture_csv)),
-                      _space(tiny_model_dir, epochs_min=1, epochs_max=1, learning_rate_min=2e-3),
-                      _study(name, n_trials=2, parallel_trials=2), TrialSettings(early_stopping_patience=0),
-                      registered_model_name=name, return_state=True)
+        state = sweep(
+            DatasetParameters(source=str(fixture_csv)),
+            _space(tiny_model_dir, epochs_min=1, epochs_max=1, learning_rate_min=2e-3),
+            _study(name, n_trials=2, parallel_trials=2),
+            TrialSettings(early_stopping_patience=0),
+            registered_model_name=name,
+            return_state=True,
+        )
         assert state.is_completed(), state.message
         study = _optuna_study(url, name)
         assert len(study.trials) == 2 and study.best_trial.state.name == "COMPLETE"

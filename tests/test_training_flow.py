@@ -24,8 +24,9 @@ def _run(csv, model_dir, name=MODEL_NAME):
     )
 
 
-def test_training_flow_registers_a_candidate_that_predicts_labels(project_env, servers, fixture_csv, tiny_model_dir,
-                                                                  monkeypatch):
+def test_training_flow_registers_a_candidate_that_predicts_labels(
+    project_env, servers, fixture_csv, tiny_model_dir, monkeypatch
+):
     state = _run(fixture_csv, tiny_model_dir)
     assert state.is_completed(), state.message
     version = state.result()
@@ -40,8 +41,16 @@ def test_training_flow_registers_a_candidate_that_predicts_labels(project_env, s
     client = MlflowClient(servers["mlflow"])
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED"
-    for metric in ("test_accuracy", "test_macro_f1", "test_weighted_f1", "test_roc_auc_ovr", "test_ece",
-                   "baseline_macro_f1", "latency_ms_per_text_batched", "test_f1_sport"):
+    for metric in (
+        "test_accuracy",
+        "test_macro_f1",
+        "test_weighted_f1",
+        "test_roc_auc_ovr",
+        "test_ece",
+        "baseline_macro_f1",
+        "latency_ms_per_text_batched",
+        "test_f1_sport",
+    ):
         assert metric in run.data.metrics, metric
     assert client.get_metric_history(version.run_id, "train/loss"), "step metrics were not logged while training"
     assert run.data.params["epochs"] == "8" and run.data.params["max_length"] == "32"

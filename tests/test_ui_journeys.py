@@ -27,8 +27,16 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 MODEL_NAME = "ui-topics"  # test_deployments.py registers prod-topics on the same session's stack
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 TRAINING_TIMEOUT_S = 600
@@ -44,9 +52,11 @@ def artifacts_dir() -> Path:
 def chromium_executable() -> str:
     found = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
     if not found:
-        pytest.fail("No Chromium found (`chromium` on PATH or /usr/bin/chromium). The browser journeys drive the "
-                    "system's Chromium and never download one: install Debian's `chromium` package "
-                    "(`apt-get install chromium`; CI installs it).")
+        pytest.fail(
+            "No Chromium found (`chromium` on PATH or /usr/bin/chromium). The browser journeys drive the "
+            "system's Chromium and never download one: install Debian's `chromium` package "
+            "(`apt-get install chromium`; CI installs it)."
+        )
     return found
 
 
@@ -106,6 +116,7 @@ def journey(chromium):
 
 # --- the Prefect REST API, to cross-check what the UI showed -----------------------------------------------------
 
+
 def _deployment(api: str, flow: str, name: str) -> dict:
     return httpx.get(f"{api}/deployments/name/{flow}/{name}").raise_for_status().json()
 
@@ -131,6 +142,7 @@ def _worker_log(stack: dict, pool: str, lines: int = 40) -> str:
 
 # --- the journey ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(1800)
 def test_a_user_trains_from_the_prefect_ui_and_finds_the_promoted_model_in_mlflow(
     chromium, production_stack, fixture_csv, tiny_model_dir, journey
@@ -147,9 +159,11 @@ def test_a_user_trains_from_the_prefect_ui_and_finds_the_promoted_model_in_mlflo
     expect(page.get_by_text(f"{len(production_stack['deployments'])} Deployments")).to_be_visible()
     # Three rows show a link "training" (the flow of training, training-cpu and retraining); the deployment
     # `training` is the row whose other link is not another deployment's name.
-    training_row = (page.get_by_role("row")
-                    .filter(has=page.get_by_role("link", name="training", exact=True))
-                    .filter(has_not=page.get_by_role("link", name=re.compile(r"^(retraining|training-cpu)$"))))
+    training_row = (
+        page.get_by_role("row")
+        .filter(has=page.get_by_role("link", name="training", exact=True))
+        .filter(has_not=page.get_by_role("link", name=re.compile(r"^(retraining|training-cpu)$")))
+    )
     expect(training_row).to_have_count(1)
     journey.shot("prefect-deployments")
     training_row.get_by_role("link", name="training", exact=True).first.click()  # the deployment's name comes first
@@ -204,11 +218,15 @@ def test_a_user_trains_from_the_prefect_ui_and_finds_the_promoted_model_in_mlflo
             shot_running = True
         if state["type"] in TERMINAL - {"COMPLETED"}:
             journey.shot("prefect-flow-run-not-completed")
-            pytest.fail(f"training flow run {run_name} ended {state['type']}: {state.get('message')}"
-                        + _worker_log(production_stack, "gpu"))
+            pytest.fail(
+                f"training flow run {run_name} ended {state['type']}: {state.get('message')}"
+                + _worker_log(production_stack, "gpu")
+            )
         if time.monotonic() > deadline:
-            pytest.fail(f"the flow run {run_name} did not complete within {TRAINING_TIMEOUT_S} s "
-                        f"(API state {state['type']})" + _worker_log(production_stack, "gpu"))
+            pytest.fail(
+                f"the flow run {run_name} did not complete within {TRAINING_TIMEOUT_S} s "
+                f"(API state {state['type']})" + _worker_log(production_stack, "gpu")
+            )
         time.sleep(3)
     page.reload()
     expect(page.get_by_text(run_name, exact=True).first).to_be_visible()
@@ -230,18 +248,23 @@ def test_a_user_trains_from_the_prefect_ui_and_finds_the_promoted_model_in_mlflo
     assert parameters["registered_model_name"] == MODEL_NAME
     assert parameters["dataset"]["source"] == str(fixture_csv)
     assert {k: parameters["model"][k] for k in ("base_model", "max_length")} == {
-        "base_model": str(tiny_model_dir), "max_length": 32}
-    assert {k: parameters["training"][k] for k in ("epochs", "batch_size", "learning_rate",
-                                                   "early_stopping_patience")} == {
-        "epochs": 8, "batch_size": 8, "learning_rate": 0.002, "early_stopping_patience": 0}
+        "base_model": str(tiny_model_dir),
+        "max_length": 32,
+    }
+    assert {
+        k: parameters["training"][k] for k in ("epochs", "batch_size", "learning_rate", "early_stopping_patience")
+    } == {"epochs": 8, "batch_size": 8, "learning_rate": 0.002, "early_stopping_patience": 0}
 
     # 3. Its completion triggers the promotion deployment (prefect.yaml's automation), on this run's version.
     promotion = _deployment(api, "promotion", "promotion")
     deadline = time.monotonic() + 180
     promotion_runs: list[dict] = []
     while not promotion_runs and time.monotonic() < deadline:
-        runs = httpx.post(f"{api}/flow_runs/filter", json={
-            "flow_runs": {"deployment_id": {"any_": [promotion["id"]]}}}).raise_for_status().json()
+        runs = (
+            httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [promotion["id"]]}}})
+            .raise_for_status()
+            .json()
+        )
         promotion_runs = [r for r in runs if r["parameters"].get("training_flow_run_id") == flow_run_id]
         if not promotion_runs:
             time.sleep(3)
@@ -249,7 +272,8 @@ def test_a_user_trains_from_the_prefect_ui_and_finds_the_promoted_model_in_mlflo
     assert promotion_runs[0]["parameters"] == {"registered_model_name": MODEL_NAME, "training_flow_run_id": flow_run_id}
     promoted = _wait_for(api, promotion_runs[0]["id"], PROMOTION_TIMEOUT_S)
     assert promoted["state"]["type"] == "COMPLETED", (
-        f"promotion run {promoted['name']}: {promoted['state']}" + _worker_log(production_stack, "cpu"))
+        f"promotion run {promoted['name']}: {promoted['state']}" + _worker_log(production_stack, "cpu")
+    )
     # In the UI too: Deployments -> promotion -> its run.
     page.get_by_role("link", name="Deployments", exact=True).click()
     promotion_row = page.get_by_role("row").filter(has=page.get_by_role("link", name="promotion", exact=True))
@@ -262,7 +286,8 @@ def test_a_user_trains_from_the_prefect_ui_and_finds_the_promoted_model_in_mlflo
 
     # 4. MLflow UI: the registered model's version 1 is @champion; its training run has metrics and plots.
     page.add_locator_handler(  # MLflow's one-time "new Model Registry UI" announcement covers the page
-        page.get_by_role("button", name="Try it now"), lambda button: button.click())
+        page.get_by_role("button", name="Try it now"), lambda button: button.click()
+    )
     page.goto(tracking)
     page.get_by_role("button", name="Model training").click()
     page.get_by_role("link", name="Model registry", exact=True).click()

@@ -3,6 +3,7 @@ training-time validation, evaluation, the MLflow pyfunc, batch scoring and a rea
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -29,8 +30,9 @@ def test_a_text_that_fits_is_one_window_unchanged(strategy):
     assert content_windows([], 10, Windowing(strategy)) == [[]]
 
 
-@pytest.mark.parametrize(("length", "budget", "overlap"), [(50, 10, 0.25), (50, 10, 0.0), (11, 10, 0.25),
-                                                           (1000, 126, 0.25), (127, 126, 0.4)])
+@pytest.mark.parametrize(
+    ("length", "budget", "overlap"), [(50, 10, 0.25), (50, 10, 0.0), (11, 10, 0.25), (1000, 126, 0.25), (127, 126, 0.4)]
+)
 def test_chunks_cover_the_whole_text_in_overlapping_windows(length, budget, overlap):
     ids = list(range(length))
     windows = content_windows(ids, budget, Windowing("chunks", chunk_overlap=overlap, max_chunks=1000))
@@ -38,7 +40,7 @@ def test_chunks_cover_the_whole_text_in_overlapping_windows(length, budget, over
     assert windows[0][0] == 0 and windows[-1][-1] == length - 1  # starts at the start, ends at the end
     assert set().union(*map(set, windows)) == set(ids)  # every token is in some window
     starts = [w[0] for w in windows]
-    assert all(b - a <= budget - round(overlap * budget) for a, b in zip(starts, starts[1:]))  # at least the overlap
+    assert all(b - a <= budget - round(overlap * budget) for a, b in itertools.pairwise(starts))  # at least the overlap
     assert all(w == ids[w[0] : w[0] + budget] for w in windows)  # contiguous, in order
 
 
@@ -97,10 +99,16 @@ def chunked(tmp_path_factory, prepared_fixture, tiny_model_dir):
 
     snapshot, _ = prepared_fixture
     root = tmp_path_factory.mktemp("chunked")
-    prepared = preprocess(snapshot, PreprocessConfig(tokenizer=str(tiny_model_dir), max_length=MAX_LENGTH,
-                                                     truncation="chunks", chunks_per_training_text=2), root / "cache")
-    config = FineTuneConfig(base_model=str(tiny_model_dir), epochs=4, batch_size=8, learning_rate=2e-3,
-                            early_stopping_patience=0)
+    prepared = preprocess(
+        snapshot,
+        PreprocessConfig(
+            tokenizer=str(tiny_model_dir), max_length=MAX_LENGTH, truncation="chunks", chunks_per_training_text=2
+        ),
+        root / "cache",
+    )
+    config = FineTuneConfig(
+        base_model=str(tiny_model_dir), epochs=4, batch_size=8, learning_rate=2e-3, early_stopping_patience=0
+    )
     tuned = fine_tune(prepared, config, root / "fine-tune")
     texts = prepared.split("validation")["text"].tolist()
     return prepared, tuned, config, texts
@@ -120,8 +128,9 @@ def test_a_chunked_model_reads_its_windowing_from_its_folder(chunked):
 
     encoded = encode_windows(classifier.tokenizer, texts, classifier.windowing)
     with torch.inference_mode():
-        logits = np.concatenate([classifier.model(input_ids=torch.tensor([ids])).logits.numpy()
-                                 for ids in encoded.input_ids])
+        logits = np.concatenate(
+            [classifier.model(input_ids=torch.tensor([ids])).logits.numpy() for ids in encoded.input_ids]
+        )
     expected = softmax(pool_logits(logits, encoded.owner, len(texts)))
     assert np.allclose(probabilities, expected, atol=1e-5)
     # Training data: with chunks_per_training_text=2, the first and the last window of each long training text.
@@ -151,7 +160,8 @@ def test_training_time_validation_pools_windows_as_the_classifier_does(chunked, 
     labels = prepared.split("validation")["label_id"].to_numpy()
     scores = pooled_macro_f1(validation["text_index"])(trainer.predict(validation))
     assert scores["macro_f1"] == pytest.approx(
-        f1_score(labels, classifier.predict_proba(texts).argmax(axis=1), average="macro"))
+        f1_score(labels, classifier.predict_proba(texts).argmax(axis=1), average="macro")
+    )
 
 
 def test_pyfunc_and_batch_scoring_pool_the_same(chunked, tmp_path):
@@ -169,7 +179,9 @@ def test_pyfunc_and_batch_scoring_pool_the_same(chunked, tmp_path):
 
     source = tmp_path / "incoming.csv"
     pd.DataFrame({"text": texts}).to_csv(source, index=False)
-    summary = score_in_process(ScoringSource(source=str(source)), tuned.model_dir, "chunked/1", tmp_path / "out.parquet")
+    summary = score_in_process(
+        ScoringSource(source=str(source)), tuned.model_dir, "chunked/1", tmp_path / "out.parquet"
+    )
     scored = pd.read_parquet(summary.output_path)
     assert scored["label"].tolist() == expected["label"].tolist()
     proba = [c for c in expected.columns if c.startswith("proba_")]
@@ -190,10 +202,18 @@ def test_the_service_pools_the_same_and_says_which_texts_were_truncated(chunked,
 
     _, tuned, _, texts = chunked
     env = dict(bento_env)
-    script = ("import sys; from pathlib import Path; from tasks.bento import import_to_bento_store; "
-              "print(import_to_bento_store(Path(sys.argv[1]), 'text-classifier', 'chunked', 3))")
-    done = subprocess.run([sys.executable, "-c", script, str(tuned.model_dir)], cwd=Path(__file__).parents[1],
-                          env=env, capture_output=True, text=True, check=True)
+    script = (
+        "import sys; from pathlib import Path; from tasks.bento import import_to_bento_store; "
+        "print(import_to_bento_store(Path(sys.argv[1]), 'text-classifier', 'chunked', 3))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tuned.model_dir)],
+        cwd=Path(__file__).parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     env["TEXTCLF_BENTO_MODEL"] = done.stdout.strip().splitlines()[-1]
     process, url = serve_from_repository(env, tmp_path / "bento.log")
     try:
