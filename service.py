@@ -16,9 +16,8 @@ import bentoml
 from bentoml.validators import ContentType
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
-from tasks.abstention import UNKNOWN_LABEL, answer_label, check_label_names
-from tasks.env_settings import env_bool, env_number
-from tasks.http_guard import (
+from tasks.serving.abstention import UNKNOWN_LABEL, answer_label, check_label_names
+from tasks.serving.http_guard import (
     BearerTokenAuth,
     RequestGuard,
     ServingLimits,
@@ -26,8 +25,9 @@ from tasks.http_guard import (
     forget_stale_batch_wait,
     one_line_client_errors,
 )
-from tasks.request_log import RequestLogMiddleware, RequestLogSettings
-from tasks.windows import has_visible_character
+from tasks.serving.request_log import RequestLogMiddleware, RequestLogSettings
+from tasks.serving.settings import env_bool, env_number
+from tasks.serving.windows import has_visible_character
 
 # Documented request limits (README, OpenAPI): bad input gets a 400 that names the limit, never a 500.
 MAX_TEXTS_PER_REQUEST = 64
@@ -39,7 +39,7 @@ MAX_REQUEST_CHARS = 128_000
 # Adaptive batching, chosen by measurement (bench/overload.py, wrk, one news article per request, 64 connections):
 # batches of up to 32 texts served 157 requests/s with ONNX int8 (p99 633 ms) against 113 (p99 1,021 ms) at 64, and
 # 46.8 against 40.5 with PyTorch: smaller batches pad less and wait less. Overload is handled in front of BentoML's
-# dispatcher (tasks/http_guard.py: at most 64 requests inside, a bounded queue, 503 with Retry-After), so the
+# dispatcher (tasks/serving/http_guard.py: at most 64 requests inside, a bounded queue, 503 with Retry-After), so the
 # dispatcher's own shedding (a 503 when a request's estimated latency exceeds max_latency_ms, which refused 92 % of
 # 256 clients at 1,000 ms) is set out of the way.
 MAX_BATCH_SIZE = 32
@@ -53,7 +53,7 @@ CLASSIFY_PATH = "/classify"  # the route of the `classify` API; the middlewares 
 ADAPTIVE_BATCHING = os.environ.get("TEXTCLF_ADAPTIVE_BATCHING", "").strip().lower() != "false"
 BATCH_SIZE = env_number("TEXTCLF_MAX_BATCH_SIZE", MAX_BATCH_SIZE, int, minimum=2)
 BATCH_LATENCY_MS = env_number("TEXTCLF_MAX_LATENCY_MS", MAX_LATENCY_MS, int, minimum=1)
-# Request log (tasks/request_log.py): one row per served text, written off the request path as Parquet files.
+# Request log (tasks/serving/request_log.py): one row per served text, written off the request path as Parquet files.
 # TEXTCLF_REQUEST_LOG=false switches it off; TEXTCLF_REQUEST_LOG_DIR (default <TEXTCLF_HOME or .textclf>/request-log,
 # relative to the server's working directory), TEXTCLF_REQUEST_LOG_TEXT=true keeps the texts (default: hashes only),
 # TEXTCLF_REQUEST_LOG_FLUSH_SECONDS (5) and TEXTCLF_REQUEST_LOG_MAX_RECORDS (10,000). A bad value stops the start-up.
@@ -65,12 +65,12 @@ REQUEST_LOG = RequestLogSettings.from_env()
 # log records) and trace and span ids in the server's log lines. Set TEXTCLF_TRACING=true together with BentoML's
 # tracing configuration (an exporter) to have BentoML trace `classify`; a bad value stops the start-up.
 TRACE_CLASSIFY = env_bool("TEXTCLF_TRACING", False)
-# Body size, admission and queueing (tasks/http_guard.py ServingLimits): TEXTCLF_MAX_BODY_BYTES (8 MiB),
+# Body size, admission and queueing (tasks/serving/http_guard.py ServingLimits): TEXTCLF_MAX_BODY_BYTES (8 MiB),
 # TEXTCLF_MAX_IN_FLIGHT (64), TEXTCLF_MAX_QUEUED (512), TEXTCLF_QUEUE_TIMEOUT_SECONDS (2); a bad value stops the start-up.
 LIMITS = ServingLimits.from_env()
 # TEXTCLF_FORGET_BATCH_WAIT=false keeps BentoML's dispatcher as it is (for bench/overload.py's comparison).
 FORGET_BATCH_WAIT = env_bool("TEXTCLF_FORGET_BATCH_WAIT", True)
-# Abstaining (tasks/abstention.py): TEXTCLF_MIN_CONFIDENCE (0 to 1; unset = never abstain) answers `label` "unknown"
+# Abstaining (tasks/serving/abstention.py): TEXTCLF_MIN_CONFIDENCE (0 to 1; unset = never abstain) answers `label` "unknown"
 # for texts whose top-class probability is below it (probabilities still given). The training run suggests a value
 # (MLflow metric `suggested_min_confidence`, README "Abstaining"); a bad value stops the start-up.
 MIN_CONFIDENCE = env_number("TEXTCLF_MIN_CONFIDENCE", None, float, minimum=0, maximum=1)
@@ -185,7 +185,7 @@ class TextClassifierService:
     )
 
     def __init__(self) -> None:
-        from tasks.classifier import TextClassifier  # heavy imports (torch, transformers) only in the worker
+        from tasks.serving.classifier import TextClassifier  # heavy imports (torch, transformers) only in the worker
 
         self.classifier = TextClassifier(self.model_ref.path)
         check_label_names(self.classifier.label_names, MIN_CONFIDENCE)
@@ -232,7 +232,7 @@ class TextClassifierService:
 
 
 # In the server process: unknown paths share one metric label, lone requests after a load are not corked, and client
-# errors are logged as one line (tasks/http_guard.py says why each is needed with BentoML 1.4).
+# errors are logged as one line (tasks/serving/http_guard.py says why each is needed with BentoML 1.4).
 bound_metric_labels()
 if FORGET_BATCH_WAIT:
     forget_stale_batch_wait()

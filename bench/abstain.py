@@ -112,7 +112,7 @@ def train_bbc(args, work: Path) -> tuple[Path, pd.DataFrame, float, dict]:
 
     from flows.local_stack import ensure_mlflow_server, ensure_prefect_server, free_port, stop_local_servers
     from flows.training import DatasetParameters, ModelParameters, TrainingParameters, training
-    from tasks.bento import download_model_version
+    from tasks.promotion.bento import download_model_version
 
     os.environ["TEXTCLF_HOME"] = str(work / "home")
     source = "bbc-news"
@@ -166,14 +166,14 @@ def train_bbc(args, work: Path) -> tuple[Path, pd.DataFrame, float, dict]:
 
 def given_model(args, classifier) -> tuple[pd.DataFrame, float, dict]:
     """--model-dir: half the in-domain texts pick the threshold, the other half is the test."""
-    from tasks.abstention import threshold_for_coverage
+    from tasks.serving.abstention import threshold_for_coverage
 
     if args.in_domain is not None:
         frame = (
             pd.read_parquet(args.in_domain) if args.in_domain.suffix == ".parquet" else pd.read_csv(args.in_domain)
         )[["text", "label"]]
     else:
-        from tasks.ingest import IngestConfig, ingest
+        from tasks.training.ingest import IngestConfig, ingest
 
         snapshot = ingest(IngestConfig(source="bbc-news"), args.work_dir.resolve() / "snapshots")
         frame = pd.read_parquet(snapshot.path)[["text", "label"]]
@@ -207,8 +207,8 @@ def given_model(args, classifier) -> tuple[pd.DataFrame, float, dict]:
 def main(argv: list[str] | None = None) -> int:
     from sklearn.metrics import roc_auc_score
 
-    from tasks.abstention import accuracy_coverage_curve, coverage_at, plot_accuracy_coverage
-    from tasks.classifier import TextClassifier
+    from tasks.serving.abstention import accuracy_coverage_curve, coverage_at, plot_accuracy_coverage
+    from tasks.serving.classifier import TextClassifier
 
     args = parse_args(argv)
     work = args.work_dir.resolve()

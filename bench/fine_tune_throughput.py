@@ -5,7 +5,7 @@ Both variants run in ONE process on the same machine, one after the other, on th
 (a fixed, seeded subset of the `train` split of one PreparedDataset), with the same base model, max length,
 batch size, epochs, learning rate, seed, device and precision, so they take the same number of optimizer steps.
 
-  ours   `tasks.fine_tune.fine_tune()` unchanged: pre-tokenized data, dynamic padding (DataCollatorWithPadding),
+  ours   `tasks.training.fine_tune.fine_tune()` unchanged: pre-tokenized data, dynamic padding (DataCollatorWithPadding),
          length-grouped batches, plus what the stage does besides training: validation each epoch, a checkpoint
          each epoch, reloading the best checkpoint and saving the final model.
   plain  the classic tutorial: `tokenizer(text, padding="max_length", truncation=True, max_length=L)` up front,
@@ -121,8 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace, base_model: str):
     """Ingest and preprocess exactly as the training flow does (content-keyed caches under the work folder)."""
-    from tasks.ingest import IngestConfig, ingest
-    from tasks.preprocess import PreprocessConfig, preprocess
+    from tasks.training.ingest import IngestConfig, ingest
+    from tasks.training.preprocess import PreprocessConfig, preprocess
 
     cache = args.work_dir / "cache"
     snapshot = ingest(IngestConfig(source=args.dataset), cache / "snapshots")
@@ -319,7 +319,7 @@ def settle(device: str) -> None:
 def run_ours(prepared, args, base_model: str, run_dir: Path) -> dict:
     """`fine_tune()` as the flow calls it (minus MLflow tracking). `build_trainer` is wrapped only to observe
     the Trainer it returns (count the fed batches, time validation/saves); the Trainer itself is unchanged."""
-    import tasks.fine_tune as ft
+    import tasks.training.fine_tune as ft
 
     config = ft.FineTuneConfig(
         base_model=base_model,
@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     from flows.training import resolve_base_model
-    from tasks.fine_tune import choose_device
+    from tasks.training.fine_tune import choose_device
 
     transformers.logging.set_verbosity_warning()
     base_model = resolve_base_model(args.base_model)
@@ -698,7 +698,7 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": {**env, "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "variants": {
             "ours": {
-                "description": "tasks.fine_tune.fine_tune(): dynamic padding, length-grouped batches, "
+                "description": "tasks.training.fine_tune.fine_tune(): dynamic padding, length-grouped batches, "
                 "validation + checkpoint each epoch, best-model reload, final save",
                 **ours,
             },

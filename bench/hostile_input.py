@@ -30,7 +30,7 @@ DEFAULT_OUTPUT = REPO / "bench" / "results" / "hostile_input.json"
 
 
 def worker_rss_mb(server_pid: int) -> float:
-    from tasks.bento import bento_worker_pids
+    from tasks.promotion.bento import bento_worker_pids
 
     total = 0.0
     for pid in bento_worker_pids(server_pid):

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Inference runtimes, in-process: PyTorch fp32 against the ONNX fp32 and dynamically quantized ONNX int8 variants
-that the promotion flow makes (tasks/optimize_runtime.py), on the same model folder and the same texts, in one run.
+that the promotion flow makes (tasks/promotion/optimize_runtime.py), on the same model folder and the same texts, in one run.
 
   pytorch     `TextClassifier(folder, runtime="pytorch")`: what a model folder from training answers with.
   onnx-fp32   the same model exported with torch.onnx.export (dynamic batch and sequence axes), ONNX Runtime (CPU).
@@ -201,9 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # cleans up like Ctrl-C
     import numpy as np
 
-    from tasks.classifier import TextClassifier
-    from tasks.onnx_runtime import ONNX_DIR, ONNX_FILES
-    from tasks.optimize_runtime import export_variants
+    from tasks.promotion.optimize_runtime import export_variants
+    from tasks.serving.classifier import TextClassifier
+    from tasks.serving.onnx_runtime import ONNX_DIR, ONNX_FILES
 
     texts, texts_source = load_news(args.texts)
     random.Random(args.seed).shuffle(texts)

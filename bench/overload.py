@@ -6,7 +6,7 @@ package), in one run, for two servers on the same model and machine:
                       1,000, its "process is overloaded" 503), no admission queue, and the dispatcher keeps the wait
                       it learned under load (TEXTCLF_MAX_LATENCY_MS=1000 TEXTCLF_MAX_IN_FLIGHT=1000000
                       TEXTCLF_FORGET_BATCH_WAIT=false).
-  guarded             the service's defaults: admission in front of the dispatcher (tasks/http_guard.py: 64 requests
+  guarded             the service's defaults: admission in front of the dispatcher (tasks/serving/http_guard.py: 64 requests
                       inside, a bounded FIFO queue, 503 + Retry-After beyond 2 s), the learned wait forgotten after
                       a load.
 
@@ -250,14 +250,14 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         model_dir = args.model_dir or build_default_model("all-MiniLM-L6-v2", 128, work / "model")
         if args.runtime:
-            from tasks.optimize_runtime import folder_with_runtime
+            from tasks.promotion.optimize_runtime import folder_with_runtime
 
             model_dir = folder_with_runtime(model_dir, args.runtime, work / f"model-{args.runtime}")
         home = work / "bentoml"
         tag = import_model(model_dir, home)
         texts, source = texts_file(args.texts, work / "texts.jsonl")
         probe = json.loads(texts.read_text(encoding="utf-8").splitlines()[0])
-        from tasks.onnx_runtime import folder_runtime
+        from tasks.serving.onnx_runtime import folder_runtime
 
         result = {
             "benchmark": "overload",

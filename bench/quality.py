@@ -129,7 +129,7 @@ def capped_packaged(name: str, max_rows: int, work: Path) -> Path:
     """A packaged dataset, read by the product's own ingest, capped for a smoke run."""
     import pandas as pd
 
-    from tasks.ingest import IngestConfig, ingest
+    from tasks.training.ingest import IngestConfig, ingest
 
     snapshot = ingest(IngestConfig(source=name), work / "capped-snapshots")
     frame = pd.read_parquet(snapshot.path)[["text", "label"]]

@@ -16,7 +16,7 @@ short texts (one text per request), at the same concurrency levels:
   bento-no-batching    the same service started with TEXTCLF_ADAPTIVE_BATCHING=false: every request is its own
                        forward pass, one at a time.
   bento-batching-logging[B:L]
-                       bento-batching with the request log on (tasks/request_log.py, hashes only, default flush
+                       bento-batching with the request log on (tasks/serving/request_log.py, hashes only, default flush
                        settings), run right after bento-batching with the first B:L pair; every other Bento
                        variant runs with TEXTCLF_REQUEST_LOG=false. Its cost is the throughput ratio at 32 clients;
                        after the server stops (SIGTERM), its logged rows are counted against the 200 answers.
@@ -29,7 +29,7 @@ short texts (one text per request), at the same concurrency levels:
                        this machine can do; reported in texts per second.
 
 --runtime pytorch|onnx-fp32|onnx-int8 serves (and runs in-process) the model folder with that inference runtime
-(tasks/optimize_runtime.py `folder_with_runtime`: exported and quantized here, no gate); by default the folder
+(tasks/promotion/optimize_runtime.py `folder_with_runtime`: exported and quantized here, no gate); by default the folder
 answers with what its runtime.json says (PyTorch for a folder from training or the default model).
 
 For each server and each number of clients, the load generator (one asyncio process, aiohttp, a connection
@@ -569,7 +569,7 @@ print(model.tag)
 
 def import_model(model_dir: Path, home: Path) -> str:
     """The model folder into a fresh BentoML store, in a subprocess; its tag. What
-    tasks.bento.import_to_bento_store does for a new model (kept here so the benchmark needs no MLflow-era
+    tasks.promotion.bento.import_to_bento_store does for a new model (kept here so the benchmark needs no MLflow-era
     helpers, and bentoml is never imported into the load generator's process)."""
     env = {**os.environ, "BENTOML_HOME": str(home)}
     script = IMPORT_SCRIPT
@@ -774,7 +774,7 @@ def run_server_variant(
 def check_request_log(log_dir: Path, result: dict, answered: int | None = None) -> None:
     """After a logging server stopped (SIGTERM, graceful): its logged rows against the 200 answers it gave (one
     text per request, so one row per answer), counted over its whole life (warm-ups and untimed requests too)."""
-    from tasks.request_log import read_request_log
+    from tasks.serving.request_log import read_request_log
 
     if answered is None:
         answered = result.get("server_warmup", {}).get("answered_ok_total", 0) + sum(
@@ -815,7 +815,7 @@ def logging_server(home: Path, tag: str, pair: tuple[int, int], bentoml_cmd: lis
         label,
         "bento-batching-logging",
         f"bento-batching with max_batch_size={pair[0]}, max_latency_ms={pair[1]} and the request log on "
-        f"(tasks/request_log.py: hashes only, default flush settings)",
+        f"(tasks/serving/request_log.py: hashes only, default flush settings)",
         lambda: Server(
             label, bentoml_cmd, bento_env(home, tag, pair, log_dir), run_root / "logs" / f"{label}.log", "/readyz"
         ),
@@ -1052,7 +1052,7 @@ def run_in_process(model_dir: Path, texts: list[str], args: argparse.Namespace) 
     """TextClassifier.classify on full batches of --in-process-batch texts, back to back, for --duration seconds."""
     import torch
 
-    from tasks.classifier import TextClassifier
+    from tasks.serving.classifier import TextClassifier
 
     load, meter = load_average(), CpuMeter()
     size = args.in_process_batch
@@ -1079,7 +1079,7 @@ def run_in_process(model_dir: Path, texts: list[str], args: argparse.Namespace) 
     times.sort()
     result = {
         "variant": "in-process",
-        "description": f"tasks.classifier.TextClassifier.classify on batches of {size} texts in the "
+        "description": f"tasks.serving.classifier.TextClassifier.classify on batches of {size} texts in the "
         f"benchmark process, back to back (no server, no HTTP)",
         "load_average_before": load,
         "batch_size": size,
@@ -1409,12 +1409,12 @@ def main(argv: list[str] | None = None) -> dict:
             model_dir = build_default_model(args.base_model, args.max_length, run_root / "model")
             max_length, model_name = args.max_length, f"{args.base_model} + untrained 5-class head"
         if args.runtime is not None:
-            from tasks.optimize_runtime import folder_with_runtime
+            from tasks.promotion.optimize_runtime import folder_with_runtime
 
             print(f"preparing the model folder with runtime {args.runtime}", flush=True)
             model_dir = folder_with_runtime(model_dir, args.runtime, run_root / f"model-{args.runtime}")
             model_name = f"{model_name} ({args.runtime})"
-        from tasks.onnx_runtime import folder_runtime
+        from tasks.serving.onnx_runtime import folder_runtime
 
         runtime = folder_runtime(model_dir)
 

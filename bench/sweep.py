@@ -7,7 +7,7 @@ model and max length):
 
   default  one fine-tune with the training flow's defaults (flows.training.TrainingParameters: lr 1e-4, batch 16,
            3 epochs, warmup 0.1, early stopping 2), evaluated on the test split;
-  sweep    the sweep's stages (tasks/sweep.py: TPE + median pruner on validation macro-F1, RDB storage) with a
+  sweep    the sweep's stages (tasks/training/sweep.py: TPE + median pruner on validation macro-F1, RDB storage) with a
            fixed trial budget (--trials); only the best trial's model is evaluated on the test split.
 
 Reported: test macro-F1 of both (and the difference), wall time of both, and the trial-epochs the sweep ran
@@ -125,9 +125,9 @@ def capped_table(
 
 def run_default(snapshot, base_model, args, work: Path) -> dict:
     from flows.training import ModelParameters, TrainingParameters
-    from tasks.evaluate import EvaluationConfig, evaluate
-    from tasks.fine_tune import FineTuneConfig, fine_tune
-    from tasks.preprocess import PreprocessConfig, WindowingConfig, preprocess
+    from tasks.training.evaluate import EvaluationConfig, evaluate
+    from tasks.training.fine_tune import FineTuneConfig, fine_tune
+    from tasks.training.preprocess import PreprocessConfig, WindowingConfig, preprocess
 
     defaults, model_defaults = TrainingParameters(seed=args.seed), ModelParameters(max_length=args.max_length)
     started = time.perf_counter()
@@ -157,8 +157,9 @@ def run_default(snapshot, base_model, args, work: Path) -> dict:
 
 
 def run_sweep(snapshot, base_model, args, work: Path, name: str) -> dict:
-    from tasks.evaluate import EvaluationConfig, evaluate
-    from tasks.sweep import (
+    from tasks.tracking import start_tracking_run
+    from tasks.training.evaluate import EvaluationConfig, evaluate
+    from tasks.training.sweep import (
         SearchSpace,
         StudyParameters,
         StudyRef,
@@ -169,7 +170,6 @@ def run_sweep(snapshot, base_model, args, work: Path, name: str) -> dict:
         run_trial,
         summarize_study,
     )
-    from tasks.tracking import start_tracking_run
 
     started = time.perf_counter()
     space = SearchSpace(
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from flows.training import resolve_base_model
-    from tasks.ingest import IngestConfig, ingest
+    from tasks.training.ingest import IngestConfig, ingest
 
     base_model = resolve_base_model(args.base_model)
     args.work_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """The batch-scoring flow: score new texts with the current champion (in-process, or through the Bento endpoint),
 write the predictions to Parquet under the data folder, and log a summary to the monitoring experiment in MLflow
-and as a Prefect table artifact. Wiring only; the work is in `tasks/batch_score.py`."""
+and as a Prefect table artifact. Wiring only; the work is in `tasks/scoring/batch_score.py`."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.settings import Settings
-from tasks.batch_score import ScoringSource, ScoringSummary, score_in_process_task, score_through_endpoint_task
-from tasks.bento import download_model_version_task
-from tasks.promote import CHAMPION_ALIAS, resolve_alias_task
+from tasks.promotion.bento import download_model_version_task
+from tasks.promotion.gate import CHAMPION_ALIAS, resolve_alias_task
+from tasks.scoring.batch_score import ScoringSource, ScoringSummary, score_in_process_task, score_through_endpoint_task
 from tasks.tracking import (
     end_tracking_run,
     end_tracking_run_task,

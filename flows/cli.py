@@ -163,8 +163,8 @@ def _serve(args: argparse.Namespace) -> int:
     import httpx
 
     from flows.local_stack import serve_bento
-    from tasks.bento import find_bento
-    from tasks.promote import CHAMPION_ALIAS, resolve_alias
+    from tasks.promotion.bento import find_bento
+    from tasks.promotion.gate import CHAMPION_ALIAS, resolve_alias
 
     settings = Settings()
     options = _flow_parameters(args, settings)

@@ -3,7 +3,7 @@ log over the last hours) with the champion's held-out test split; log the drift 
 its metrics to the MLflow monitoring experiment and the report as a Prefect artifact. On drift: emit a
 `textclf.drift.detected` event, start the retraining deployment on the training data plus new labelled data (when
 configured), and notify through a Prefect notification block (a WARNING log line without one). Wiring only; the
-statistics and stages are in `tasks/drift.py`."""
+statistics and stages are in `tasks/monitoring/drift.py`."""
 
 from __future__ import annotations
 
@@ -18,9 +18,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.settings import Settings
-from tasks.batch_score import ScoringSource
-from tasks.bento import download_model_version_task
-from tasks.drift import (
+from tasks.monitoring.drift import (
     DriftReport,
     DriftTest,
     DriftThresholds,
@@ -37,7 +35,9 @@ from tasks.drift import (
     window_from_request_log_task,
     window_from_source_task,
 )
-from tasks.promote import CHAMPION_ALIAS, fetch_test_split_task, resolve_alias_task
+from tasks.promotion.bento import download_model_version_task
+from tasks.promotion.gate import CHAMPION_ALIAS, fetch_test_split_task, resolve_alias_task
+from tasks.scoring.batch_score import ScoringSource
 from tasks.tracking import (
     end_tracking_run,
     end_tracking_run_task,

@@ -3,7 +3,7 @@ test split; when the candidate wins, choose its inference runtime (ONNX int8 / f
 same test split against the registered PyTorch model), build the Bento that serves it, serve it on loopback and
 check its answers, and only then move `@champion` (and `@previous-champion`). And the rollback flow: the previous
 champion back (with the runtime its promotion chose), rebuilt and checked the same way. Wiring only; the stages are
-in `tasks/promote.py`, `tasks/optimize_runtime.py` and `tasks/bento.py`."""
+in `tasks/promotion/gate.py`, `tasks/promotion/optimize_runtime.py` and `tasks/promotion/bento.py`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.settings import Settings
-from tasks.bento import (
+from tasks.promotion.bento import (
     BENTO_MODEL_NAME,
     BentoBuild,
     build_bento_task,
@@ -28,14 +28,7 @@ from tasks.bento import (
     predict_labels_task,
     smoke_test_bento_task,
 )
-from tasks.optimize_runtime import (
-    RuntimeGate,
-    RuntimeGateConfig,
-    optimize_runtime_task,
-    record_runtime_task,
-    runtime_markdown,
-)
-from tasks.promote import (
+from tasks.promotion.gate import (
     CANDIDATE_ALIAS,
     CHAMPION_ALIAS,
     PREVIOUS_CHAMPION_ALIAS,
@@ -50,6 +43,13 @@ from tasks.promote import (
     rollback_task,
     score_versions_task,
     version_of_flow_run_task,
+)
+from tasks.promotion.optimize_runtime import (
+    RuntimeGate,
+    RuntimeGateConfig,
+    optimize_runtime_task,
+    record_runtime_task,
+    runtime_markdown,
 )
 from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
 

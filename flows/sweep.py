@@ -1,6 +1,6 @@
 """The sweep flow: a hyperparameter search (Optuna) over the fine-tune, then the best trial's model evaluated on the
 test split and registered as @candidate, exactly as the training flow registers its model. Wiring only; the stages
-are in tasks/sweep.py (the search) and the training stages it reuses."""
+are in tasks/training/sweep.py (the search) and the training stages it reuses."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from pydantic import Field
 
 from flows.settings import Settings
 from flows.training import DatasetParameters, code_version, resolve_base_model
-from tasks.evaluate import evaluate_task
-from tasks.ingest import IngestConfig, ingest_task
-from tasks.register import RegisterConfig, RegisteredModelVersion, register_task
-from tasks.sweep import (
+from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
+from tasks.training.evaluate import evaluate_task
+from tasks.training.ingest import IngestConfig, ingest_task
+from tasks.training.register import RegisterConfig, RegisteredModelVersion, register_task
+from tasks.training.sweep import (
     SearchSpace,
     StudyParameters,
     StudyRef,
@@ -29,7 +30,6 @@ from tasks.sweep import (
     run_trial_task,
     summarize_study_task,
 )
-from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
 
 
 @flow(name="sweep", log_prints=True)

@@ -15,12 +15,12 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from flows.settings import Settings
-from tasks.evaluate import evaluate_task
-from tasks.fine_tune import FineTuneConfig, fine_tune_task
-from tasks.ingest import IngestConfig, ingest_task
-from tasks.preprocess import PreprocessConfig, WindowingConfig, preprocess_task
-from tasks.register import RegisterConfig, RegisteredModelVersion, register_task
 from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
+from tasks.training.evaluate import evaluate_task
+from tasks.training.fine_tune import FineTuneConfig, fine_tune_task
+from tasks.training.ingest import IngestConfig, ingest_task
+from tasks.training.preprocess import PreprocessConfig, WindowingConfig, preprocess_task
+from tasks.training.register import RegisterConfig, RegisteredModelVersion, register_task
 
 PACKAGED_BASE_MODEL = "all-MiniLM-L6-v2"
 
@@ -38,7 +38,7 @@ def stage_field(config: type[BaseModel], name: str) -> Any:
 class DatasetParameters(IngestConfig):
     """Where the labelled data comes from, how it is read and how it is split."""
 
-    # Reading: IngestConfig's fields (tasks/ingest.py). Splitting: PreprocessConfig's (tasks/preprocess.py).
+    # Reading: IngestConfig's fields (tasks/training/ingest.py). Splitting: PreprocessConfig's (tasks/training/preprocess.py).
 
     validation_fraction: float = stage_field(PreprocessConfig, "validation_fraction")
     test_fraction: float = stage_field(PreprocessConfig, "test_fraction")
@@ -47,7 +47,7 @@ class DatasetParameters(IngestConfig):
 class ModelParameters(WindowingConfig):
     """The base model and how it reads texts longer than max_length."""
 
-    # max_length, truncation and the window settings: WindowingConfig's fields (tasks/preprocess.py).
+    # max_length, truncation and the window settings: WindowingConfig's fields (tasks/training/preprocess.py).
 
     base_model: str = Field(
         default=PACKAGED_BASE_MODEL,
@@ -58,7 +58,7 @@ class ModelParameters(WindowingConfig):
 class TrainingParameters(BaseModel):
     """How to fine-tune, and for how long at most."""
 
-    # FineTuneConfig's fields (tasks/fine_tune.py), but base_model (ModelParameters); the time limit is the flow's.
+    # FineTuneConfig's fields (tasks/training/fine_tune.py), but base_model (ModelParameters); the time limit is the flow's.
 
     epochs: int = stage_field(FineTuneConfig, "epochs")
     batch_size: int = stage_field(FineTuneConfig, "batch_size")

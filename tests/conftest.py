@@ -62,7 +62,7 @@ def bento_env(tmp_path_factory, tuned_fixture) -> dict:
         env.pop(name, None)
     env.update(BENTOML_HOME=str(tmp_path_factory.mktemp("bentoml-home")), BENTOML_DO_NOT_TRACK="true")
     script = (
-        "import sys; from pathlib import Path; from tasks.bento import import_to_bento_store; "
+        "import sys; from pathlib import Path; from tasks.promotion.bento import import_to_bento_store; "
         "print(import_to_bento_store(Path(sys.argv[1]), 'text-classifier', 'topics', 7))"
     )
     done = subprocess.run(
@@ -110,8 +110,8 @@ def project_env(servers, tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def prepared_fixture(tmp_path_factory, fixture_csv, tiny_model_dir):
     """The fixture CSV ingested and preprocessed for the tiny BERT (max length 32)."""
-    from tasks.ingest import IngestConfig, ingest
-    from tasks.preprocess import PreprocessConfig, preprocess
+    from tasks.training.ingest import IngestConfig, ingest
+    from tasks.training.preprocess import PreprocessConfig, preprocess
 
     root = tmp_path_factory.mktemp("prepared")
     snapshot = ingest(IngestConfig(source=str(fixture_csv)), root / "snapshots")
@@ -121,7 +121,7 @@ def prepared_fixture(tmp_path_factory, fixture_csv, tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def tuned_fixture(tmp_path_factory, prepared_fixture, tiny_model_dir):
-    from tasks.fine_tune import FineTuneConfig, fine_tune
+    from tasks.training.fine_tune import FineTuneConfig, fine_tune
 
     _, prepared = prepared_fixture
     config = FineTuneConfig(

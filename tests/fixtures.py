@@ -88,9 +88,9 @@ def register_model_versions(
 ) -> list[int]:
     """Register one version per variant of the tuned fixture model: "good" (as trained), "fair" (two classes'
     names swapped, macro-F1 about 1/3) or "worse" (every class renamed, macro-F1 0)."""
-    from tasks.evaluate import EvaluationConfig, evaluate
-    from tasks.register import RegisterConfig, register
     from tasks.tracking import start_tracking_run
+    from tasks.training.evaluate import EvaluationConfig, evaluate
+    from tasks.training.register import RegisterConfig, register
 
     snapshot, prepared = prepared_fixture
     relabel = {
@@ -120,12 +120,12 @@ def register_model_versions(
 def serve_from_repository(env: dict, log: Path, timeout_seconds: float = 180):
     """`bentoml serve service:TextClassifierService` from the repository on a free loopback port, in its own
     process group, waited on until `/readyz` answers 200. Returns (process, url); stop it with
-    `tasks.bento.stop_bento_server(process.pid)`."""
+    `tasks.promotion.bento.stop_bento_server(process.pid)`."""
     import subprocess
     import sys
 
     from flows.local_stack import free_port
-    from tasks.bento import stop_bento_server, wait_until_ready
+    from tasks.promotion.bento import stop_bento_server, wait_until_ready
 
     port = free_port()
     process = subprocess.Popen(

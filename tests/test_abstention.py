@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.abstention import (
+from tasks.promotion.bento import stop_bento_server
+from tasks.serving.abstention import (
     UNKNOWN_LABEL,
     abstains,
     accuracy_coverage_curve,
@@ -24,7 +25,6 @@ from tasks.abstention import (
     coverage_at,
     threshold_for_coverage,
 )
-from tasks.bento import stop_bento_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +46,8 @@ def test_threshold_for_a_target_coverage_and_the_rule_on_known_values():
 
 
 def test_evaluate_picks_the_threshold_of_the_target_coverage_on_validation(tuned_fixture, prepared_fixture, tmp_path):
-    from tasks.classifier import TextClassifier
-    from tasks.evaluate import EvaluationConfig, evaluate
+    from tasks.serving.classifier import TextClassifier
+    from tasks.training.evaluate import EvaluationConfig, evaluate
 
     _, prepared = prepared_fixture
     result = evaluate(
@@ -71,7 +71,7 @@ def test_evaluate_picks_the_threshold_of_the_target_coverage_on_validation(tuned
 
 
 def test_batch_scoring_with_min_confidence(tuned_fixture, fixture_frame, tmp_path):
-    from tasks.batch_score import ScoringSource, score_in_process
+    from tasks.scoring.batch_score import ScoringSource, score_in_process
 
     source = tmp_path / "incoming.csv"
     fixture_frame.head(30).to_csv(source, index=False)

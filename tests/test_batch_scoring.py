@@ -16,8 +16,14 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.batch_scoring import batch_scoring
-from tasks.batch_score import PARTIAL_MARK, ScoringSource, ScoringSourceError, iter_text_chunks, score_to_parquet
-from tasks.promote import move_aliases
+from tasks.promotion.gate import move_aliases
+from tasks.scoring.batch_score import (
+    PARTIAL_MARK,
+    ScoringSource,
+    ScoringSourceError,
+    iter_text_chunks,
+    score_to_parquet,
+)
 from tests.fixtures import flow_run_and_artifacts, register_model_versions, serve_from_repository
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +164,7 @@ def test_batch_scoring_flow_in_process(project_env, servers, champion, texts_fra
 def test_batch_scoring_flow_through_the_bento_endpoint(
     project_env, servers, champion, tuned_fixture, texts_frame, tmp_path
 ):
-    from tasks.bento import import_to_bento_store, stop_bento_server
+    from tasks.promotion.bento import import_to_bento_store, stop_bento_server
 
     name, version = champion
     model_tag = import_to_bento_store(tuned_fixture.model_dir, "text-classifier", name, version)
@@ -178,7 +184,7 @@ def test_batch_scoring_flow_through_the_bento_endpoint(
     assert summary.rows == 50 and summary.model_version == f"{name}/{version}+pytorch"
     frame = pd.read_parquet(summary.output_path)
     assert frame["id"].tolist() == [f"incoming.csv:{i}" for i in range(50)]
-    from tasks.classifier import TextClassifier
+    from tasks.serving.classifier import TextClassifier
 
     assert (
         frame["label"].tolist()
@@ -196,7 +202,7 @@ def test_a_killed_run_leaves_no_output_and_the_next_run_cleans_up(
     source = tmp_path / "big.parquet"
     big.to_parquet(source, index=False)
     script = (
-        "import sys; from flows.batch_scoring import batch_scoring; from tasks.batch_score import ScoringSource; "
+        "import sys; from flows.batch_scoring import batch_scoring; from tasks.scoring.batch_score import ScoringSource; "
         f"batch_scoring(ScoringSource(source={str(source)!r}), registered_model_name={name!r}, chunk_size=500)"
     )
     process = subprocess.Popen(

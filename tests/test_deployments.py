@@ -11,7 +11,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from tasks.promote import CANDIDATE_ALIAS, CHAMPION_ALIAS, resolve_alias
+from tasks.promotion.gate import CANDIDATE_ALIAS, CHAMPION_ALIAS, resolve_alias
 
 pytestmark = pytest.mark.slow
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tasks.evaluate import evaluate, expected_calibration_error, one_vs_rest_auc
+from tasks.training.evaluate import evaluate, expected_calibration_error, one_vs_rest_auc
 
 
 def test_expected_calibration_error_of_known_bins():
@@ -69,7 +69,7 @@ def test_evaluation_writes_metrics_plots_report_and_baseline(tuned_fixture, prep
 
 def test_failed_evaluation_leaves_no_partial_folder(tuned_fixture, prepared_fixture, tmp_path, monkeypatch):
     _, prepared = prepared_fixture
-    import tasks.evaluate as stage
+    import tasks.training.evaluate as stage
 
     def broken_report(*args, **kwargs):
         raise RuntimeError("disk full")

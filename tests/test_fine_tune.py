@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.fine_tune import (
+from tasks.training.fine_tune import (
     FineTuneConfig,
     choose_device,
     class_weights,
@@ -70,8 +70,8 @@ def test_interrupted_fine_tune_resumes_from_its_last_checkpoint(prepared_fixture
     work = tmp_path / run_key(prepared, config)
     child = (
         "import sys; from pathlib import Path\n"
-        "from tasks.fine_tune import FineTuneConfig, fine_tune\n"
-        "from tasks.preprocess import PreparedDataset\n"
+        "from tasks.training.fine_tune import FineTuneConfig, fine_tune\n"
+        "from tasks.training.preprocess import PreparedDataset\n"
         "fine_tune(PreparedDataset.model_validate_json(sys.argv[1]), FineTuneConfig.model_validate_json(sys.argv[2]),"
         " Path(sys.argv[3]))\n"
     )
@@ -107,7 +107,7 @@ def test_interrupted_fine_tune_resumes_from_its_last_checkpoint(prepared_fixture
 
 
 def test_incomplete_checkpoints_are_removed_and_skipped(tmp_path):
-    from tasks.fine_tune import remove_incomplete_checkpoints
+    from tasks.training.fine_tune import remove_incomplete_checkpoints
 
     for step, complete in ((10, True), (20, True), (30, False)):
         folder = tmp_path / f"checkpoint-{step}"

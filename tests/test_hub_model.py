@@ -27,9 +27,9 @@ def test_hub_model_id_is_fine_tuned_from_the_cache(tmp_path, tiny_model_dir, pre
     snapshot, _ = prepared_fixture
     script = (
         "import sys; from pathlib import Path\n"
-        "from tasks.ingest import DatasetSnapshot\n"
-        "from tasks.preprocess import PreprocessConfig, preprocess\n"
-        "from tasks.fine_tune import FineTuneConfig, fine_tune\n"
+        "from tasks.training.ingest import DatasetSnapshot\n"
+        "from tasks.training.preprocess import PreprocessConfig, preprocess\n"
+        "from tasks.training.fine_tune import FineTuneConfig, fine_tune\n"
         "snapshot = DatasetSnapshot.model_validate_json(sys.argv[1])\n"
         f"prepared = preprocess(snapshot, PreprocessConfig(tokenizer={REPO_ID!r}, max_length=32), Path(sys.argv[2]))\n"
         f"tuned = fine_tune(prepared, FineTuneConfig(base_model={REPO_ID!r}, epochs=1, batch_size=8), Path(sys.argv[2]))\n"
@@ -54,8 +54,8 @@ def test_unknown_hub_model_fails_with_its_name(tmp_path, prepared_fixture):
     snapshot, _ = prepared_fixture
     script = (
         "import sys; from pathlib import Path\n"
-        "from tasks.ingest import DatasetSnapshot\n"
-        "from tasks.preprocess import PreprocessConfig, preprocess\n"
+        "from tasks.training.ingest import DatasetSnapshot\n"
+        "from tasks.training.preprocess import PreprocessConfig, preprocess\n"
         "preprocess(DatasetSnapshot.model_validate_json(sys.argv[1]), "
         "PreprocessConfig(tokenizer='no-such-org/no-such-model'), Path(sys.argv[2]))\n"
     )

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from prefect.states import Completed, Failed
 
-from tasks import ingest as ingest_module
-from tasks.ingest import (
+from tasks.training import ingest as ingest_module
+from tasks.training.ingest import (
     DatasetValidationError,
     IngestConfig,
     RemoteSourceUnavailable,

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.drift import (
+from tasks.monitoring.drift import (
     DriftThresholds,
     Sample,
     compare_samples,
@@ -161,12 +161,12 @@ def _request_log(texts: list[str], model_version: str, label: str, with_text: bo
 def drift_champion(servers, tuned_fixture, tiny_model_dir, tmp_path_factory):
     """The tiny fine-tuned model registered as @champion of `drift-topics`, with a test split of 108 held-out
     fixture texts (the session fixture's split has only 12: too few to be a reference)."""
-    from tasks.evaluate import EvaluationConfig, evaluate
-    from tasks.ingest import IngestConfig, ingest
-    from tasks.preprocess import PreprocessConfig, preprocess
-    from tasks.promote import move_aliases
-    from tasks.register import RegisterConfig, register
+    from tasks.promotion.gate import move_aliases
     from tasks.tracking import start_tracking_run
+    from tasks.training.evaluate import EvaluationConfig, evaluate
+    from tasks.training.ingest import IngestConfig, ingest
+    from tasks.training.preprocess import PreprocessConfig, preprocess
+    from tasks.training.register import RegisterConfig, register
 
     root = tmp_path_factory.mktemp("drift-champion")
     make_texts(per_class=80, seed=11).to_csv(root / "topics.csv", index=False)
@@ -391,10 +391,11 @@ def test_request_log_window_without_raw_texts(project_env, servers, drift_champi
     compared; the report says embedding and unknown-token drift need raw texts. Rows older than the window and
     rows of another model version are left out."""
     request_log = pytest.importorskip(
-        "tasks.request_log", reason="tasks/request_log.py (the service's request log) is not in this checkout"
+        "tasks.serving.request_log",
+        reason="tasks/serving/request_log.py (the service's request log) is not in this checkout",
     )
-    from tasks.bento import download_model_version
-    from tasks.classifier import TextClassifier
+    from tasks.promotion.bento import download_model_version
+    from tasks.serving.classifier import TextClassifier
 
     monkeypatch.delenv("TEXTCLF_REQUEST_LOG_DIR", raising=False)
     version = f"{NAME}/{drift_champion['version']}"
@@ -458,7 +459,7 @@ def test_the_flow_refuses_two_windows():
 
 
 def test_a_notification_block_name_without_its_type_says_how_to_write_it():
-    from tasks.drift import notify
+    from tasks.monitoring.drift import notify
 
     with pytest.raises(ValueError, match="'<block type>/<block name>'"):
         notify("drift-alerts", "subject", "body")

@@ -202,7 +202,7 @@ TOKEN = "monitoring-test-token"
 @pytest.fixture(scope="module")
 def bento(bento_env, tmp_path_factory):
     """The tiny model served with an API token, as compose may serve it: Prometheus scrapes it without one."""
-    from tasks.bento import stop_bento_server
+    from tasks.promotion.bento import stop_bento_server
     from tests.fixtures import serve_from_repository
 
     binary("prometheus")  # fail before starting a Bento when there is no Prometheus

@@ -12,15 +12,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.classifier import TextClassifier
-from tasks.onnx_runtime import (
+from tasks.promotion.optimize_runtime import (
+    RuntimeGateConfig,
+    export_onnx,
+    export_variants,
+    gate_runtimes,
+    judge_variant,
+)
+from tasks.serving.classifier import TextClassifier
+from tasks.serving.onnx_runtime import (
     ONNX_DIR,
     RUNTIME_FILE,
     RuntimeFileError,
     folder_runtime,
     install_runtime,
 )
-from tasks.optimize_runtime import RuntimeGateConfig, export_onnx, export_variants, gate_runtimes, judge_variant
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +68,7 @@ def test_onnx_fp32_logits_match_pytorch_and_int8_agrees_on_labels(tuned_fixture,
     pytorch = TextClassifier(folder, runtime="pytorch")
     fp32, int8 = TextClassifier(folder, runtime="onnx-fp32"), TextClassifier(folder, runtime="onnx-int8")
     assert (pytorch.runtime, fp32.runtime, int8.runtime) == ("pytorch", "onnx-fp32", "onnx-int8")
-    from tasks.windows import encode_windows
+    from tasks.serving.windows import encode_windows
 
     encoded = encode_windows(pytorch.tokenizer, texts, pytorch.windowing)
     for batch_size in (1, 7, 64):  # padding differs with the batch: the dynamic axes must hold for every shape
@@ -92,7 +98,7 @@ def test_the_folder_says_which_runtime_answers_and_runtime_overrides_it(tuned_fi
     files = tmp_path / "files"
     (files / ONNX_DIR).mkdir(parents=True)
     shutil.copy2(variants["onnx-int8"], files / ONNX_DIR / variants["onnx-int8"].name)
-    from tasks.onnx_runtime import sha256_of
+    from tasks.serving.onnx_runtime import sha256_of
 
     (files / RUNTIME_FILE).write_text(
         json.dumps({"runtime": "onnx-int8", "file": "onnx/model.int8.onnx", "sha256": sha256_of(variants["onnx-int8"])})
@@ -186,7 +192,7 @@ def test_a_corrupt_onnx_file_says_which_file_and_what_to_do(tuned_fixture, varia
     with pytest.raises(RuntimeFileError, match=r"model\.onnx is not a loadable ONNX model.*promotion flow again"):
         TextClassifier(folder, runtime="onnx-fp32")
     # Recorded with a SHA-256 (what promotion writes): a changed file is caught before ONNX Runtime reads it.
-    from tasks.onnx_runtime import sha256_of
+    from tasks.serving.onnx_runtime import sha256_of
 
     (folder / RUNTIME_FILE).write_text(
         json.dumps({"runtime": "onnx-int8", "file": "onnx/model.int8.onnx", "sha256": sha256_of(variants["onnx-int8"])})
@@ -218,7 +224,7 @@ def test_installing_a_corrupt_runtime_leaves_the_folder_as_it_was(tuned_fixture,
 
 
 def test_the_drift_window_counts_every_runtime_of_the_champion(tmp_path):
-    from tasks.drift import window_from_request_log_frame
+    from tasks.monitoring.drift import window_from_request_log_frame
 
     rows = 6
     log = pd.DataFrame(
@@ -242,8 +248,8 @@ def test_promotion_chooses_a_runtime_records_it_and_the_bento_answers_with_it(
     from mlflow import MlflowClient
 
     from flows.promotion import promotion
-    from tasks.bento import download_model_version
-    from tasks.optimize_runtime import RUNTIME_TAG, RUNTIME_URI_TAG
+    from tasks.promotion.bento import download_model_version
+    from tasks.promotion.optimize_runtime import RUNTIME_TAG, RUNTIME_URI_TAG
     from tests.fixtures import flow_run_and_artifacts, register_model_versions
 
     uri, name = servers["mlflow"], "onnx-promo"
@@ -291,7 +297,7 @@ def _packed_model(dockerfile: Path) -> str:
 
 
 def test_with_optimization_off_pytorch_serves_and_nothing_is_exported(tuned_fixture, test_split, tmp_path):
-    from tasks.optimize_runtime import optimize_runtime
+    from tasks.promotion.optimize_runtime import optimize_runtime
 
     gate = optimize_runtime(
         tuned_fixture.model_dir, test_split, tmp_path / "work", RuntimeGateConfig(optimize_runtime=False)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks import preprocess as preprocess_module
-from tasks.ingest import DatasetSnapshot, DatasetValidationError, IngestConfig, ingest
-from tasks.preprocess import (
+from tasks.training import preprocess as preprocess_module
+from tasks.training.ingest import DatasetSnapshot, DatasetValidationError, IngestConfig, ingest
+from tasks.training.preprocess import (
     PreprocessConfig,
     cache_key,
     clean_text,

@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 
-from tasks.promote import (
+from tasks.promotion.gate import (
     CHAMPION_ALIAS,
     PREVIOUS_CHAMPION_ALIAS,
     GateConfig,
@@ -121,9 +121,9 @@ MODEL = "promote-model"
 @pytest.fixture(scope="module")
 def two_versions(servers, prepared_fixture, tuned_fixture, tmp_path_factory):
     """Versions 1 and 2 of a fresh registered model, from two training runs."""
-    from tasks.evaluate import EvaluationConfig, evaluate
-    from tasks.register import RegisterConfig, register
     from tasks.tracking import start_tracking_run
+    from tasks.training.evaluate import EvaluationConfig, evaluate
+    from tasks.training.register import RegisterConfig, register
 
     snapshot, prepared = prepared_fixture
     evaluation = evaluate(

@@ -6,9 +6,9 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.local_stack import free_port
-from tasks.evaluate import evaluate
-from tasks.register import RegisterConfig, register
 from tasks.tracking import TrackingUnavailable, start_tracking_run
+from tasks.training.evaluate import evaluate
+from tasks.training.register import RegisterConfig, register
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The request log (tasks/request_log.py): the writer, reader and middleware in-process, and the service through
+"""The request log (tasks/serving/request_log.py): the writer, reader and middleware in-process, and the service through
 real `bentoml serve` processes: under concurrent load, after a graceful stop (SIGTERM), exactly one row per served
 text; texts only when allowed; files visible within the flush interval while the server runs; bad settings stop
 the start-up with the variable's name."""
@@ -24,9 +24,9 @@ import httpx
 import pandas as pd
 import pytest
 
-from tasks.bento import bento_worker_pids
-from tasks.processes import process_alive
-from tasks.request_log import (
+from tasks.common.processes import process_alive
+from tasks.promotion.bento import bento_worker_pids
+from tasks.serving.request_log import (
     COLUMNS,
     RequestLogMiddleware,
     RequestLogSettings,
@@ -473,7 +473,7 @@ def test_settings_at_service_import(tmp_path):
 
 KILLED_WRITER = """
 import sys, time, datetime as dt
-from tasks.request_log import RequestLogWriter
+from tasks.serving.request_log import RequestLogWriter
 writer = RequestLogWriter(sys.argv[1], flush_seconds=600).start()
 when = dt.datetime(2026, 12, 3, tzinfo=dt.timezone.utc)
 for i in range(5):

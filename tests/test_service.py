@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from flows.local_stack import free_port
-from tasks.bento import start_bento_server, stop_bento_server, wait_until_ready
+from tasks.promotion.bento import start_bento_server, stop_bento_server, wait_until_ready
 from tests.fixtures import serve_from_repository
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def test_classify_returns_label_probabilities_version_and_truncation(server, tun
 
 
 def test_answers_match_the_model_in_process(server, tuned_fixture, prepared_fixture):
-    from tasks.classifier import TextClassifier
+    from tasks.serving.classifier import TextClassifier
 
     texts = prepared_fixture[1].split("test")["text"].tolist()
     expected = TextClassifier(tuned_fixture.model_dir).predict(texts)["label"].tolist()
@@ -159,7 +159,7 @@ def test_bentofile_builds_a_bento_with_its_dockerfile_and_the_built_bento_serves
     assert "FROM" in dockerfile and "bentoml" in dockerfile.lower()
     manifest = yaml.safe_load((bento_dir / "bento.yaml").read_text())
     assert [m["tag"] for m in manifest["services"][0]["models"]] == [bento_env["TEXTCLF_BENTO_MODEL"]]
-    assert (bento_dir / "src" / "tasks" / "classifier.py").exists()
+    assert (bento_dir / "src" / "tasks" / "serving" / "classifier.py").exists()
 
     port, log = free_port(), tmp_path / "serve" / "serve.log"
     process = start_bento_server(tag, "127.0.0.1", port, log, env=bento_env)  # drops TEXTCLF_BENTO_MODEL

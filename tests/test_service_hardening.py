@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tasks.bento import stop_bento_server
+from tasks.promotion.bento import stop_bento_server
 from tests.fixtures import serve_from_repository
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,7 +230,7 @@ def test_client_errors_are_logged_as_one_line_with_the_request_id(served):
 
 
 def test_admission_is_first_come_first_served_bounded_and_times_out():
-    from tasks.http_guard import Admission, AtCapacity
+    from tasks.serving.http_guard import Admission, AtCapacity
 
     async def scenario():
         admission = Admission(max_in_flight=1, max_queued=2, timeout=0.2)
@@ -261,7 +261,7 @@ def test_admission_is_first_come_first_served_bounded_and_times_out():
 def test_a_batch_of_one_forgets_the_wait_learned_under_load():
     from bentoml._internal.marshal.dispatcher import Optimizer
 
-    from tasks.http_guard import forget_stale_batch_wait
+    from tasks.serving.http_guard import forget_stale_batch_wait
 
     forget_stale_batch_wait()
     optimizer = Optimizer(max_latency=30.0)

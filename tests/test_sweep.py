@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from flows.sweep import sweep
 from flows.training import DatasetParameters
-from tasks.sweep import PARENT_RUN_TAG, STATE_TAG, SearchSpace, StudyParameters, TrialSettings
+from tasks.training.sweep import PARENT_RUN_TAG, STATE_TAG, SearchSpace, StudyParameters, TrialSettings
 from tests.fixtures import flow_run_and_artifacts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ SWEEP_SCRIPT = """
 import sys
 from flows.sweep import sweep
 from flows.training import DatasetParameters
-from tasks.sweep import SearchSpace, StudyParameters, TrialSettings
+from tasks.training.sweep import SearchSpace, StudyParameters, TrialSettings
 csv, model_dir, name = sys.argv[1:4]
 sweep(DatasetParameters(source=csv),
       SearchSpace(learning_rate_min=2e-3, learning_rate_max=2e-3, batch_sizes=[8], epochs_min=6, epochs_max=6,

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.windows import Windowing, content_windows, encode_windows, pool_logits, softmax
+from tasks.serving.windows import Windowing, content_windows, encode_windows, pool_logits, softmax
 
 IDS = list(range(100, 150))  # a 50-token text
 
@@ -94,8 +94,8 @@ MAX_LENGTH = 12  # the fixture texts have 4-14 tokens: the longer ones need two 
 
 @pytest.fixture(scope="module")
 def chunked(tmp_path_factory, prepared_fixture, tiny_model_dir):
-    from tasks.fine_tune import FineTuneConfig, fine_tune
-    from tasks.preprocess import PreprocessConfig, preprocess
+    from tasks.training.fine_tune import FineTuneConfig, fine_tune
+    from tasks.training.preprocess import PreprocessConfig, preprocess
 
     snapshot, _ = prepared_fixture
     root = tmp_path_factory.mktemp("chunked")
@@ -115,7 +115,7 @@ def chunked(tmp_path_factory, prepared_fixture, tiny_model_dir):
 
 
 def test_a_chunked_model_reads_its_windowing_from_its_folder(chunked):
-    from tasks.classifier import TextClassifier
+    from tasks.serving.classifier import TextClassifier
 
     prepared, tuned, _, texts = chunked
     settings = json.loads((tuned.model_dir / "textclf.json").read_text())
@@ -145,8 +145,8 @@ def test_training_time_validation_pools_windows_as_the_classifier_does(chunked, 
     import datasets
     from sklearn.metrics import f1_score
 
-    from tasks.classifier import TextClassifier
-    from tasks.fine_tune import build_trainer, pooled_macro_f1
+    from tasks.serving.classifier import TextClassifier
+    from tasks.training.fine_tune import build_trainer, pooled_macro_f1
 
     prepared, tuned, config, texts = chunked
     validation = datasets.load_from_disk(str(prepared.tokenized_path))["validation"]
@@ -167,9 +167,9 @@ def test_training_time_validation_pools_windows_as_the_classifier_does(chunked, 
 def test_pyfunc_and_batch_scoring_pool_the_same(chunked, tmp_path):
     import mlflow.pyfunc
 
-    from tasks.batch_score import ScoringSource, score_in_process
-    from tasks.classifier import TextClassifier
-    from tasks.register import save_pyfunc_model
+    from tasks.scoring.batch_score import ScoringSource, score_in_process
+    from tasks.serving.classifier import TextClassifier
+    from tasks.training.register import save_pyfunc_model
 
     _, tuned, _, texts = chunked
     expected = TextClassifier(tuned.model_dir).predict(texts)
@@ -196,14 +196,14 @@ def test_the_service_pools_the_same_and_says_which_texts_were_truncated(chunked,
 
     import httpx
 
-    from tasks.bento import stop_bento_server
-    from tasks.classifier import TextClassifier
+    from tasks.promotion.bento import stop_bento_server
+    from tasks.serving.classifier import TextClassifier
     from tests.fixtures import serve_from_repository
 
     _, tuned, _, texts = chunked
     env = dict(bento_env)
     script = (
-        "import sys; from pathlib import Path; from tasks.bento import import_to_bento_store; "
+        "import sys; from pathlib import Path; from tasks.promotion.bento import import_to_bento_store; "
         "print(import_to_bento_store(Path(sys.argv[1]), 'text-classifier', 'chunked', 3))"
     )
     done = subprocess.run(

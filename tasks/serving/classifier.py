@@ -1,10 +1,10 @@
 """Inference on a fine-tuned model folder: one tokenizer and model loaded once, batched prediction.
 Used by evaluation, by the MLflow pyfunc model, batch scoring, drift monitoring and the service. Depends only on
-torch, transformers, numpy, pandas, tasks/windows.py and tasks/onnx_runtime.py, because MLflow copies these modules
+torch, transformers, numpy, pandas, tasks/serving/windows.py and tasks/serving/onnx_runtime.py, because MLflow copies these modules
 into every logged model.
 
 The runtime that computes the logits is the folder's (its runtime.json, written by the promotion flow: PyTorch,
-ONNX fp32 or ONNX int8; see tasks/onnx_runtime.py) unless `runtime=` names one. torch is imported only for the
+ONNX fp32 or ONNX int8; see tasks/serving/onnx_runtime.py) unless `runtime=` names one. torch is imported only for the
 PyTorch runtime, so a folder that answers with ONNX Runtime needs no torch at inference."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.onnx_runtime import PYTORCH, OnnxLogits, check_runtime, folder_runtime, onnx_file
-from tasks.windows import EncodedWindows, Windowing, encode_windows, pool_logits, softmax
+from tasks.serving.onnx_runtime import PYTORCH, OnnxLogits, check_runtime, folder_runtime, onnx_file
+from tasks.serving.windows import EncodedWindows, Windowing, encode_windows, pool_logits, softmax
 
 LABELS_FILE = "labels.json"
 MODEL_SETTINGS_FILE = "textclf.json"  # max length, truncation strategy, base model, data version
@@ -25,7 +25,7 @@ PREDICTION_COLUMNS = ("label", "probability")
 
 class TextClassifier:
     """A fine-tuned sequence classifier, ready to predict label strings from raw texts. Long texts are fed to it
-    with the truncation strategy it was trained with (textclf.json; see tasks/windows.py).
+    with the truncation strategy it was trained with (textclf.json; see tasks/serving/windows.py).
 
     `runtime`: None answers with what the folder says (runtime.json, else PyTorch); "pytorch", "onnx-fp32" or
     "onnx-int8" overrides it. `self.runtime` is the runtime that answers. `device` applies to PyTorch (ONNX Runtime

@@ -19,9 +19,14 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.abstention import accuracy_coverage_curve, coverage_at, plot_accuracy_coverage, threshold_for_coverage
-from tasks.fine_tune import FineTunedModel
-from tasks.preprocess import PreparedDataset
+from tasks.serving.abstention import (
+    accuracy_coverage_curve,
+    coverage_at,
+    plot_accuracy_coverage,
+    threshold_for_coverage,
+)
+from tasks.training.fine_tune import FineTunedModel
+from tasks.training.preprocess import PreparedDataset
 
 
 class EvaluationConfig(BaseModel):
@@ -255,7 +260,7 @@ def evaluate(
         precision_recall_fscore_support,
     )
 
-    from tasks.classifier import TextClassifier
+    from tasks.serving.classifier import TextClassifier
 
     classifier = TextClassifier(model.model_dir)
     train, test = data.split("train"), data.split("test")

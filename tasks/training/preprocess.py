@@ -19,8 +19,8 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.model_selection import train_test_split
 
-from tasks.ingest import DatasetSnapshot, DatasetValidationError
-from tasks.windows import Truncation, Windowing, encode_windows
+from tasks.serving.windows import Truncation, Windowing, encode_windows
+from tasks.training.ingest import DatasetSnapshot, DatasetValidationError
 
 # Bump when cleaning or splitting changes, so that old caches are not reused.
 PREPROCESS_VERSION = "2"

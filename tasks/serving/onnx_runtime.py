@@ -1,7 +1,7 @@
 """The inference runtime of a model folder, and the ONNX Runtime code that answers with it.
 
-A fine-tuned model folder (tasks/fine_tune.py) answers with PyTorch. The promotion flow may add an optimized
-runtime to it (tasks/optimize_runtime.py): the model exported to ONNX (`onnx/model.onnx`, fp32) and dynamically
+A fine-tuned model folder (tasks/training/fine_tune.py) answers with PyTorch. The promotion flow may add an optimized
+runtime to it (tasks/promotion/optimize_runtime.py): the model exported to ONNX (`onnx/model.onnx`, fp32) and dynamically
 quantized to int8 (`onnx/model.int8.onnx`), each gated on the candidate's test split against the PyTorch model.
 It writes the one that won into the folder as `runtime.json`:
 
@@ -9,12 +9,12 @@ It writes the one that won into the folder as `runtime.json`:
      "gate": {...the figures of every variant...}}
 
 `runtime.json` is the switch: without it (a folder straight from training, or a version promoted before runtimes
-existed) the folder answers with PyTorch. `tasks.classifier.TextClassifier(model_dir, runtime=None)` reads it;
+existed) the folder answers with PyTorch. `tasks.serving.classifier.TextClassifier(model_dir, runtime=None)` reads it;
 `runtime="pytorch" | "onnx-fp32" | "onnx-int8"` overrides it. Only `window_logits` depends on the runtime: the
-tokenizer, the truncation windows and the pooling (tasks/windows.py) are the same for every runtime.
+tokenizer, the truncation windows and the pooling (tasks/serving/windows.py) are the same for every runtime.
 
 Depends only on numpy, onnxruntime and a transformers tokenizer (no torch), because it ships inside the Bento
-(bentofile.yaml `include`) and inside every logged MLflow model (tasks/register.py `_code_package`). Writes are
+(bentofile.yaml `include`) and inside every logged MLflow model (tasks/training/register.py `_code_package`). Writes are
 atomic: a temporary file or folder next to the target, then a rename, so a reader never sees half a runtime."""
 
 from __future__ import annotations

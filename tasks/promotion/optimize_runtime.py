@@ -13,7 +13,7 @@
    `runtime_*`); the chosen variant's files (`runtime.json` and its one ONNX file) are logged as the promotion run's
    artifacts under `runtime/`, and the model version gets the tags `runtime` (the chosen runtime) and
    `runtime.artifact_uri` (where its files are). The registered MLflow model itself is never changed.
-4. `fetch_runtime` (called by tasks/bento.py `download_model_version`, which the Bento build, batch scoring and
+4. `fetch_runtime` (called by tasks/promotion/bento.py `download_model_version`, which the Bento build, batch scoring and
    drift monitoring all use): makes a downloaded model folder match its version's tags, so every consumer answers
    with the same runtime as the Bento.
 
@@ -35,7 +35,7 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.onnx_runtime import (
+from tasks.serving.onnx_runtime import (
     ONNX_DIR,
     ONNX_FILES,
     PYTORCH,
@@ -241,7 +241,7 @@ def judge_variant(
     config: RuntimeGateConfig,
 ) -> tuple[bool, str, float, float, float]:
     """(passed, reason, agreement, macro-F1, macro-F1 drop) of one variant's labels against PyTorch's. Pure."""
-    from tasks.promote import _f1_scores
+    from tasks.promotion.gate import _f1_scores
 
     agreement = float(np.mean([a == b for a, b in zip(labels, reference)])) if reference else 0.0
     macro_f1 = _f1_scores(truth, labels, classes)["macro_f1"]
@@ -270,8 +270,8 @@ def gate_runtimes(
 ) -> RuntimeGate:
     """Score PyTorch and every variant on the test split, judge each variant against PyTorch, choose the fastest
     that passes, and lay out the chosen runtime's files in `work_dir/files` (runtime.json, onnx/<file>)."""
-    from tasks.classifier import TextClassifier
-    from tasks.promote import _f1_scores
+    from tasks.promotion.gate import _f1_scores
+    from tasks.serving.classifier import TextClassifier
 
     if isinstance(test, (str, Path)):
         test = pd.read_parquet(test)
@@ -359,7 +359,7 @@ def gate_runtimes(
 def _runtime_files(
     target: Path, chosen: VariantScore, variants: dict[str, Path | str], scores: list[VariantScore]
 ) -> Path:
-    """runtime.json (+ the chosen ONNX file) in `target`, the layout tasks/onnx_runtime.py installs from."""
+    """runtime.json (+ the chosen ONNX file) in `target`, the layout tasks/serving/onnx_runtime.py installs from."""
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     spec: dict = {
@@ -392,7 +392,7 @@ def optimize_runtime(
 def folder_with_runtime(model_dir: Path, runtime: str, target: Path) -> Path:
     """A copy of `model_dir` at `target` that answers with `runtime` (exported here when it is an ONNX one), without
     any gate: for benchmarks and experiments that want one runtime whatever the gate would say."""
-    from tasks.onnx_runtime import check_runtime
+    from tasks.serving.onnx_runtime import check_runtime
 
     check_runtime(runtime)
     shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns(RUNTIME_FILE, ONNX_DIR))
@@ -482,7 +482,7 @@ def fetch_runtime(tracking_uri: str, name: str, version: int, model_dir: Path) -
     except RuntimeFileError:
         current = {}
     if current.get("runtime") == runtime and current.get("source") == source:
-        from tasks.onnx_runtime import onnx_file
+        from tasks.serving.onnx_runtime import onnx_file
 
         try:
             onnx_file(model_dir, runtime)  # present and intact: nothing to fetch

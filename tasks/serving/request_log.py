@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from tasks.env_settings import env_bool, env_number
-from tasks.processes import process_alive
+from tasks.common.processes import process_alive
+from tasks.serving.settings import env_bool, env_number
 
 logger = logging.getLogger("textclf.request_log")
 logger.setLevel(logging.INFO)  # its start-up and shutdown lines show in the server's log

@@ -19,9 +19,9 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.abstention import UNKNOWN_LABEL, abstains, check_label_names, check_min_confidence
-from tasks.processes import process_alive
-from tasks.windows import has_visible_character
+from tasks.common.processes import process_alive
+from tasks.serving.abstention import UNKNOWN_LABEL, abstains, check_label_names, check_min_confidence
+from tasks.serving.windows import has_visible_character
 
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".json": None, ".parquet": None}
 PARTIAL_MARK = ".partial-"
@@ -185,7 +185,7 @@ Scorer = Callable[[list[str]], np.ndarray]  # texts -> probabilities (one row pe
 
 
 def in_process_scorer(model_dir: Path, batch_size: int = 64) -> tuple[Scorer, list[str]]:
-    from tasks.classifier import TextClassifier
+    from tasks.serving.classifier import TextClassifier
 
     classifier = TextClassifier(model_dir)
     return (lambda texts: classifier.predict_proba(texts, batch_size)), classifier.label_names
@@ -345,8 +345,8 @@ def score_in_process(
     min_confidence: float | None = None,
 ) -> ScoringSummary:
     """Score with the model folder in this process. `model_version` (`<name>/<version>`) is recorded as the service
-    answers it, with the runtime that answered: `<name>/<version>+<runtime>` (the folder's, tasks/onnx_runtime.py)."""
-    from tasks.onnx_runtime import folder_runtime
+    answers it, with the runtime that answered: `<name>/<version>+<runtime>` (the folder's, tasks/serving/onnx_runtime.py)."""
+    from tasks.serving.onnx_runtime import folder_runtime
 
     if "+" not in model_version:
         model_version = f"{model_version}+{folder_runtime(model_dir)}"

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.env_settings import env_number
+from tasks.serving.settings import env_number
 
 logger = logging.getLogger("textclf.serving")
 logger.setLevel(logging.INFO)

@@ -43,7 +43,7 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.batch_score import ScoringSource
+from tasks.scoring.batch_score import ScoringSource
 from tasks.tracking import TrackingRef
 
 logger = logging.getLogger(__name__)
@@ -686,11 +686,11 @@ def _digest(text: str) -> str:
 def collect_texts(
     source: ScoringSource, max_texts: int, seed: int = 0, chunk_size: int = 10_000
 ) -> tuple[list[str], int, int]:
-    """The source's texts, normalised like the training data (tasks.preprocess.clean_text), blank ones and
+    """The source's texts, normalised like the training data (tasks.training.preprocess.clean_text), blank ones and
     exact duplicates dropped (the reference has none either), and at most `max_texts` of them: a uniform random
     sample when there are more. Returns (texts, texts read, duplicates dropped)."""
-    from tasks.batch_score import iter_text_chunks
-    from tasks.preprocess import clean_text
+    from tasks.scoring.batch_score import iter_text_chunks
+    from tasks.training.preprocess import clean_text
 
     rng = np.random.default_rng(seed)
     seen: set[str] = set()
@@ -720,7 +720,7 @@ def window_from_source(
     source: ScoringSource, model_dir: Path, model_version: str, target: Path, max_texts: int = 10_000, seed: int = 0
 ) -> Window:
     """Texts from files (or a hub dataset), scored here by the champion: labels, confidences and the texts."""
-    from tasks.classifier import TextClassifier
+    from tasks.serving.classifier import TextClassifier
 
     texts, read, duplicates = collect_texts(source, max_texts, seed)
     notes = []
@@ -756,7 +756,7 @@ def window_from_request_log_frame(
     seed: int = 0,
     description: str = "request log",
 ) -> Window:
-    """Requests of the log (columns of `tasks.request_log.read_request_log`) served by `model_version`,
+    """Requests of the log (columns of `tasks.serving.request_log.read_request_log`) served by `model_version`,
     deduplicated by text hash, as a window. Texts are kept where the log has them (raw-text logging on)."""
     missing = {"label", "probability", "length_chars", "model_version"} - set(log.columns)
     if missing:
@@ -766,7 +766,7 @@ def window_from_request_log_frame(
         )
     notes = []
     rows = len(log)
-    # The service answers `<name>/<version>+<runtime>` (the runtime that answered, tasks/onnx_runtime.py): every
+    # The service answers `<name>/<version>+<runtime>` (the runtime that answered, tasks/serving/onnx_runtime.py): every
     # runtime of the version counts as that version (older logs have no `+<runtime>`).
     ours = log["model_version"].astype(str).str.split("+", n=1).str[0] == model_version.split("+", 1)[0]
     served = log[ours]
@@ -818,8 +818,8 @@ def window_from_request_log_frame(
 
 def default_request_log_dir() -> Path:
     """Where the service writes its request log by default: TEXTCLF_REQUEST_LOG_DIR, else
-    <TEXTCLF_HOME or .textclf>/request-log (the service's own rule, tasks.request_log.RequestLogSettings)."""
-    from tasks.request_log import RequestLogSettings
+    <TEXTCLF_HOME or .textclf>/request-log (the service's own rule, tasks.serving.request_log.RequestLogSettings)."""
+    from tasks.serving.request_log import RequestLogSettings
 
     return RequestLogSettings.from_env().resolved_directory()
 
@@ -827,9 +827,9 @@ def default_request_log_dir() -> Path:
 def window_from_request_log(
     log_dir: Path | None, since, until, model_version: str, target: Path, max_texts: int = 10_000, seed: int = 0
 ) -> Window:
-    """The service's request log between `since` and `until` (read with tasks.request_log.read_request_log);
+    """The service's request log between `since` and `until` (read with tasks.serving.request_log.read_request_log);
     `log_dir` None: the folder the service writes to by default."""
-    from tasks.request_log import read_request_log
+    from tasks.serving.request_log import read_request_log
 
     log_dir = Path(log_dir) if log_dir is not None else default_request_log_dir()
     if not log_dir.is_dir():
@@ -902,7 +902,7 @@ def detect_drift(
             name: "no model given to tokenize and embed the texts" for name in ("unknown_tokens", "embedding")
         }
     elif has_texts:
-        from tasks.classifier import TextClassifier
+        from tasks.serving.classifier import TextClassifier
 
         classifier = TextClassifier(model_dir)
         tokenizer, encoder, max_length = classifier.tokenizer, classifier.model.base_model, classifier.max_length
@@ -1237,7 +1237,7 @@ def notify(block_slug: str | None, subject: str, body: str) -> bool:
 
 
 def _params_to_ingest_config(params: dict[str, str], source: str):
-    from tasks.ingest import IngestConfig
+    from tasks.training.ingest import IngestConfig
 
     values: dict[str, object] = {}
     for key in IngestConfig.model_fields:
@@ -1255,7 +1255,7 @@ def training_snapshot(
     `data_source` ingested again with the run's ingest parameters. Returns (frame, where it came from, notes)."""
     from mlflow import MlflowClient
 
-    from tasks.ingest import SNAPSHOT_COLUMNS, content_version, ingest
+    from tasks.training.ingest import SNAPSHOT_COLUMNS, content_version, ingest
 
     client = MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(client.get_model_version(name, str(version)).run_id)
@@ -1308,7 +1308,7 @@ def build_retraining_dataset(
     """The champion's training snapshot plus the new labelled rows, validated like any dataset and written
     atomically (content-addressed) under `target_dir`. When the training data has its own splits the new rows
     join `train`; otherwise the training flow splits the combined data. Returns the DatasetSnapshot."""
-    from tasks.ingest import DatasetValidationError, IngestConfig, read_source, validate, write_snapshot
+    from tasks.training.ingest import DatasetValidationError, IngestConfig, read_source, validate, write_snapshot
 
     base, origin, notes = training_snapshot(tracking_uri, name, version, snapshot_dir)
     for note in notes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import mlflow.pyfunc
 
-from tasks.classifier import TextClassifier, as_texts
+from tasks.serving.classifier import TextClassifier, as_texts
 
 
 class MlflowTextClassifier(mlflow.pyfunc.PythonModel):

@@ -19,9 +19,9 @@ from typing import Literal
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.classifier import LABELS_FILE, MODEL_SETTINGS_FILE
-from tasks.preprocess import PreparedDataset
+from tasks.serving.classifier import LABELS_FILE, MODEL_SETTINGS_FILE
 from tasks.tracking import TrackingRef
+from tasks.training.preprocess import PreparedDataset
 
 logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence means the checkpoint is complete
@@ -117,10 +117,10 @@ def class_weights(labels: list[int], num_labels: int):
 
 def pooled_macro_f1(text_index):
     """Validation metrics per text, not per window: a text's windows' logits are averaged first, exactly as the
-    classifier does when it predicts (tasks/windows.py). The eval dataloader keeps the dataset's order."""
+    classifier does when it predicts (tasks/serving/windows.py). The eval dataloader keeps the dataset's order."""
     import numpy as np
 
-    from tasks.windows import pool_logits
+    from tasks.serving.windows import pool_logits
 
     owner = np.unique(np.asarray(text_index), return_inverse=True)[1]
 

@@ -1,7 +1,7 @@
 """Stage 7, package: turn a registered model version into a served Bento.
 
 1. `download_model_version`: fetch the version's pyfunc model from MLflow (the fine-tuned folder is inside it), and
-   the optimized runtime its tags name (tasks/optimize_runtime.py `fetch_runtime`: runtime.json and the ONNX file),
+   the optimized runtime its tags name (tasks/promotion/optimize_runtime.py `fetch_runtime`: runtime.json and the ONNX file),
    so the Bento, batch scoring and drift monitoring all answer with the same runtime.
 2. `import_to_bento_store`: copy the fine-tuned folder (runtime files included) into the BentoML model store,
    labelled with the registered model, version and runtime (reused when that version and runtime are there).
@@ -31,8 +31,8 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 BENTO_MODEL_NAME = "text-classifier"
-PROJECT_DIR = Path(__file__).resolve().parents[1]  # where bentofile.yaml and service.py live
-MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact that holds the fine-tuned folder (tasks/register.py)
+PROJECT_DIR = Path(__file__).resolve().parents[2]  # where bentofile.yaml and service.py live
+MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact that holds the fine-tuned folder (tasks/training/register.py)
 
 
 class BentoError(RuntimeError):
@@ -55,7 +55,9 @@ class BentoBuild(BaseModel):
     model_version: int
     bento_dir: Path
     dockerfile: Path
-    runtime: str = "pytorch"  # the inference runtime the packed model folder answers with (tasks/onnx_runtime.py)
+    runtime: str = (
+        "pytorch"  # the inference runtime the packed model folder answers with (tasks/serving/onnx_runtime.py)
+    )
 
     @property
     def served_version(self) -> str:
@@ -98,7 +100,7 @@ def download_model_version(tracking_uri: str, name: str, version: int, target_ro
     import yaml
     from mlflow import MlflowClient
 
-    from tasks.optimize_runtime import fetch_runtime
+    from tasks.promotion.optimize_runtime import fetch_runtime
 
     target = target_root / name / str(version)
     if not (target / "MLmodel").exists():
@@ -152,7 +154,7 @@ def import_to_bento_store(model_dir: Path, bento_model_name: str, registered_mod
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from tasks.onnx_runtime import read_runtime_file
+    from tasks.serving.onnx_runtime import read_runtime_file
 
     spec = read_runtime_file(model_dir)
     labels = {"registered_model": registered_model, "model_version": str(version), "runtime": spec["runtime"]}
@@ -176,7 +178,7 @@ def build_bento(model_tag: str, registered_model: str, version: int, project_dir
     import bentoml
     import yaml
 
-    from tasks.onnx_runtime import folder_runtime
+    from tasks.serving.onnx_runtime import folder_runtime
 
     command = [
         bentoml_executable(),
@@ -260,7 +262,7 @@ def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, timeou
 def stop_bento_server(process_id: int, timeout_seconds: float = 30) -> None:
     """SIGTERM the server's process group, SIGKILL what is left after `timeout_seconds`: the group and every process
     below the server (BentoML's workers run in process groups of their own). Returns once all of them are gone."""
-    from tasks.processes import descendants, process_alive
+    from tasks.common.processes import descendants, process_alive
 
     tree = [process_id, *descendants(process_id)]
     try:
@@ -285,7 +287,7 @@ def stop_bento_server(process_id: int, timeout_seconds: float = 30) -> None:
 
 def bento_worker_pids(server_pid: int) -> list[int]:
     """The BentoML worker processes under a `bentoml serve` process (they load the model and serve the requests)."""
-    from tasks.processes import descendants
+    from tasks.common.processes import descendants
 
     workers = []
     for pid in descendants(server_pid):

@@ -13,11 +13,11 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.evaluate import EvaluationResult
-from tasks.fine_tune import FineTunedModel
-from tasks.ingest import DatasetSnapshot
-from tasks.preprocess import PreparedDataset
 from tasks.tracking import TrackingRef, log_metrics, log_params
+from tasks.training.evaluate import EvaluationResult
+from tasks.training.fine_tune import FineTunedModel
+from tasks.training.ingest import DatasetSnapshot
+from tasks.training.preprocess import PreparedDataset
 
 MODEL_ARTIFACT_PATH = "model"
 FLOW_RUN_TAG = "prefect.flow_run_id"  # set on the training run by the flow, copied onto the model version
@@ -52,14 +52,15 @@ class RegisteredModelVersion(BaseModel):
 
 
 def _code_package(staging: Path) -> Path:
-    """A copy of the modules the pyfunc model imports, laid out as the `tasks` package, so that the
-    logged model loads anywhere MLflow and its requirements are installed."""
-    source = Path(__file__).parent
+    """A copy of the modules the pyfunc model imports (`tasks/serving/`: the classifier, its windows and runtimes),
+    laid out as the `tasks` package, so that the logged model loads anywhere MLflow and its requirements are
+    installed."""
+    source = Path(__file__).resolve().parents[1] / "serving"
     package = staging / "code" / "tasks"
-    package.mkdir(parents=True)
+    (package / "serving").mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    for module in ("classifier.py", "windows.py", "onnx_runtime.py", "mlflow_model.py"):
-        shutil.copy2(source / module, package / module)
+    for module in ("__init__.py", "classifier.py", "windows.py", "onnx_runtime.py", "mlflow_model.py"):
+        shutil.copy2(source / module, package / "serving" / module)
     return package
 
 
@@ -67,8 +68,8 @@ def save_pyfunc_model(model: FineTunedModel, examples: list[str], target: Path) 
     import mlflow.pyfunc
     from mlflow.models import infer_signature
 
-    from tasks.classifier import TextClassifier
-    from tasks.mlflow_model import MlflowTextClassifier
+    from tasks.serving.classifier import TextClassifier
+    from tasks.serving.mlflow_model import MlflowTextClassifier
 
     # An unnamed string column: both a plain list of texts and a one-column DataFrame satisfy it.
     example_input = list(examples)
