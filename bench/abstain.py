@@ -110,9 +110,10 @@ def train_bbc(args, work: Path) -> tuple[Path, pd.DataFrame, float, dict]:
     from mlflow import MlflowClient
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.local_stack import ensure_mlflow_server, ensure_prefect_server, free_port, stop_local_servers
+    from flows.local_stack import ensure_mlflow_server, ensure_prefect_server, stop_local_servers
     from flows.training import DatasetParameters, ModelParameters, TrainingParameters, training
-    from tasks.promotion.bento import download_model_version
+    from tasks.common.ports import free_port
+    from tasks.registry import download_model_version
 
     os.environ["TEXTCLF_HOME"] = str(work / "home")
     source = "bbc-news"

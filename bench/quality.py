@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.local_stack import ensure_mlflow_server, ensure_prefect_server, free_port, stop_local_servers
+    from flows.local_stack import ensure_mlflow_server, ensure_prefect_server, stop_local_servers
+    from tasks.common.ports import free_port
 
     results, skipped = {}, {}
     try:

@@ -451,7 +451,7 @@ class Server:
     """A server subprocess in its own process group, on a free loopback port, stopped with SIGTERM then SIGKILL."""
 
     def __init__(self, name: str, command: list[str], env: dict, log: Path, health_path: str):
-        from flows.local_stack import free_port
+        from tasks.common.ports import free_port
 
         self.name, self.log, self.port = name, log, free_port()
         self.url = f"http://127.0.0.1:{self.port}"

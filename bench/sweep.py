@@ -125,9 +125,10 @@ def capped_table(
 
 def run_default(snapshot, base_model, args, work: Path) -> dict:
     from flows.training import ModelParameters, TrainingParameters
+    from tasks.contracts import WindowingConfig
     from tasks.training.evaluate import EvaluationConfig, evaluate
     from tasks.training.fine_tune import FineTuneConfig, fine_tune
-    from tasks.training.preprocess import PreprocessConfig, WindowingConfig, preprocess
+    from tasks.training.preprocess import PreprocessConfig, preprocess
 
     defaults, model_defaults = TrainingParameters(seed=args.seed), ModelParameters(max_length=args.max_length)
     started = time.perf_counter()

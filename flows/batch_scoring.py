@@ -14,9 +14,9 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.settings import Settings
-from tasks.promotion.bento import download_model_version_task
-from tasks.promotion.gate import CHAMPION_ALIAS, resolve_alias_task
-from tasks.scoring.batch_score import ScoringSource, ScoringSummary, score_in_process_task, score_through_endpoint_task
+from tasks.contracts import CHAMPION_ALIAS, ScoringSource
+from tasks.registry import download_model_version_task, resolve_alias_task
+from tasks.scoring.batch_score import ScoringSummary, score_in_process_task, score_through_endpoint_task
 from tasks.tracking import (
     end_tracking_run,
     end_tracking_run_task,

@@ -163,8 +163,9 @@ def _serve(args: argparse.Namespace) -> int:
     import httpx
 
     from flows.local_stack import serve_bento
+    from tasks.contracts import CHAMPION_ALIAS
     from tasks.promotion.bento import find_bento
-    from tasks.promotion.gate import CHAMPION_ALIAS, resolve_alias
+    from tasks.registry import resolve_alias
 
     settings = Settings()
     options = _flow_parameters(args, settings)

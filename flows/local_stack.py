@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 import urllib.error
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flows.log_rotation import start_with_rotating_log
+from tasks.common.ports import port_in_use
 
 STARTUP_TIMEOUT_S = 180.0
 
@@ -46,18 +46,6 @@ def is_healthy(health_url: str, expected: str | None = None) -> bool:
             return response.status == 200 and (expected is None or expected in body)
     except (urllib.error.URLError, OSError, TimeoutError):
         return False
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _start(

@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.settings import Settings
+from tasks.contracts import CHAMPION_ALIAS, ScoringSource
 from tasks.monitoring.drift import (
     DriftReport,
     DriftTest,
@@ -35,9 +36,7 @@ from tasks.monitoring.drift import (
     window_from_request_log_task,
     window_from_source_task,
 )
-from tasks.promotion.bento import download_model_version_task
-from tasks.promotion.gate import CHAMPION_ALIAS, fetch_test_split_task, resolve_alias_task
-from tasks.scoring.batch_score import ScoringSource
+from tasks.registry import download_model_version_task, fetch_test_split_task, resolve_alias_task
 from tasks.tracking import (
     end_tracking_run,
     end_tracking_run_task,

@@ -17,32 +17,24 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.settings import Settings
+from tasks.contracts import CANDIDATE_ALIAS, CHAMPION_ALIAS, PREVIOUS_CHAMPION_ALIAS
 from tasks.promotion.bento import (
     BENTO_MODEL_NAME,
     BentoBuild,
     build_bento_task,
     containerize_bento_task,
-    download_model_version_task,
     import_to_bento_store_task,
     pick_smoke_texts_task,
     predict_labels_task,
     smoke_test_bento_task,
 )
 from tasks.promotion.gate import (
-    CANDIDATE_ALIAS,
-    CHAMPION_ALIAS,
-    PREVIOUS_CHAMPION_ALIAS,
     GateConfig,
     GateDecision,
     decide_task,
-    fetch_test_split_task,
-    move_aliases_task,
     record_decision_task,
     record_failure,
-    resolve_alias_task,
-    rollback_task,
     score_versions_task,
-    version_of_flow_run_task,
 )
 from tasks.promotion.optimize_runtime import (
     RuntimeGate,
@@ -50,6 +42,15 @@ from tasks.promotion.optimize_runtime import (
     optimize_runtime_task,
     record_runtime_task,
     runtime_markdown,
+)
+from tasks.promotion.scores import TestScores
+from tasks.registry import (
+    download_model_version_task,
+    fetch_test_split_task,
+    move_aliases_task,
+    resolve_alias_task,
+    rollback_task,
+    version_of_flow_run_task,
 )
 from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
 
@@ -105,11 +106,11 @@ class RollbackResult(BaseModel):
 def decision_markdown(
     name: str,
     decision: GateDecision,
-    scores: dict[int, dict],
+    scores: dict[int, TestScores],
     runtime: RuntimeGate | None = None,
     runtime_config: RuntimeGateConfig = RuntimeGateConfig(),
 ) -> str:
-    rows = [f"| version {v} | {s['macro_f1']:.4f} | {s['accuracy']:.4f} | {s['n']} |" for v, s in scores.items()]
+    rows = [f"| version {v} | {s.macro_f1:.4f} | {s.accuracy:.4f} | {s.n} |" for v, s in scores.items()]
     lines = [
         f"# Promotion of {name} version {decision.candidate_version}: **{decision.label}**",
         "",

@@ -15,10 +15,11 @@ from pydantic import Field
 
 from flows.settings import Settings
 from flows.training import DatasetParameters, code_version, resolve_base_model
+from tasks.contracts import RegisteredModelVersion
 from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
 from tasks.training.evaluate import evaluate_task
 from tasks.training.ingest import IngestConfig, ingest_task
-from tasks.training.register import RegisterConfig, RegisteredModelVersion, register_task
+from tasks.training.register import RegisterConfig, register_task
 from tasks.training.sweep import (
     SearchSpace,
     StudyParameters,

@@ -15,12 +15,13 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from flows.settings import Settings
+from tasks.contracts import RegisteredModelVersion, WindowingConfig
 from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
 from tasks.training.evaluate import evaluate_task
 from tasks.training.fine_tune import FineTuneConfig, fine_tune_task
 from tasks.training.ingest import IngestConfig, ingest_task
-from tasks.training.preprocess import PreprocessConfig, WindowingConfig, preprocess_task
-from tasks.training.register import RegisterConfig, RegisteredModelVersion, register_task
+from tasks.training.preprocess import PreprocessConfig, preprocess_task
+from tasks.training.register import RegisterConfig, register_task
 
 PACKAGED_BASE_MODEL = "all-MiniLM-L6-v2"
 

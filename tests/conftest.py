@@ -83,7 +83,8 @@ def servers(tmp_path_factory):
     started with the same code that starts the embedded default stack."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.local_stack import ensure_mlflow_server, ensure_prefect_server, free_port, stop_local_servers
+    from flows.local_stack import ensure_mlflow_server, ensure_prefect_server, stop_local_servers
+    from tasks.common.ports import free_port
 
     root = tmp_path_factory.mktemp("stack")
     try:
@@ -151,7 +152,8 @@ def production_stack(tmp_path_factory):
     import psycopg
 
     from flows.deploy import deploy
-    from flows.local_stack import ensure_mlflow_server, ensure_prefect_server, free_port, stop_local_servers
+    from flows.local_stack import ensure_mlflow_server, ensure_prefect_server, stop_local_servers
+    from tasks.common.ports import free_port
 
     try:
         admin = _postgres_admin()

@@ -124,7 +124,7 @@ def serve_from_repository(env: dict, log: Path, timeout_seconds: float = 180):
     import subprocess
     import sys
 
-    from flows.local_stack import free_port
+    from tasks.common.ports import free_port
     from tasks.promotion.bento import stop_bento_server, wait_until_ready
 
     port = free_port()

@@ -71,7 +71,8 @@ def test_evaluate_picks_the_threshold_of_the_target_coverage_on_validation(tuned
 
 
 def test_batch_scoring_with_min_confidence(tuned_fixture, fixture_frame, tmp_path):
-    from tasks.scoring.batch_score import ScoringSource, score_in_process
+    from tasks.contracts import ScoringSource
+    from tasks.scoring.batch_score import score_in_process
 
     source = tmp_path / "incoming.csv"
     fixture_frame.head(30).to_csv(source, index=False)
@@ -131,7 +132,7 @@ def test_the_service_abstains_below_its_min_confidence(bento_env, prepared_fixtu
 
 @pytest.mark.slow
 def test_a_bad_min_confidence_stops_the_start_up_naming_the_variable(bento_env, tmp_path):
-    from flows.local_stack import free_port
+    from tasks.common.ports import free_port
 
     done = subprocess.run(
         [

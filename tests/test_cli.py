@@ -103,9 +103,10 @@ def test_bounds_text():
 
 def test_the_flow_models_reuse_the_stage_fields_so_each_default_lives_once():
     from flows.training import DatasetParameters, ModelParameters, TrainingParameters
+    from tasks.contracts import WindowingConfig
     from tasks.training.fine_tune import FineTuneConfig
     from tasks.training.ingest import IngestConfig
-    from tasks.training.preprocess import PreprocessConfig, WindowingConfig
+    from tasks.training.preprocess import PreprocessConfig
 
     assert issubclass(DatasetParameters, IngestConfig) and issubclass(ModelParameters, WindowingConfig)
     pairs = [(TrainingParameters, FineTuneConfig, n) for n in TrainingParameters.model_fields if n != "timeout_minutes"]
@@ -239,7 +240,7 @@ def test_every_flow_command_builds_without_clashing_options():
 
 @pytest.fixture(scope="module")
 def cli_champion(servers, prepared_fixture, tuned_fixture, tmp_path_factory):
-    from tasks.promotion.gate import move_aliases
+    from tasks.registry import move_aliases
     from tests.fixtures import register_model_versions
 
     name = "cli-topics"

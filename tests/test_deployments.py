@@ -11,7 +11,8 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from tasks.promotion.gate import CANDIDATE_ALIAS, CHAMPION_ALIAS, resolve_alias
+from tasks.contracts import CANDIDATE_ALIAS, CHAMPION_ALIAS
+from tasks.registry import resolve_alias
 
 pytestmark = pytest.mark.slow
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from prefect.states import Completed, Failed
 
+from tasks.contracts import DatasetValidationError
 from tasks.training import ingest as ingest_module
 from tasks.training.ingest import (
-    DatasetValidationError,
     IngestConfig,
     RemoteSourceUnavailable,
     _retry_only_remote,

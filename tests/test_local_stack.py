@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.local_stack import LocalServerError, ensure_mlflow_server, ensure_prefect_server, free_port
+from flows.local_stack import LocalServerError, ensure_mlflow_server, ensure_prefect_server
 from flows.settings import Settings
+from tasks.common.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -161,7 +161,7 @@ def _request_log(texts: list[str], model_version: str, label: str, with_text: bo
 def drift_champion(servers, tuned_fixture, tiny_model_dir, tmp_path_factory):
     """The tiny fine-tuned model registered as @champion of `drift-topics`, with a test split of 108 held-out
     fixture texts (the session fixture's split has only 12: too few to be a reference)."""
-    from tasks.promotion.gate import move_aliases
+    from tasks.registry import move_aliases
     from tasks.tracking import start_tracking_run
     from tasks.training.evaluate import EvaluationConfig, evaluate
     from tasks.training.ingest import IngestConfig, ingest
@@ -394,7 +394,7 @@ def test_request_log_window_without_raw_texts(project_env, servers, drift_champi
         "tasks.serving.request_log",
         reason="tasks/serving/request_log.py (the service's request log) is not in this checkout",
     )
-    from tasks.promotion.bento import download_model_version
+    from tasks.registry import download_model_version
     from tasks.serving.classifier import TextClassifier
 
     monkeypatch.delenv("TEXTCLF_REQUEST_LOG_DIR", raising=False)

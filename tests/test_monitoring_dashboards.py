@@ -223,7 +223,7 @@ def bento(bento_env, tmp_path_factory):
 def prometheus(bento, tmp_path_factory):
     """Debian's Prometheus on a free loopback port, with the shipped scrape config pointed at the test's Bento and a
     1 s scrape interval."""
-    from flows.local_stack import free_port
+    from tasks.common.ports import free_port
 
     executable = binary("prometheus")
     root = tmp_path_factory.mktemp("prometheus")

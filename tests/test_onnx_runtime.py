@@ -248,8 +248,8 @@ def test_promotion_chooses_a_runtime_records_it_and_the_bento_answers_with_it(
     from mlflow import MlflowClient
 
     from flows.promotion import promotion
-    from tasks.promotion.bento import download_model_version
-    from tasks.promotion.optimize_runtime import RUNTIME_TAG, RUNTIME_URI_TAG
+    from tasks.contracts import RUNTIME_TAG, RUNTIME_URI_TAG
+    from tasks.registry import download_model_version
     from tests.fixtures import flow_run_and_artifacts, register_model_versions
 
     uri, name = servers["mlflow"], "onnx-promo"

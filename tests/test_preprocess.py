@@ -10,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tasks.contracts import DatasetSnapshot, DatasetValidationError
 from tasks.training import preprocess as preprocess_module
-from tasks.training.ingest import DatasetSnapshot, DatasetValidationError, IngestConfig, ingest
+from tasks.training.ingest import IngestConfig, ingest
 from tasks.training.preprocess import (
     PreprocessConfig,
     cache_key,

@@ -596,7 +596,7 @@ def test_compose_mlflow_command_serves_the_other_containers_on_postgresql(tmp_pa
     changed to this machine's): it starts on PostgreSQL and answers requests addressed to `mlflow:5000`, the name the
     workers use, which MLflow's DNS-rebinding protection rejects unless --allowed-hosts names it."""
     psycopg = pytest.importorskip("psycopg")  # the `postgres` extra's driver
-    from flows.local_stack import free_port
+    from tasks.common.ports import free_port
 
     try:
         admin = psycopg.connect(dbname="postgres", connect_timeout=5, autocommit=True, **POSTGRES)

@@ -8,22 +8,14 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 
-from tasks.promotion.gate import (
-    CHAMPION_ALIAS,
-    PREVIOUS_CHAMPION_ALIAS,
-    GateConfig,
-    GateDecision,
-    decide,
-    move_aliases,
-    record_decision,
-    resolve_alias,
-    rollback,
-    score_versions,
-)
+from tasks.contracts import CHAMPION_ALIAS, PREVIOUS_CHAMPION_ALIAS
+from tasks.promotion.gate import GateConfig, GateDecision, decide, record_decision, score_versions
+from tasks.promotion.scores import TestScores
+from tasks.registry import move_aliases, resolve_alias, rollback
 
 
-def scores(macro: float, **per_class: float) -> dict:
-    return {"macro_f1": macro, "per_class_f1": per_class}
+def scores(macro: float, **per_class: float) -> TestScores:
+    return TestScores(macro_f1=macro, per_class_f1=per_class)
 
 
 # --- decide: pure -------------------------------------------------------------------------------------------
@@ -194,11 +186,11 @@ def test_score_versions_on_the_test_split(two_versions, prepared_fixture):
     result = score_versions(two_versions, MODEL, [1, 2], test[["text", "label"]])
     assert set(result) == {1, 2}
     for version_scores in result.values():
-        assert 0.0 <= version_scores["macro_f1"] <= 1.0
-        assert set(version_scores["per_class_f1"]) == set(prepared.label_names)
+        assert 0.0 <= version_scores.macro_f1 <= 1.0
+        assert set(version_scores.per_class_f1) == set(prepared.label_names)
         assert version_scores["n"] == len(test)
     # Same model, same texts: same scores.
-    assert result[1]["macro_f1"] == pytest.approx(result[2]["macro_f1"])
+    assert result[1].macro_f1 == pytest.approx(result[2].macro_f1)
     decision = decide(result[2], result[1], GateConfig(), 2, 1)
     assert decision.promote and decision.macro_f1_delta == pytest.approx(0.0)
 

@@ -10,10 +10,12 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from flows.local_stack import free_port
 from flows.promotion import promotion, rollback
+from tasks.common.ports import free_port
+from tasks.contracts import CHAMPION_ALIAS, PREVIOUS_CHAMPION_ALIAS
 from tasks.promotion.bento import pick_smoke_texts, start_bento_server, stop_bento_server, wait_until_ready
-from tasks.promotion.gate import CHAMPION_ALIAS, PREVIOUS_CHAMPION_ALIAS, GateConfig, resolve_alias
+from tasks.promotion.gate import GateConfig
+from tasks.registry import resolve_alias
 from tests.fixtures import flow_run_and_artifacts, register_model_versions
 
 pytestmark = pytest.mark.slow

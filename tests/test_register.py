@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from flows.local_stack import free_port
+from tasks.common.ports import free_port
 from tasks.tracking import TrackingUnavailable, start_tracking_run
 from tasks.training.evaluate import evaluate
 from tasks.training.register import RegisterConfig, register

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.local_stack import free_port
+from tasks.common.ports import free_port
 from tasks.promotion.bento import start_bento_server, stop_bento_server, wait_until_ready
 from tests.fixtures import serve_from_repository
 

@@ -167,7 +167,8 @@ def test_training_time_validation_pools_windows_as_the_classifier_does(chunked, 
 def test_pyfunc_and_batch_scoring_pool_the_same(chunked, tmp_path):
     import mlflow.pyfunc
 
-    from tasks.scoring.batch_score import ScoringSource, score_in_process
+    from tasks.contracts import ScoringSource
+    from tasks.scoring.batch_score import score_in_process
     from tasks.serving.classifier import TextClassifier
     from tasks.training.register import save_pyfunc_model
 

@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,20 +29,15 @@ import httpx
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
+from tasks.common.ports import free_port
+from tasks.registry import DownloadedModel
+
 BENTO_MODEL_NAME = "text-classifier"
 PROJECT_DIR = Path(__file__).resolve().parents[2]  # where bentofile.yaml and service.py live
-MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact that holds the fine-tuned folder (tasks/training/register.py)
 
 
 class BentoError(RuntimeError):
     """Building, serving or checking a Bento failed; the message says which step and shows its log."""
-
-
-class DownloadedModel(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    pyfunc_dir: Path  # loadable with mlflow.pyfunc.load_model
-    model_dir: Path  # the fine-tuned Hugging Face folder inside it
 
 
 class BentoBuild(BaseModel):
@@ -91,41 +85,6 @@ def bentoml_executable() -> str:
 
 def _tail(text: str, limit: int = 3000) -> str:
     return text[-limit:].strip()
-
-
-def download_model_version(tracking_uri: str, name: str, version: int, target_root: Path) -> DownloadedModel:
-    """Download registered model `name` version `version` into `target_root/<name>/<version>` (atomically:
-    into a temporary folder, then renamed), or reuse an earlier complete download."""
-    import mlflow.artifacts
-    import yaml
-    from mlflow import MlflowClient
-
-    from tasks.promotion.optimize_runtime import fetch_runtime
-
-    target = target_root / name / str(version)
-    if not (target / "MLmodel").exists():
-        source = MlflowClient(tracking_uri=tracking_uri).get_model_version_download_uri(name, str(version))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
-        try:
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=source, dst_path=str(staging), tracking_uri=tracking_uri
-                )
-            )
-            shutil.rmtree(target, ignore_errors=True)
-            local.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    flavor = yaml.safe_load((target / "MLmodel").read_text()).get("flavors", {}).get("python_function", {})
-    artifact = flavor.get("artifacts", {}).get(MODEL_DIR_ARTIFACT, {}).get("path")
-    if not artifact:
-        raise BentoError(
-            f"Model version {name}/{version} is not a textclf model: its MLmodel has no '{MODEL_DIR_ARTIFACT}' "
-            f"artifact. Register models with the training flow."
-        )
-    fetch_runtime(tracking_uri, name, version, target / artifact)
-    return DownloadedModel(pyfunc_dir=target, model_dir=target / artifact)
 
 
 def pick_smoke_texts(test_split: Path, count: int) -> list[str]:
@@ -304,8 +263,6 @@ def smoke_test_bento(
 ) -> SmokeTest:
     """Serve the built Bento on a free loopback port, classify `texts` in one request, and check that every answer
     is well formed, comes from the expected model version and has the expected label. Raises BentoError."""
-    from flows.local_stack import free_port
-
     if not texts or len(texts) != len(expected_labels):
         raise ValueError("smoke_test_bento needs texts and one expected label per text.")
     host, port = "127.0.0.1", free_port()
@@ -392,9 +349,6 @@ def find_bento(registered_model: str, version: int) -> str | None:
     return str(max(matches, key=lambda b: b.info.creation_time).tag) if matches else None
 
 
-download_model_version_task = task(
-    download_model_version, name="download-model-version", retries=2, retry_delay_seconds=5
-)
 pick_smoke_texts_task = task(pick_smoke_texts, name="pick-smoke-texts")
 predict_labels_task = task(predict_labels, name="predict-with-registered-model")
 import_to_bento_store_task = task(import_to_bento_store, name="import-to-bento-store")

@@ -7,7 +7,6 @@ Everything goes through an explicit `MlflowClient` for a given tracking URI: no 
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,13 +14,11 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.promotion.scores import TestScores, score_labels
+from tasks.registry import mlflow_client
 from tasks.tracking import TrackingRef, log_metrics, log_params
 
-CANDIDATE_ALIAS = "candidate"
-CHAMPION_ALIAS = "champion"
-PREVIOUS_CHAMPION_ALIAS = "previous-champion"
 # Written by the evaluate stage and logged under `evaluation/` of the training run: the test split it scored.
-TEST_SPLIT_ARTIFACT = "evaluation/test_predictions.parquet"
 # Float arithmetic must not turn "exactly at the margin" into a rejection (0.85 - 0.80 = 0.0499999...).
 TOLERANCE = 1e-9
 
@@ -71,91 +68,14 @@ class GateDecision(BaseModel):
         return "promoted" if self.promote else "rejected"
 
 
-def _client(tracking_uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-def _error_code(error) -> str:
-    return str(getattr(error, "error_code", ""))
-
-
-def resolve_alias(tracking_uri: str, name: str, alias: str) -> int | None:
-    """The version number an alias points at, or None when the alias (or the registered model) does not exist.
-    Any other registry error (invalid alias name, server down) is raised."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        version = _client(tracking_uri).get_model_version_by_alias(name, alias)
-    except MlflowException as error:
-        code = _error_code(error)
-        if "RESOURCE_DOES_NOT_EXIST" in code:  # no such registered model (or version)
-            return None
-        # A missing alias is reported as INVALID_PARAMETER_VALUE ("Registered model alias X not found."),
-        # the same code as an invalid alias name, which must not pass for "no champion".
-        if "INVALID_PARAMETER_VALUE" in code and "not found" in str(error.message).lower():
-            return None
-        raise
-    return int(version.version)
-
-
-def version_of_flow_run(tracking_uri: str, name: str, flow_run_id: str) -> int:
-    """The version of `name` that the training flow run `flow_run_id` registered (tag `prefect.flow_run_id`)."""
-    versions = _client(tracking_uri).search_model_versions(
-        f"name = '{name}' and tags.`prefect.flow_run_id` = '{flow_run_id}'"
-    )
-    if not versions:
-        raise ValueError(
-            f"No version of registered model '{name}' was registered by training flow run {flow_run_id}: did that "
-            f"run register under another registered_model_name?"
-        )
-    return max(int(v.version) for v in versions)
-
-
-def fetch_test_split(tracking_uri: str, name: str, version: int, target_root: Path) -> Path:
-    """The held-out test split of the training run behind model version `version` (texts and true labels), as
-    `target_root/<name>-v<version>-test.parquet`. Both candidate and champion are scored on it."""
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    run_id = _client(tracking_uri).get_model_version(name, str(version)).run_id
-    target = target_root / f"{name}-v{version}-test.parquet"
-    target_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target_root, prefix=".download-") as staging:
-        try:
-            local = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=TEST_SPLIT_ARTIFACT, dst_path=staging, tracking_uri=tracking_uri
-            )
-        except MlflowException as error:
-            raise ValueError(
-                f"Model version {name}/{version} has no test split to gate on: its run {run_id} lacks the artifact "
-                f"'{TEST_SPLIT_ARTIFACT}'. Register candidates with the training flow, which logs it."
-            ) from error
-        shutil.move(local, target)
-    return target
-
-
-def _f1_scores(truth: list[str], predicted: list[str], labels: list[str]) -> dict:
-    from sklearn.metrics import f1_score
-
-    per_class = f1_score(truth, predicted, labels=labels, average=None, zero_division=0)
-    return {
-        "macro_f1": float(per_class.mean()) if len(labels) else 0.0,
-        "per_class_f1": {label: float(value) for label, value in zip(labels, per_class)},
-        "accuracy": float(sum(t == p for t, p in zip(truth, predicted)) / max(1, len(truth))),
-        "n": len(truth),
-    }
-
-
 def score_versions(
     tracking_uri: str, name: str, versions: list[int], test: pd.DataFrame | Path, labels: list[str] | None = None
-) -> dict[int, dict]:
+) -> dict[int, TestScores]:
     """Test macro-F1 and per-class F1 (keyed by label string) of each model version, on the same texts.
 
     `test` (a DataFrame, or a Parquet file of one) has `text` and `label` columns (the candidate's test split). The classes scored are `labels`, by
     default the labels present in `test`; a class a version never predicts simply scores F1 0.
-    Returns {version: {"macro_f1", "per_class_f1", "accuracy", "n"}}."""
+    Returns {version: TestScores}."""
     import mlflow.artifacts
     import mlflow.pyfunc
 
@@ -168,8 +88,8 @@ def score_versions(
     texts = test["text"].astype(str).tolist()
     truth = test["label"].astype(str).tolist()
     labels = [str(label) for label in labels] if labels is not None else sorted(set(truth))
-    client = _client(tracking_uri)
-    scores: dict[int, dict] = {}
+    client = mlflow_client(tracking_uri)
+    scores: dict[int, TestScores] = {}
     for version in dict.fromkeys(int(v) for v in versions):
         source = client.get_model_version_download_uri(name, str(version))
         with tempfile.TemporaryDirectory(prefix=f"textclf-score-{version}-") as staging:
@@ -181,13 +101,13 @@ def score_versions(
         predicted_labels = (
             (predicted["label"] if isinstance(predicted, pd.DataFrame) else pd.Series(predicted)).astype(str).tolist()
         )
-        scores[version] = _f1_scores(truth, predicted_labels, labels)
+        scores[version] = score_labels(truth, predicted_labels, labels)
     return scores
 
 
 def decide(
-    candidate_scores: dict,
-    champion_scores: dict | None,
+    candidate_scores: TestScores,
+    champion_scores: TestScores | None,
     config: GateConfig,
     candidate_version: int,
     champion_version: int | None,
@@ -195,7 +115,7 @@ def decide(
     """Pure gate. The champion itself is never re-promoted. No champion: promote iff the candidate's macro-F1 reaches the first-champion floor.
     Otherwise promote iff macro-F1 gains at least `min_macro_f1_gain` and no class's F1 drops by more
     than `max_class_f1_drop`. The reason names the numbers."""
-    candidate_f1 = float(candidate_scores["macro_f1"])
+    candidate_f1 = candidate_scores.macro_f1
     if champion_version is not None and champion_version == candidate_version:
         return GateDecision(
             promote=False,
@@ -219,10 +139,10 @@ def decide(
             candidate_macro_f1=candidate_f1,
         )
 
-    champion_f1 = float(champion_scores["macro_f1"])
+    champion_f1 = champion_scores.macro_f1
     delta = candidate_f1 - champion_f1
-    candidate_classes = candidate_scores.get("per_class_f1", {})
-    champion_classes = champion_scores.get("per_class_f1", {})
+    candidate_classes = candidate_scores.per_class_f1
+    champion_classes = champion_scores.per_class_f1
     classes = list(dict.fromkeys([*candidate_classes, *champion_classes]))
     per_class = {c: float(candidate_classes.get(c, 0.0)) - float(champion_classes.get(c, 0.0)) for c in classes}
     worst = min(per_class, key=per_class.get) if per_class else None
@@ -302,55 +222,11 @@ def record_decision(tracking: TrackingRef, name: str, decision: GateDecision, co
 
 def record_failure(tracking_uri: str, name: str, version: int, error: BaseException) -> None:
     """Mark a candidate whose promotion failed after the gate (build or smoke test): the aliases did not move."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     client.set_model_version_tag(name, str(version), "promotion.decision", "failed")
     client.set_model_version_tag(name, str(version), "promotion.error", f"{type(error).__name__}: {error}"[:5000])
 
 
-def move_aliases(tracking_uri: str, name: str, candidate_version: int) -> tuple[int | None, int]:
-    """Make the candidate the champion: `previous-champion` -> current champion (if any and different), then
-    `champion` -> candidate. In that order, a failure never leaves `champion` pointing nowhere, and a retry
-    finishes the job. Returns (previous champion, new champion)."""
-    client = _client(tracking_uri)
-    candidate = int(candidate_version)
-    client.get_model_version(name, str(candidate))  # a missing version fails here, before any alias moves
-    current = resolve_alias(tracking_uri, name, CHAMPION_ALIAS)
-    if current is not None and current != candidate:
-        client.set_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS, str(current))
-        previous = current
-    else:
-        # First champion, or already the champion (a retry): whatever previous-champion says stays.
-        previous = resolve_alias(tracking_uri, name, PREVIOUS_CHAMPION_ALIAS)
-    client.set_registered_model_alias(name, CHAMPION_ALIAS, str(candidate))
-    return previous, candidate
-
-
-def rollback(tracking_uri: str, name: str) -> tuple[int, int | None]:
-    """Swap `champion` and `previous-champion`: the previous champion serves again, and the demoted one stays
-    one rollback away. `champion` is set first so it always points somewhere. Not idempotent (a second call
-    swaps back), so its task has no retries. Returns (new champion, new previous champion)."""
-    client = _client(tracking_uri)
-    previous = resolve_alias(tracking_uri, name, PREVIOUS_CHAMPION_ALIAS)
-    if previous is None:
-        raise ValueError(
-            f"Registered model '{name}' has no '{PREVIOUS_CHAMPION_ALIAS}' alias: there is no previous champion "
-            f"to roll back to."
-        )
-    current = resolve_alias(tracking_uri, name, CHAMPION_ALIAS)
-    client.set_registered_model_alias(name, CHAMPION_ALIAS, str(previous))
-    if current is not None and current != previous:
-        client.set_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS, str(current))
-        return previous, current
-    # No champion to demote (or both aliases on one version): nothing left to roll back to afterwards.
-    client.delete_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS)
-    return previous, None
-
-
-version_of_flow_run_task = task(version_of_flow_run, name="version-of-flow-run", retries=2, retry_delay_seconds=5)
-resolve_alias_task = task(resolve_alias, name="resolve-alias", retries=2, retry_delay_seconds=5)
-fetch_test_split_task = task(fetch_test_split, name="fetch-test-split", retries=2, retry_delay_seconds=5)
 score_versions_task = task(score_versions, name="score-versions", retries=2, retry_delay_seconds=5)
 decide_task = task(decide, name="decide-promotion")
 record_decision_task = task(record_decision, name="record-decision", retries=2, retry_delay_seconds=5)
-move_aliases_task = task(move_aliases, name="move-aliases", retries=2, retry_delay_seconds=5)
-rollback_task = task(rollback, name="rollback")

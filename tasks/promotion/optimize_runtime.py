@@ -35,22 +35,18 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.contracts import RUNTIME_ARTIFACT_PATH, RUNTIME_TAG, RUNTIME_URI_TAG
+from tasks.promotion.scores import score_labels
 from tasks.serving.onnx_runtime import (
     ONNX_DIR,
     ONNX_FILES,
     PYTORCH,
     RUNTIME_FILE,
-    RuntimeFileError,
     install_runtime,
-    read_runtime_file,
-    remove_runtime,
     sha256_of,
 )
 from tasks.tracking import TrackingRef, log_metrics, log_params
 
-RUNTIME_ARTIFACT_PATH = "runtime"  # under the promotion run's artifacts
-RUNTIME_TAG = "runtime"
-RUNTIME_URI_TAG = "runtime.artifact_uri"
 TOLERANCE = 1e-9
 ONNX_OPSET = 17
 
@@ -241,10 +237,9 @@ def judge_variant(
     config: RuntimeGateConfig,
 ) -> tuple[bool, str, float, float, float]:
     """(passed, reason, agreement, macro-F1, macro-F1 drop) of one variant's labels against PyTorch's. Pure."""
-    from tasks.promotion.gate import _f1_scores
 
     agreement = float(np.mean([a == b for a, b in zip(labels, reference)])) if reference else 0.0
-    macro_f1 = _f1_scores(truth, labels, classes)["macro_f1"]
+    macro_f1 = score_labels(truth, labels, classes).macro_f1
     drop = reference_f1 - macro_f1
     problems = []
     if agreement + TOLERANCE < config.min_label_agreement:
@@ -270,7 +265,6 @@ def gate_runtimes(
 ) -> RuntimeGate:
     """Score PyTorch and every variant on the test split, judge each variant against PyTorch, choose the fastest
     that passes, and lay out the chosen runtime's files in `work_dir/files` (runtime.json, onnx/<file>)."""
-    from tasks.promotion.gate import _f1_scores
     from tasks.serving.classifier import TextClassifier
 
     if isinstance(test, (str, Path)):
@@ -284,7 +278,7 @@ def gate_runtimes(
     ref_probabilities, ref_speed = _classify(reference, texts, config.runtime_batch_size)
     del reference
     ref_labels = [names[i] for i in ref_probabilities.argmax(axis=1)]
-    ref_f1 = _f1_scores(truth, ref_labels, classes)["macro_f1"]
+    ref_f1 = score_labels(truth, ref_labels, classes).macro_f1
     scores = [
         VariantScore(
             runtime=PYTORCH,
@@ -465,55 +459,6 @@ def record_runtime(
     return uri
 
 
-def fetch_runtime(tracking_uri: str, name: str, version: int, model_dir: Path) -> str:
-    """Make the downloaded `model_dir` of `name` version `version` answer with the runtime its tags name: download
-    the runtime files when the folder lacks them (or has others), remove them when the version has none. Returns
-    the runtime. A version whose files cannot be fetched raises, naming the URI and what to do."""
-    import mlflow.artifacts
-    from mlflow import MlflowClient
-
-    tags = MlflowClient(tracking_uri=tracking_uri).get_model_version(name, str(version)).tags
-    runtime, source = tags.get(RUNTIME_TAG, PYTORCH), tags.get(RUNTIME_URI_TAG)
-    if runtime == PYTORCH or not source:
-        remove_runtime(model_dir)
-        return PYTORCH
-    try:
-        current = read_runtime_file(model_dir)
-    except RuntimeFileError:
-        current = {}
-    if current.get("runtime") == runtime and current.get("source") == source:
-        from tasks.serving.onnx_runtime import onnx_file
-
-        try:
-            onnx_file(model_dir, runtime)  # present and intact: nothing to fetch
-            return runtime
-        except RuntimeFileError:
-            pass
-    staging = Path(tempfile.mkdtemp(prefix=".runtime-", dir=model_dir.parent))
-    try:
-        try:
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=source, dst_path=str(staging), tracking_uri=tracking_uri
-                )
-            )
-        except Exception as error:
-            raise RuntimeFileError(
-                f"Model version {name}/{version} is tagged {RUNTIME_TAG}={runtime} with its files at {source}, which "
-                f"cannot be downloaded ({type(error).__name__}: {error}). Run the promotion flow again for this "
-                f"version, or delete its tag '{RUNTIME_TAG}' to serve it with PyTorch."
-            ) from error
-        spec = install_runtime(model_dir, local)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    if spec["runtime"] != runtime:
-        raise RuntimeFileError(
-            f"{source}/{RUNTIME_FILE} names runtime {spec['runtime']}, but model version "
-            f"{name}/{version} is tagged {RUNTIME_TAG}={runtime}: run the promotion flow again."
-        )
-    return runtime
-
-
 def runtime_markdown(gate: RuntimeGate, config: RuntimeGateConfig) -> str:
     """The runtime section of the promotion's markdown artifact."""
 
@@ -547,4 +492,3 @@ def runtime_markdown(gate: RuntimeGate, config: RuntimeGateConfig) -> str:
 export_variants_task = task(export_variants, name="export-onnx-variants")
 optimize_runtime_task = task(optimize_runtime, name="optimize-runtime")
 record_runtime_task = task(record_runtime, name="record-runtime", retries=2, retry_delay_seconds=5)
-fetch_runtime_task = task(fetch_runtime, name="fetch-runtime", retries=2, retry_delay_seconds=5)

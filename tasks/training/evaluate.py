@@ -19,14 +19,13 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.contracts import EvaluationResult, FineTunedModel, PreparedDataset
 from tasks.serving.abstention import (
     accuracy_coverage_curve,
     coverage_at,
     plot_accuracy_coverage,
     threshold_for_coverage,
 )
-from tasks.training.fine_tune import FineTunedModel
-from tasks.training.preprocess import PreparedDataset
 
 
 class EvaluationConfig(BaseModel):
@@ -42,18 +41,6 @@ class EvaluationConfig(BaseModel):
         description="Share of the validation texts the suggested abstention threshold (suggested_min_confidence, the "
         "max-softmax probability below which a text is answered 'unknown') still answers.",
     )
-
-
-class EvaluationResult(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    metrics: dict[str, float]
-    artifacts_dir: Path
-    report_path: Path
-
-    @property
-    def report_markdown(self) -> str:
-        return self.report_path.read_text()
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int) -> tuple[float, pd.DataFrame]:

@@ -19,9 +19,9 @@ from typing import Literal
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.contracts import FineTunedModel, PreparedDataset
 from tasks.serving.classifier import LABELS_FILE, MODEL_SETTINGS_FILE
 from tasks.tracking import TrackingRef
-from tasks.training.preprocess import PreparedDataset
 
 logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence means the checkpoint is complete
@@ -52,24 +52,6 @@ class FineTuneConfig(BaseModel):
     device: Literal["auto", "cuda", "cpu"] = Field(
         default="auto", description="auto: CUDA (bf16/fp16) when a GPU is visible, else all CPU cores in fp32."
     )
-
-
-class FineTunedModel(BaseModel):
-    """A reference to the fine-tuned model folder (transformers format, plus labels.json and textclf.json)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    model_dir: Path
-    base_model: str
-    device: str
-    precision: str
-    epochs_completed: float
-    global_step: int
-    best_validation_macro_f1: float
-    train_samples_per_second: float
-    train_runtime_s: float
-    resumed_from_checkpoint: str | None
-    reused: bool = False
 
 
 def choose_device(requested: str) -> tuple[str, str]:

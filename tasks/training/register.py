@@ -13,14 +13,17 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.contracts import (
+    FLOW_RUN_TAG,
+    MODEL_ARTIFACT_PATH,
+    DatasetSnapshot,
+    EvaluationResult,
+    FineTunedModel,
+    PreparedDataset,
+    RegisteredModelVersion,
+)
 from tasks.tracking import TrackingRef, log_metrics, log_params
-from tasks.training.evaluate import EvaluationResult
-from tasks.training.fine_tune import FineTunedModel
-from tasks.training.ingest import DatasetSnapshot
-from tasks.training.preprocess import PreparedDataset
 
-MODEL_ARTIFACT_PATH = "model"
-FLOW_RUN_TAG = "prefect.flow_run_id"  # set on the training run by the flow, copied onto the model version
 # What a model's environment needs to load and run it (exact versions of this environment).
 # onnxruntime: a model folder fetched with its promoted runtime (runtime.json, onnx/) answers with ONNX Runtime.
 MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "numpy", "pandas", "safetensors", "onnxruntime")
@@ -31,24 +34,6 @@ class RegisterConfig(BaseModel):
 
     registered_model_name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
     alias: str = Field(default="candidate")
-
-
-class RegisteredModelVersion(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    version: int
-    alias: str
-    run_id: str
-    tracking_uri: str
-
-    @property
-    def alias_uri(self) -> str:
-        return f"models:/{self.name}@{self.alias}"
-
-    @property
-    def version_uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
 
 
 def _code_package(staging: Path) -> Path:

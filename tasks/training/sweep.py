@@ -25,11 +25,11 @@ from typing import Annotated, Literal
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tasks.contracts import DatasetSnapshot, FineTunedModel, PreparedDataset
 from tasks.serving.windows import Truncation
 from tasks.tracking import TrackingRef, end_tracking_run, log_metrics, log_params, start_tracking_run
-from tasks.training.fine_tune import FineTuneConfig, FineTunedModel, fine_tune, run_key
-from tasks.training.ingest import DatasetSnapshot
-from tasks.training.preprocess import PreparedDataset, PreprocessConfig, preprocess
+from tasks.training.fine_tune import FineTuneConfig, fine_tune, run_key
+from tasks.training.preprocess import PreprocessConfig, preprocess
 
 logger = logging.getLogger(__name__)
 
