@@ -16,14 +16,10 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.batch_scoring import batch_scoring
-from tasks.promotion.gate import move_aliases
-from tasks.scoring.batch_score import (
-    PARTIAL_MARK,
-    ScoringSource,
-    ScoringSourceError,
-    iter_text_chunks,
-    score_to_parquet,
-)
+from tasks.common.text_sources import ScoringSourceError, iter_text_chunks
+from tasks.contracts import ScoringSource
+from tasks.registry import move_aliases
+from tasks.scoring.batch_score import PARTIAL_MARK, score_to_parquet
 from tests.fixtures import flow_run_and_artifacts, register_model_versions, serve_from_repository
 
 ROOT = Path(__file__).resolve().parents[1]

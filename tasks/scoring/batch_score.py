@@ -7,7 +7,6 @@ when complete, so an interrupted run leaves no partial output (its leftover temp
 
 from __future__ import annotations
 
-import glob as globbing
 import os
 import time
 from collections import Counter
@@ -17,35 +16,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from tasks.common.processes import process_alive
+from tasks.common.text_sources import count_rows, iter_text_chunks
+from tasks.contracts import ScoringSource
 from tasks.serving.abstention import UNKNOWN_LABEL, abstains, check_label_names, check_min_confidence
 from tasks.serving.windows import has_visible_character
 
-TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".json": None, ".parquet": None}
 PARTIAL_MARK = ".partial-"
 ENDPOINT_MAX_TEXT_CHARS = 20_000  # service.py's MAX_TEXT_CHARS; the model reads far fewer tokens anyway
 ENDPOINT_MAX_REQUEST_CHARS = 128_000  # service.py's MAX_REQUEST_CHARS: the characters one request may hold in all
 ENDPOINT_RETRIES = 5  # 503 "at capacity" answers retried after their Retry-After
-
-
-class ScoringSource(BaseModel):
-    """Where the texts to score come from."""
-
-    model_config = ConfigDict(frozen=True)
-
-    source: str = Field(
-        description="A CSV/TSV/JSONL/Parquet file, a folder of .txt files, a glob such as 'incoming/*.jsonl', or "
-        "'hub:<dataset>' for a Hugging Face hub dataset.",
-    )
-    text_column: str = Field(default="text", description="Column that holds the text (tables and hub datasets).")
-    id_column: str | None = Field(
-        default=None,
-        description="Column with a stable id per text; unset uses '<file>:<row>' (or the file name).",
-    )
-    hub_config: str | None = Field(default=None, description="Hub dataset configuration.")
-    hub_split: str = Field(default="train", description="Hub dataset split.")
 
 
 class ScoringSummary(BaseModel):
@@ -67,118 +49,6 @@ class ScoringSummary(BaseModel):
     @property
     def texts_per_second(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
-
-
-class ScoringSourceError(ValueError):
-    pass
-
-
-def resolve_files(source: str) -> list[Path]:
-    """The files a source names, sorted. A glob that matches nothing is an empty list (nothing new to score);
-    a plain path that does not exist is an error."""
-    if any(char in source for char in "*?["):
-        return sorted(Path(p) for p in globbing.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file())
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in {*TABLE_SUFFIXES, ".txt"})
-        if not files:
-            raise ScoringSourceError(f"{path} holds no .txt, .csv, .tsv, .jsonl or .parquet files to score.")
-        return files
-    if not path.exists():
-        raise ScoringSourceError(f"{path} does not exist. Pass a file, a folder, a glob or 'hub:<dataset>'.")
-    return [path]
-
-
-def _table_chunks(path: Path, config: ScoringSource, chunk_size: int) -> Iterator[pd.DataFrame]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        parquet = pq.ParquetFile(path)
-        columns = [c for c in (config.text_column, config.id_column) if c]
-        missing = [c for c in columns if c not in parquet.schema_arrow.names]
-        if missing:
-            raise ScoringSourceError(
-                f"{path}: no column {missing[0]!r} (columns: {', '.join(parquet.schema_arrow.names)})."
-            )
-        for batch in parquet.iter_batches(batch_size=chunk_size, columns=columns):
-            yield batch.to_pandas()
-    elif suffix in (".jsonl", ".json"):
-        yield from pd.read_json(path, lines=True, chunksize=chunk_size, dtype=False)
-    elif suffix in (".csv", ".tsv"):
-        yield from pd.read_csv(path, sep=TABLE_SUFFIXES[suffix], chunksize=chunk_size, dtype=str, keep_default_na=False)
-    else:
-        raise ScoringSourceError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .parquet or .txt.")
-
-
-def iter_text_chunks(config: ScoringSource, chunk_size: int) -> Iterator[pd.DataFrame]:
-    """Chunks of at most `chunk_size` rows with columns `id` and `text`, in source order."""
-    if config.source.startswith("hub:"):
-        yield from _hub_chunks(config, chunk_size)
-        return
-    files = resolve_files(config.source)
-    text_files = [p for p in files if p.suffix.lower() == ".txt"]
-    for start in range(0, len(text_files), chunk_size):
-        batch = text_files[start : start + chunk_size]
-        yield pd.DataFrame(
-            {"id": [str(p) for p in batch], "text": [p.read_text(encoding="utf-8", errors="replace") for p in batch]}
-        )
-    for path in (p for p in files if p.suffix.lower() != ".txt"):
-        offset = 0
-        for frame in _table_chunks(path, config, chunk_size):
-            if config.text_column not in frame.columns:
-                raise ScoringSourceError(
-                    f"{path}: no column {config.text_column!r} (columns: {', '.join(map(str, frame.columns))}). "
-                    f"Set text_column."
-                )
-            if config.id_column and config.id_column not in frame.columns:
-                raise ScoringSourceError(f"{path}: no id column {config.id_column!r}. Set id_column or leave it unset.")
-            ids = (
-                frame[config.id_column].astype(str)
-                if config.id_column
-                else pd.Series([f"{path.name}:{offset + i}" for i in range(len(frame))])
-            )
-            yield pd.DataFrame({"id": ids.to_numpy(), "text": frame[config.text_column].to_numpy()})
-            offset += len(frame)
-
-
-def _hub_chunks(config: ScoringSource, chunk_size: int) -> Iterator[pd.DataFrame]:
-    import datasets
-
-    name = config.source.removeprefix("hub:")
-    stream = datasets.load_dataset(name, config.hub_config, split=config.hub_split, streaming=True)
-    rows: list[dict] = []
-    for index, row in enumerate(stream):
-        if config.text_column not in row:
-            raise ScoringSourceError(f"hub:{name}: no column {config.text_column!r} (columns: {', '.join(row)}).")
-        rows.append(
-            {
-                "id": str(row[config.id_column]) if config.id_column else f"{name}:{index}",
-                "text": row[config.text_column],
-            }
-        )
-        if len(rows) == chunk_size:
-            yield pd.DataFrame(rows)
-            rows = []
-    if rows:
-        yield pd.DataFrame(rows)
-
-
-def count_rows(config: ScoringSource) -> int | None:
-    """Total rows when cheap to know (Parquet metadata, .txt files), for the progress bar; else None."""
-    if config.source.startswith("hub:"):
-        return None
-    total = 0
-    for path in resolve_files(config.source):
-        if path.suffix.lower() == ".txt":
-            total += 1
-        elif path.suffix.lower() == ".parquet":
-            import pyarrow.parquet as pq
-
-            total += pq.ParquetFile(path).metadata.num_rows
-        else:
-            return None
-    return total
 
 
 Scorer = Callable[[list[str]], np.ndarray]  # texts -> probabilities (one row per text, columns = label_names)

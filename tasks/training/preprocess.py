@@ -5,63 +5,26 @@ key of (data version, tokenizer content, max length, split settings), so a re-ru
 from __future__ import annotations
 
 import hashlib
-import html
 import json
-import re
 import shutil
 import tempfile
-import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from sklearn.model_selection import train_test_split
 
-from tasks.serving.windows import Truncation, Windowing, encode_windows
-from tasks.training.ingest import DatasetSnapshot, DatasetValidationError
+from tasks.common.text import clean_text
+from tasks.contracts import DatasetSnapshot, DatasetValidationError, PreparedDataset, WindowingConfig
+from tasks.serving.windows import encode_windows
 
 # Bump when cleaning or splitting changes, so that old caches are not reused.
 PREPROCESS_VERSION = "2"
 SPLITS = ("train", "validation", "test")
 # When a text occurs in several splits, keep the copy in the split that matters most for honest scores.
 SPLIT_PRIORITY = {"test": 0, "validation": 1, "train": 2}
-_WHITESPACE = re.compile(r"\s+")
-
-
-class WindowingConfig(BaseModel):
-    """How texts longer than max_length are fed to the model, in training and wherever the model predicts."""
-
-    model_config = ConfigDict(frozen=True)
-
-    max_length: int = Field(default=128, ge=8, le=8192, description="Tokens the model reads at once (one window).")
-    truncation: Truncation = Field(
-        default="head",
-        description="Texts longer than max_length: 'head' keeps the start, 'tail' the end, 'head+tail' both ends, "
-        "'chunks' classifies overlapping windows over the whole text and averages their logits.",
-    )
-    head_share: float = Field(default=0.25, ge=0, le=1, description="head+tail: share of the window from the start.")
-    chunk_overlap: float = Field(
-        default=0.25, ge=0, lt=0.5, description="chunks: share of a window that the next window repeats."
-    )
-    max_chunks: int = Field(default=32, ge=1, le=1024, description="chunks: most windows per text when predicting.")
-    chunks_per_training_text: int = Field(
-        default=1,
-        ge=1,
-        le=1024,
-        description="chunks: windows of one training text that the model trains on (the first, then spread evenly "
-        "to the last); validation and test always use every window.",
-    )
-
-    def windowing(self) -> Windowing:
-        return Windowing(
-            strategy=self.truncation,
-            max_length=self.max_length,
-            head_share=self.head_share,
-            chunk_overlap=self.chunk_overlap,
-            max_chunks=self.max_chunks,
-        )
 
 
 class PreprocessConfig(WindowingConfig):
@@ -75,49 +38,6 @@ class PreprocessConfig(WindowingConfig):
         default=0.1, gt=0, lt=0.5, description="Share of the data held out for the test (sources without splits)."
     )
     seed: int = Field(default=42, ge=0, description="Seed of the stratified split.")
-
-
-class PreparedDataset(BaseModel):
-    """A reference to the preprocessed data: `path` holds splits.parquet, labels.json and tokenized/."""
-
-    model_config = ConfigDict(frozen=True)
-
-    path: Path
-    cache_key: str
-    data_version: str
-    label_names: list[str]
-    split_sizes: dict[str, int]
-    duplicates_removed: int
-    windowing: WindowingConfig
-    cache_hit: bool
-
-    @property
-    def max_length(self) -> int:
-        return self.windowing.max_length
-
-    @property
-    def splits_path(self) -> Path:
-        return self.path / "splits.parquet"
-
-    @property
-    def tokenized_path(self) -> Path:
-        return self.path / "tokenized"
-
-    def split(self, name: str) -> pd.DataFrame:
-        frame = pd.read_parquet(self.splits_path)
-        return frame[frame["split"] == name].reset_index(drop=True)
-
-
-def clean_text(text: str) -> str:
-    """Normalise without changing meaning: HTML entities (also double-escaped ones such as `&amp;#039;`),
-    Unicode NFKC, and runs of whitespace collapsed to one space."""
-    for _ in range(2):
-        unescaped = html.unescape(text)
-        if unescaped == text:
-            break
-        text = unescaped
-    text = unicodedata.normalize("NFKC", text)
-    return _WHITESPACE.sub(" ", text).strip()
 
 
 def drop_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
