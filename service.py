@@ -9,14 +9,14 @@ which the built Bento keeps; `TEXTCLF_BENTO_MODEL` names the model when serving 
 from __future__ import annotations
 
 import logging
-import os
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import bentoml
 from bentoml.validators import ContentType
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from tasks.serving.abstention import UNKNOWN_LABEL, answer_label, check_label_names
+from tasks.serving.asgi import ASGIApp, Receive, Scope, Send
 from tasks.serving.http_guard import (
     BearerTokenAuth,
     RequestGuard,
@@ -26,7 +26,7 @@ from tasks.serving.http_guard import (
     one_line_client_errors,
 )
 from tasks.serving.request_log import RequestLogMiddleware, RequestLogSettings
-from tasks.serving.settings import env_bool, env_number
+from tasks.serving.settings import ServingSettings
 from tasks.serving.windows import has_visible_character
 
 # Documented request limits (README, OpenAPI): bad input gets a 400 that names the limit, never a 500.
@@ -36,44 +36,44 @@ MAX_TEXT_CHARS = 20_000
 # bounds the tokens a request makes the server read (tokenizing is the cost of long texts: one request of 64 x
 # 20,000 characters tied the server up for 3-6 s); 128,000 is 64 news articles of 2,000 characters.
 MAX_REQUEST_CHARS = 128_000
-# Adaptive batching, chosen by measurement (bench/overload.py, wrk, one news article per request, 64 connections):
-# batches of up to 32 texts served 157 requests/s with ONNX int8 (p99 633 ms) against 113 (p99 1,021 ms) at 64, and
-# 46.8 against 40.5 with PyTorch: smaller batches pad less and wait less. Overload is handled in front of BentoML's
-# dispatcher (tasks/serving/http_guard.py: at most 64 requests inside, a bounded queue, 503 with Retry-After), so the
-# dispatcher's own shedding (a 503 when a request's estimated latency exceeds max_latency_ms, which refused 92 % of
-# 256 clients at 1,000 ms) is set out of the way.
+# Adaptive batching: the defaults of tasks/serving/settings.py (where the measurement that chose them is described),
+# repeated as plain numbers for bench/serving_load.py, which reads them from this source (tests/test_settings.py
+# checks they agree).
 MAX_BATCH_SIZE = 32
 MAX_LATENCY_MS = 30000
 CLASSIFY_PATH = "/classify"  # the route of the `classify` API; the middlewares below and tracing name it too
 
-# Start-up switches, read once at import (for benchmarks, bench/serving_load.py; unset = the settings above):
-# TEXTCLF_ADAPTIVE_BATCHING=false serves `classify` unbatched (each request is its own forward pass, one at a
-# time); TEXTCLF_MAX_BATCH_SIZE (>= 2, BentoML's minimum) and TEXTCLF_MAX_LATENCY_MS (>= 1) override the
-# constants above. Anything but "false" (any case) keeps adaptive batching on; a bad number stops the start-up.
-ADAPTIVE_BATCHING = os.environ.get("TEXTCLF_ADAPTIVE_BATCHING", "").strip().lower() != "false"
-BATCH_SIZE = env_number("TEXTCLF_MAX_BATCH_SIZE", MAX_BATCH_SIZE, int, minimum=2)
-BATCH_LATENCY_MS = env_number("TEXTCLF_MAX_LATENCY_MS", MAX_LATENCY_MS, int, minimum=1)
-# Request log (tasks/serving/request_log.py): one row per served text, written off the request path as Parquet files.
-# TEXTCLF_REQUEST_LOG=false switches it off; TEXTCLF_REQUEST_LOG_DIR (default <TEXTCLF_HOME or .textclf>/request-log,
-# relative to the server's working directory), TEXTCLF_REQUEST_LOG_TEXT=true keeps the texts (default: hashes only),
-# TEXTCLF_REQUEST_LOG_FLUSH_SECONDS (5) and TEXTCLF_REQUEST_LOG_MAX_RECORDS (10,000). A bad value stops the start-up.
-REQUEST_LOG = RequestLogSettings.from_env()
-# Tracing. BentoML wraps every request in OpenTelemetry spans even when no exporter is configured (its default):
-# spans nobody receives, which cost `classify` 15-20 % of the server's requests/s (bench/serving_load.py). So
-# `classify` is left out of BentoML's tracing (its `tracing.excluded_urls`) unless TEXTCLF_TRACING=true, and
-# RequestIdMiddleware gives each request what the span gave it: the X-BentoML-Request-ID header (which the request
-# log records) and trace and span ids in the server's log lines. Set TEXTCLF_TRACING=true together with BentoML's
-# tracing configuration (an exporter) to have BentoML trace `classify`; a bad value stops the start-up.
-TRACE_CLASSIFY = env_bool("TEXTCLF_TRACING", False)
-# Body size, admission and queueing (tasks/serving/http_guard.py ServingLimits): TEXTCLF_MAX_BODY_BYTES (8 MiB),
-# TEXTCLF_MAX_IN_FLIGHT (64), TEXTCLF_MAX_QUEUED (512), TEXTCLF_QUEUE_TIMEOUT_SECONDS (2); a bad value stops the start-up.
-LIMITS = ServingLimits.from_env()
-# TEXTCLF_FORGET_BATCH_WAIT=false keeps BentoML's dispatcher as it is (for bench/overload.py's comparison).
-FORGET_BATCH_WAIT = env_bool("TEXTCLF_FORGET_BATCH_WAIT", True)
-# Abstaining (tasks/serving/abstention.py): TEXTCLF_MIN_CONFIDENCE (0 to 1; unset = never abstain) answers `label` "unknown"
-# for texts whose top-class probability is below it (probabilities still given). The training run suggests a value
-# (MLflow metric `suggested_min_confidence`, README "Abstaining"); a bad value stops the start-up.
-MIN_CONFIDENCE = env_number("TEXTCLF_MIN_CONFIDENCE", None, float, minimum=0, maximum=1)
+# Every environment variable the service reads, read once, here, at import (so at the server's start-up): a bad value
+# stops the start-up with a message naming the variable, the value and the default (tasks/serving/settings.py,
+# README "Configuration"). What each does:
+# - TEXTCLF_ADAPTIVE_BATCHING=false serves `classify` unbatched (each request is its own forward pass, one at a
+#   time); TEXTCLF_MAX_BATCH_SIZE (>= 2, BentoML's minimum) and TEXTCLF_MAX_LATENCY_MS (>= 1) override the
+#   defaults above (for benchmarks, bench/serving_load.py).
+# - The request log (tasks/serving/request_log.py): one row per served text, written off the request path as Parquet
+#   files; TEXTCLF_REQUEST_LOG=false switches it off, TEXTCLF_REQUEST_LOG_DIR, _TEXT, _FLUSH_SECONDS, _MAX_RECORDS.
+# - Tracing. BentoML wraps every request in OpenTelemetry spans even when no exporter is configured (its default):
+#   spans nobody receives, which cost `classify` 15-20 % of the server's requests/s (bench/serving_load.py). So
+#   `classify` is left out of BentoML's tracing (its `tracing.excluded_urls`) unless TEXTCLF_TRACING=true, and
+#   RequestIdMiddleware gives each request what the span gave it: the X-BentoML-Request-ID header (which the request
+#   log records) and trace and span ids in the server's log lines. Set TEXTCLF_TRACING=true together with BentoML's
+#   tracing configuration (an exporter) to have BentoML trace `classify`.
+# - Body size, admission and queueing (tasks/serving/http_guard.py ServingLimits): TEXTCLF_MAX_BODY_BYTES,
+#   TEXTCLF_MAX_IN_FLIGHT, TEXTCLF_MAX_QUEUED, TEXTCLF_QUEUE_TIMEOUT_SECONDS.
+# - TEXTCLF_FORGET_BATCH_WAIT=false keeps BentoML's dispatcher as it is (for bench/overload.py's comparison).
+# - Abstaining (tasks/serving/abstention.py): TEXTCLF_MIN_CONFIDENCE (0 to 1; unset = never abstain) answers `label`
+#   "unknown" for texts whose top-class probability is below it (probabilities still given). The training run
+#   suggests a value (MLflow metric `suggested_min_confidence`, README "Abstaining").
+# - TEXTCLF_API_TOKEN: the bearer token every path but health, metrics and the docs needs (unset: none).
+# - TEXTCLF_BENTO_MODEL: the model served from the repository (a built Bento keeps its own, `model_tag`).
+SETTINGS = ServingSettings.load()
+ADAPTIVE_BATCHING = SETTINGS.adaptive_batching
+BATCH_SIZE = SETTINGS.max_batch_size
+BATCH_LATENCY_MS = SETTINGS.max_latency_ms
+REQUEST_LOG = RequestLogSettings.from_settings(SETTINGS)
+TRACE_CLASSIFY = SETTINGS.tracing
+LIMITS = ServingLimits.from_settings(SETTINGS)
+FORGET_BATCH_WAIT = SETTINGS.forget_batch_wait
+MIN_CONFIDENCE = SETTINGS.min_confidence
 
 
 def _not_blank(text: str) -> str:
@@ -129,7 +129,7 @@ class RequestIdMiddleware:
     give it (the X-BentoML-Request-ID header and the request id of log records), and a non-recording span with
     random trace and span ids is current while it runs, so log lines carry `(trace=..,span=..,sampled=0)` as usual."""
 
-    def __init__(self, app, paths: tuple[str, ...]):
+    def __init__(self, app: ASGIApp, paths: tuple[str, ...]):
         # BentoML 1.4 keeps the request id and its final configuration (read here, in the server) in these.
         from bentoml._internal.configuration.containers import BentoMLContainer
         from bentoml._internal.context import trace_context
@@ -147,7 +147,7 @@ class RequestIdMiddleware:
                 ", ".join(sorted(self.paths)),
             )
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") not in self.paths:
             await self.app(scope, receive, send)
             return
@@ -179,10 +179,7 @@ MODEL_INFO = bentoml.metrics.Gauge(
 )
 class TextClassifierService:
     # The model is fixed when the Bento is built (a Bento argument stored in the Bento), never "whatever is latest".
-    model_ref = bentoml.models.BentoModel(
-        bentoml.use_arguments().__dict__.get("model_tag")
-        or os.environ.get("TEXTCLF_BENTO_MODEL", "text-classifier:latest")
-    )
+    model_ref = bentoml.models.BentoModel(bentoml.use_arguments().__dict__.get("model_tag") or SETTINGS.bento_model)
 
     def __init__(self) -> None:
         from tasks.serving.classifier import TextClassifier  # heavy imports (torch, transformers) only in the worker
@@ -199,7 +196,7 @@ class TextClassifierService:
             runtime=getattr(self.classifier, "runtime", "pytorch"),
         ).set(1)
 
-    @bentoml.api(
+    @bentoml.api(  # type: ignore[untyped-decorator]  # BentoML's SDK (_bentoml_sdk) ships no type information
         route=CLASSIFY_PATH, batchable=ADAPTIVE_BATCHING, max_batch_size=BATCH_SIZE, max_latency_ms=BATCH_LATENCY_MS
     )
     def classify(
@@ -237,13 +234,15 @@ bound_metric_labels()
 if FORGET_BATCH_WAIT:
     forget_stale_batch_wait()
 one_line_client_errors()
-# Middlewares, outermost first.
+# Middlewares, outermost first. `@bentoml.service` made the class a bentoml Service, which mypy cannot see (it does not
+# apply class decorators), and BentoML's SDK has no type information: its methods are reached through `Any`.
+SERVICE = cast(Any, TextClassifierService)
 if not TRACE_CLASSIFY:  # added first: it wraps the other middlewares, so they all run with the request id set
-    TextClassifierService.add_asgi_middleware(RequestIdMiddleware, paths=(CLASSIFY_PATH,))
-if os.environ.get("TEXTCLF_API_TOKEN"):  # before admission: a request without the token never takes a slot
-    TextClassifierService.add_asgi_middleware(BearerTokenAuth, token=os.environ["TEXTCLF_API_TOKEN"])
-TextClassifierService.add_asgi_middleware(RequestGuard, limits=LIMITS, api_paths=(CLASSIFY_PATH,))
+    SERVICE.add_asgi_middleware(RequestIdMiddleware, paths=(CLASSIFY_PATH,))
+if SETTINGS.api_token:  # before admission: a request without the token never takes a slot
+    SERVICE.add_asgi_middleware(BearerTokenAuth, token=SETTINGS.api_token.get_secret_value())
+SERVICE.add_asgi_middleware(RequestGuard, limits=LIMITS, api_paths=(CLASSIFY_PATH,))
 # Added after the auth middleware, so it runs inside it: it logs `classify` requests answered 200, with their whole
 # server-side latency (body, validation, waiting for the adaptive batch, forward pass, answer).
 if REQUEST_LOG.enabled:
-    TextClassifierService.add_asgi_middleware(RequestLogMiddleware, settings=REQUEST_LOG, paths=(CLASSIFY_PATH,))
+    SERVICE.add_asgi_middleware(RequestLogMiddleware, settings=REQUEST_LOG, paths=(CLASSIFY_PATH,))

@@ -7,6 +7,7 @@ Depends only on numpy, so the service and the MLflow model can import it cheaply
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -71,7 +72,7 @@ def accuracy_coverage_curve(confidence: np.ndarray, correct: np.ndarray) -> tupl
 
 
 def plot_accuracy_coverage(
-    path,
+    path: str | os.PathLike[str],
     curves: dict[str, tuple[np.ndarray, np.ndarray]],
     title: str,
     marks: dict[str, tuple[float, float]] | None = None,
@@ -85,10 +86,10 @@ def plot_accuracy_coverage(
     figure, axes = plt.subplots(figsize=(5.5, 4.5))
     for label, (coverage, accuracy) in curves.items():
         axes.plot(coverage, accuracy, label=label)
-    for label, (coverage, accuracy) in (marks or {}).items():
-        axes.plot([coverage], [accuracy], "o", color="black")
+    for label, (mark_coverage, mark_accuracy) in (marks or {}).items():
+        axes.plot([mark_coverage], [mark_accuracy], "o", color="black")
         axes.annotate(
-            label, (coverage, accuracy), textcoords="offset points", xytext=(-10, -14), ha="right", fontsize=8
+            label, (mark_coverage, mark_accuracy), textcoords="offset points", xytext=(-10, -14), ha="right", fontsize=8
         )
     axes.set_xlabel("coverage (share of texts answered)")
     axes.set_ylabel("accuracy on the answered texts")

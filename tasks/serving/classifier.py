@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -97,11 +98,12 @@ class TextClassifier:
         return frame
 
 
-def as_texts(model_input) -> list[str]:
+def as_texts(model_input: Any) -> list[str]:
     """Accept what MLflow users pass: a list of strings, a Series, or a DataFrame with a `text` column."""
     if isinstance(model_input, pd.DataFrame):
         column = "text" if "text" in model_input.columns else model_input.columns[0]
-        return model_input[column].astype(str).tolist()
+        texts: list[str] = model_input[column].astype(str).tolist()
+        return texts
     if isinstance(model_input, (pd.Series, np.ndarray)):
         return [str(t) for t in model_input.tolist()]
     if isinstance(model_input, str):

@@ -18,7 +18,7 @@ bearer auth, one-line logs for client errors, truthful OpenAPI, and route-bounde
 - `bound_metric_labels()`: BentoML labels its HTTP metrics with the raw request path, so every unknown path became
   a new series (5,000 paths: /metrics 127 KB -> 21 MB). Paths that match no route are labelled `/unmatched`.
 
-Standard library only (it ships in the Bento, bentofile.yaml `include`)."""
+Standard library only, besides the serving settings (it ships in the Bento, bentofile.yaml `include`)."""
 
 from __future__ import annotations
 
@@ -29,11 +29,12 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.serving.settings import env_number
+from tasks.serving.asgi import ASGIApp, Message, Receive, Scope, Send
+from tasks.serving.settings import AdmissionEnv
 
 logger = logging.getLogger("textclf.serving")
 logger.setLevel(logging.INFO)
@@ -51,30 +52,31 @@ OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schem
 
 @dataclass(frozen=True)
 class ServingLimits:
-    """Request limits and admission. Defaults chosen by measurement (bench/serving_load.py, README "Serving")."""
+    """Request limits and admission; the defaults are those of tasks/serving/settings.py `AdmissionEnv` (chosen by
+    measurement: bench/serving_load.py, README "Serving")."""
 
-    max_body_bytes: int = 8 * 1024 * 1024  # 64 texts x 20,000 characters, even as \\uXXXX escapes, fit
-    max_in_flight: int = 64  # requests inside BentoML at once (about one adaptive batch of 64 one-text requests)
-    max_queued: int = 512  # requests waiting for admission; beyond it a request gets 503 at once
-    queue_timeout_seconds: float = 2.0  # the longest a request waits for admission before its 503
+    max_body_bytes: int = AdmissionEnv.model_fields["max_body_bytes"].default
+    max_in_flight: int = AdmissionEnv.model_fields["max_in_flight"].default
+    max_queued: int = AdmissionEnv.model_fields["max_queued"].default
+    queue_timeout_seconds: float = AdmissionEnv.model_fields["queue_timeout_seconds"].default
     retry_after_seconds: int = 1
 
     @classmethod
-    def from_env(cls, environ=None) -> ServingLimits:
-        """TEXTCLF_MAX_BODY_BYTES, TEXTCLF_MAX_IN_FLIGHT, TEXTCLF_MAX_QUEUED, TEXTCLF_QUEUE_TIMEOUT_SECONDS; a bad
-        value raises a ValueError naming the variable (the server does not start)."""
-        import os
-
-        environ = os.environ if environ is None else environ
-        default = cls()
+    def from_settings(cls, settings: AdmissionEnv) -> ServingLimits:
+        """The admission part of the serving settings (TEXTCLF_MAX_BODY_BYTES, TEXTCLF_MAX_IN_FLIGHT,
+        TEXTCLF_MAX_QUEUED, TEXTCLF_QUEUE_TIMEOUT_SECONDS)."""
         return cls(
-            max_body_bytes=env_number("TEXTCLF_MAX_BODY_BYTES", default.max_body_bytes, int, 1024, environ),
-            max_in_flight=env_number("TEXTCLF_MAX_IN_FLIGHT", default.max_in_flight, int, 1, environ),
-            max_queued=env_number("TEXTCLF_MAX_QUEUED", default.max_queued, int, 0, environ),
-            queue_timeout_seconds=float(
-                env_number("TEXTCLF_QUEUE_TIMEOUT_SECONDS", default.queue_timeout_seconds, float, 0, environ)
-            ),
+            max_body_bytes=settings.max_body_bytes,
+            max_in_flight=settings.max_in_flight,
+            max_queued=settings.max_queued,
+            queue_timeout_seconds=settings.queue_timeout_seconds,
         )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingLimits:
+        """The same from the process environment (or `environ`); a bad value raises a ValueError naming the
+        variable (the server does not start)."""
+        return cls.from_settings(AdmissionEnv.load(environ))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -82,19 +84,20 @@ class ServingLimits:
 # ----------------------------------------------------------------------------------------------------------
 
 
-async def send_json(send, status: int, body: dict, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+async def send_json(send: Send, status: int, body: dict[str, Any], headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
     await send({"type": "http.response.start", "status": status, "headers": [*JSON_HEADERS, *headers]})
     await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
-def header(scope, name: bytes) -> str | None:
+def header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers") or ():
         if key.lower() == name:
-            return value.decode("latin-1")
+            decoded: str = value.decode("latin-1")
+            return decoded
     return None
 
 
-async def drain(receive) -> None:
+async def drain(receive: Receive) -> None:
     """Read the rest of a request body we refused (so the connection can be reused), without keeping it."""
     while True:
         message = await receive()
@@ -151,7 +154,7 @@ class Admission:
     def __init__(self, max_in_flight: int, max_queued: int, timeout: float):
         self.max_in_flight, self.max_queued, self.timeout = max_in_flight, max_queued, timeout
         self.in_flight = 0
-        self.waiters: collections.deque[asyncio.Future] = collections.deque()
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     def try_acquire(self) -> bool:
         """Take a slot if one is free and nobody waits for one (the common case: no task, no timer)."""
@@ -183,7 +186,7 @@ class Admission:
             timer.cancel()
 
     @staticmethod
-    def _expire(waiter: asyncio.Future) -> None:
+    def _expire(waiter: asyncio.Future[None]) -> None:
         if not waiter.done():
             waiter.set_exception(AtCapacity("queue timeout"))
 
@@ -204,13 +207,13 @@ class Admission:
 class RequestGuard:
     """ASGI middleware; see the module docstring. `api_paths` are the POST APIs it guards and admits."""
 
-    def __init__(self, app, limits: ServingLimits, api_paths: tuple[str, ...] = ("/classify",)):
+    def __init__(self, app: ASGIApp, limits: ServingLimits, api_paths: tuple[str, ...] = ("/classify",)):
         self.app, self.limits, self.api_paths = app, limits, frozenset(api_paths)
         self.admission = Admission(limits.max_in_flight, limits.max_queued, limits.queue_timeout_seconds)
         self.rejected = 0
         self._last_rejection_log = 0.0
 
-    def _at_capacity_body(self) -> dict:
+    def _at_capacity_body(self) -> dict[str, Any]:
         return {
             "error": (
                 f"The server is at capacity ({self.limits.max_in_flight} requests in progress and "
@@ -219,7 +222,7 @@ class RequestGuard:
             )
         }
 
-    async def _reject_at_capacity(self, send, reason: str) -> None:
+    async def _reject_at_capacity(self, send: Send, reason: str) -> None:
         self.rejected += 1
         now = time.monotonic()
         if now - self._last_rejection_log >= 1.0:  # one line a second at most, however many are refused
@@ -235,7 +238,7 @@ class RequestGuard:
             send, 503, self._at_capacity_body(), [(b"retry-after", str(self.limits.retry_after_seconds).encode())]
         )
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -257,7 +260,7 @@ class RequestGuard:
                 },
             )
 
-    async def _guarded_api(self, scope, receive, send):
+    async def _guarded_api(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("method") != "POST":
             await drain(receive)
             await send_json(
@@ -283,7 +286,8 @@ class RequestGuard:
             await send_json(send, 413, too_large)
             return
         # Read the whole body here (bounded), before admission: a slow or oversized upload never holds a slot.
-        chunks, size = [], 0
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -299,7 +303,7 @@ class RequestGuard:
                 break
         # Wait for admission, unless the client goes away first: a request nobody waits for anymore leaves the queue
         # (after a load, the server would otherwise work off the abandoned queue before a new request's turn).
-        disconnect: asyncio.Future | None = None
+        disconnect: asyncio.Future[Message] | None = None
         if not self.admission.try_acquire():
             disconnect = await self._wait_for_admission(receive, send)
             if disconnect is None:
@@ -307,7 +311,7 @@ class RequestGuard:
         body = b"".join(chunks)
         delivered = False
 
-        async def replay():
+        async def replay() -> Message:
             nonlocal delivered
             if not delivered:
                 delivered = True
@@ -317,7 +321,7 @@ class RequestGuard:
 
         rewrite = False
 
-        async def send_checked(message):
+        async def send_checked(message: Message) -> None:
             nonlocal rewrite
             if message["type"] == "http.response.start" and message["status"] == 503:
                 rewrite = True  # BentoML's dispatcher shed it: answer as the admission would
@@ -335,7 +339,7 @@ class RequestGuard:
             if disconnect is not None:
                 disconnect.cancel()
 
-    async def _wait_for_admission(self, receive, send) -> asyncio.Future | None:
+    async def _wait_for_admission(self, receive: Receive, send: Send) -> asyncio.Future[Message] | None:
         """Wait in the queue for a slot; None when refused (503 sent) or when the client left first. Otherwise the
         pending `receive()` that watched for the disconnect, which the request goes on using."""
         admitted = asyncio.ensure_future(self.admission.acquire())
@@ -354,11 +358,11 @@ class RequestGuard:
             return None
         return disconnect
 
-    async def _openapi(self, scope, receive, send):
+    async def _openapi(self, scope: Scope, receive: Receive, send: Send) -> None:
         start: dict[str, Any] = {}
         parts: list[bytes] = []
 
-        async def capture(message):
+        async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
                 start.update(message)
             elif message["type"] == "http.response.body":
@@ -391,10 +395,10 @@ class BearerTokenAuth:
     """When a token is configured, every path but health, metrics and the docs needs `Authorization: Bearer
     <token>`; the scheme is case-insensitive (RFC 7235), the token compared in constant time."""
 
-    def __init__(self, app, token: str):
+    def __init__(self, app: ASGIApp, token: str):
         self.app, self.expected = app, token.encode()
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] == "http" and path != "/" and not path.startswith(OPEN_PATHS):  # "/" is the docs UI
             scheme, _, given = (header(scope, b"authorization") or "").strip().partition(" ")
@@ -480,7 +484,7 @@ VALIDATION_ERROR_SCHEMA = {
 }
 
 
-def openapi_document(document: dict, limits: ServingLimits) -> dict:
+def openapi_document(document: dict[str, Any], limits: ServingLimits) -> dict[str, Any]:
     """BentoML's OpenAPI document with the error answers the service really gives and the bearer scheme."""
     info = document.setdefault("info", {})
     info["description"] = (
@@ -500,8 +504,8 @@ def openapi_document(document: dict, limits: ServingLimits) -> dict:
         "description": "Needed when the server runs with TEXTCLF_API_TOKEN; health, metrics and docs stay open.",
     }
 
-    def error(description: str, schema: str = "Error", headers: dict | None = None) -> dict:
-        answer = {
+    def error(description: str, schema: str = "Error", headers: dict[str, Any] | None = None) -> dict[str, Any]:
+        answer: dict[str, Any] = {
             "description": description,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
         }
@@ -545,11 +549,12 @@ def openapi_document(document: dict, limits: ServingLimits) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def route_table(app) -> tuple[frozenset[str], tuple[str, ...]]:
+def route_table(app: Any) -> tuple[frozenset[str], tuple[str, ...]]:
     """The exact paths and the path prefixes (mounts, parametrised routes) the Starlette `app` routes."""
     cached = _ROUTES.get(id(app))
     if cached is None:
-        exact, prefixes = set(), set()
+        exact: set[str] = set()
+        prefixes: set[str] = set()
         for route in getattr(app, "routes", ()):
             path = getattr(route, "path", None)
             if not isinstance(path, str):
@@ -565,7 +570,7 @@ def route_table(app) -> tuple[frozenset[str], tuple[str, ...]]:
 _ROUTES: dict[int, tuple[frozenset[str], tuple[str, ...]]] = {}
 
 
-def is_routed(scope) -> bool:
+def is_routed(scope: Scope) -> bool:
     """Whether the request's path matches one of the server's routes (the Starlette app is `scope["app"]`)."""
     exact, prefixes = route_table(scope.get("app"))
     path = scope.get("path", "")
@@ -584,15 +589,15 @@ def bound_metric_labels() -> None:
         return
     original = RunnerTrafficMetricsMiddleware.__call__
 
-    async def labelled(self, scope, receive, send):
+    async def labelled(self: Any, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") == "http" and "app" in scope and not is_routed(scope):
             scope = dict(
                 scope, path=UNMATCHED_PATH, raw_path=UNMATCHED_PATH.encode(), **{"textclf.path": scope.get("path", "")}
             )
         await original(self, scope, receive, send)
 
-    RunnerTrafficMetricsMiddleware.__call__ = labelled
-    RunnerTrafficMetricsMiddleware._textclf_bounded = True
+    setattr(RunnerTrafficMetricsMiddleware, "__call__", labelled)  # noqa: B010  (a method patched, on purpose)
+    setattr(RunnerTrafficMetricsMiddleware, "_textclf_bounded", True)  # noqa: B010
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -613,14 +618,14 @@ def forget_stale_batch_wait() -> None:
         return
     original = Optimizer.log_outbound
 
-    def log_outbound(self, n: int, wait: float, duration: float):
+    def log_outbound(self: Any, n: int, wait: float, duration: float) -> None:
         if n == 1 and self.wait > 0:
             self.o_stat = collections.deque(
                 ((size, took, 0.0) for size, took, _ in self.o_stat), maxlen=self.o_stat.maxlen
             )
             self.wait = 0
             wait = 0.0
-        return original(self, n, wait, duration)
+        original(self, n, wait, duration)  # returns nothing (BentoML 1.4.39)
 
-    Optimizer.log_outbound = log_outbound
-    Optimizer._textclf_forgets = True
+    setattr(Optimizer, "log_outbound", log_outbound)  # noqa: B010  (a method patched, on purpose)
+    setattr(Optimizer, "_textclf_forgets", True)  # noqa: B010

@@ -25,8 +25,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 RUNTIME_FILE = "runtime.json"
 ONNX_DIR = "onnx"
@@ -54,7 +56,7 @@ def check_runtime(runtime: str) -> str:
     return runtime
 
 
-def read_runtime_file(model_dir: str | Path) -> dict:
+def read_runtime_file(model_dir: str | Path) -> dict[str, Any]:
     """The folder's runtime.json, or {"runtime": "pytorch"} when there is none. Raises RuntimeFileError when it
     cannot be read or names an unknown runtime."""
     model_dir = Path(model_dir)
@@ -62,7 +64,7 @@ def read_runtime_file(model_dir: str | Path) -> dict:
     if not path.exists():
         return {"runtime": PYTORCH}
     try:
-        spec = json.loads(path.read_text())
+        spec: dict[str, Any] = json.loads(path.read_text())
         runtime = spec["runtime"]
         check_runtime(runtime)
         if runtime != PYTORCH and not spec.get("file"):
@@ -76,7 +78,8 @@ def read_runtime_file(model_dir: str | Path) -> dict:
 
 def folder_runtime(model_dir: str | Path) -> str:
     """The runtime a model folder answers with by default: what its runtime.json says, else PyTorch."""
-    return read_runtime_file(model_dir)["runtime"]
+    runtime: str = read_runtime_file(model_dir)["runtime"]
+    return runtime
 
 
 def sha256_of(path: Path) -> str:
@@ -128,11 +131,11 @@ class OnnxLogits:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
 
-    def __call__(self, tokenizer, input_ids: list[list[int]]) -> np.ndarray:
+    def __call__(self, tokenizer: Any, input_ids: list[list[int]]) -> npt.NDArray[np.float32]:
         """Logits of one batch of windows (each a list of token ids with special tokens), padded as the tokenizer
         pads; the session gets the inputs it declares (BERT: input_ids, attention_mask, token_type_ids)."""
         batch = tokenizer.pad({"input_ids": input_ids}, return_tensors="np")
-        feed = {}
+        feed: dict[str, npt.NDArray[np.int64]] = {}
         for name in self.input_names:
             if name in batch:
                 feed[name] = np.asarray(batch[name], dtype=np.int64)
@@ -143,7 +146,7 @@ class OnnxLogits:
         return np.asarray(self.session.run([self.output_name], feed)[0], dtype=np.float32)
 
 
-def _write_json_atomically(path: Path, payload: dict) -> None:
+def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w") as file:
@@ -154,7 +157,7 @@ def _write_json_atomically(path: Path, payload: dict) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def install_runtime(model_dir: str | Path, source_dir: str | Path) -> dict:
+def install_runtime(model_dir: str | Path, source_dir: str | Path) -> dict[str, Any]:
     """Make `model_dir` answer with the runtime described by `source_dir/runtime.json` (its ONNX file beside it,
     under onnx/). The ONNX folder is copied to a temporary folder, checked, and renamed into place; runtime.json is
     written last, so an interrupted install leaves the folder answering as before. Returns the runtime spec."""

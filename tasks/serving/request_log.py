@@ -20,7 +20,8 @@ the body, validation, waiting for its adaptive batch, the forward pass and writi
   kill can lose is what had not reached the thread yet: milliseconds of traffic (bench/request_log_crash.py).
 - `read_request_log(log_dir, since, until)` reads them back as one pandas DataFrame (the drift flow's input).
 
-Settings (environment, read once by `RequestLogSettings.from_env()`; a bad value raises a ValueError naming it):
+Settings (tasks/serving/settings.py `RequestLogEnv`, part of `ServingSettings`, which service.py reads once and
+hands over as `RequestLogSettings.from_settings(...)`; a bad value raises a ValueError naming it):
 TEXTCLF_REQUEST_LOG (default true), TEXTCLF_REQUEST_LOG_DIR (default `<TEXTCLF_HOME or .textclf>/request-log`,
 a relative path resolved against the server's working directory when the server starts; for a built Bento BentoML
 makes that the Bento's own `src` folder, so give an absolute path there, as `textclf serve` does),
@@ -46,14 +47,19 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qs
 
 from tasks.common.processes import process_alive
-from tasks.serving.settings import env_bool, env_number
+from tasks.serving.asgi import ASGIApp, Message, Receive, Scope, Send
+from tasks.serving.settings import DEFAULT_FLUSH_SECONDS, DEFAULT_MAX_RECORDS, RequestLogEnv
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
 
 logger = logging.getLogger("textclf.request_log")
 logger.setLevel(logging.INFO)  # its start-up and shutdown lines show in the server's log
@@ -72,17 +78,22 @@ COLUMNS = (
 )
 FILE_PREFIX = "requests-"
 FILE_PATTERN = "requests-*.parquet"
-DEFAULT_FLUSH_SECONDS = 5.0
-DEFAULT_MAX_RECORDS = 10_000
 _TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 # A file is skipped by `since` only when it was written this long before `since` (its rows are all older than its
 # name's time; the margin covers a wall clock stepped backwards between a request and the write).
 _PRUNE_MARGIN = dt.timedelta(minutes=10)
-_STOP = object()
+
+
+class _Stop:
+    """The writer thread's stop signal in its queue."""
+
+
+_STOP = _Stop()
+Record = dict[str, Any]  # one row of the log: COLUMNS to values
 JOURNAL_PREFIX = ".journal-"
 
 
-def schema():
+def schema() -> pa.Schema:
     """The Arrow schema of the log files (pyarrow imported on first use)."""
     import pyarrow as pa
 
@@ -116,23 +127,21 @@ class RequestLogSettings:
     max_records: int = DEFAULT_MAX_RECORDS
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> RequestLogSettings:
-        """The TEXTCLF_REQUEST_LOG* variables; a bad value raises a ValueError that names the variable."""
-        environ = os.environ if environ is None else environ
-        raw_dir = environ.get("TEXTCLF_REQUEST_LOG_DIR", "").strip()
-        if raw_dir:
-            directory = Path(raw_dir).expanduser()
-        else:
-            directory = Path(environ.get("TEXTCLF_HOME", "").strip() or ".textclf").expanduser() / "request-log"
+    def from_settings(cls, settings: RequestLogEnv) -> RequestLogSettings:
+        """The request log's part of the serving settings (tasks/serving/settings.py)."""
         return cls(
-            enabled=env_bool("TEXTCLF_REQUEST_LOG", True, environ),
-            directory=directory,
-            log_text=env_bool("TEXTCLF_REQUEST_LOG_TEXT", False, environ),
-            flush_seconds=float(
-                env_number("TEXTCLF_REQUEST_LOG_FLUSH_SECONDS", DEFAULT_FLUSH_SECONDS, float, 0.01, environ)
-            ),
-            max_records=env_number("TEXTCLF_REQUEST_LOG_MAX_RECORDS", DEFAULT_MAX_RECORDS, int, 1, environ),
+            enabled=settings.request_log,
+            directory=settings.request_log_directory,
+            log_text=settings.request_log_text,
+            flush_seconds=settings.request_log_flush_seconds,
+            max_records=settings.request_log_max_records,
         )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RequestLogSettings:
+        """The TEXTCLF_REQUEST_LOG* variables (and TEXTCLF_HOME) of the process environment, or of `environ`; a bad
+        value raises a ValueError that names the variable."""
+        return cls.from_settings(RequestLogEnv.load(environ))
 
     def resolved_directory(self) -> Path:
         """The directory, a relative one resolved against the current working directory (call it in the server
@@ -172,7 +181,7 @@ def texts_from_request(content_type: str, body: bytes) -> list[str] | None:
             found = None
             for part in message.iter_parts():
                 if part.get_param("name", header="content-disposition") == "texts":
-                    found = part.get_payload(decode=True).decode("utf-8")
+                    found = cast(bytes, part.get_payload(decode=True)).decode("utf-8")
             return _as_texts(found) if found is not None else None
         if media == "application/x-www-form-urlencoded":
             values = parse_qs(body.decode("utf-8"), keep_blank_values=True).get("texts")
@@ -194,7 +203,7 @@ class ServedRequest:
     body: list[bytes]
     response: list[bytes]
 
-    def to_records(self, log_text: bool) -> list[dict]:
+    def to_records(self, log_text: bool) -> list[Record]:
         try:
             predictions = json.loads(b"".join(self.response))
         except ValueError:
@@ -210,7 +219,9 @@ class ServedRequest:
                 self.content_type,
                 len(predictions),
             )
-            texts = [None] * len(predictions)
+            row_texts: list[str | None] = [None] * len(predictions)
+        else:
+            row_texts = list(texts)
         request_id = self.request_id or uuid.uuid4().hex
         when = int(self.started_at * 1_000_000)
         return [
@@ -226,11 +237,11 @@ class ServedRequest:
                 "model_version": prediction.get("model_version"),
                 "latency_ms": self.latency_ms,
             }
-            for text, prediction in zip(texts, predictions)
+            for text, prediction in zip(row_texts, predictions)
         ]
 
 
-def _to_table(records: list[dict]):
+def _to_table(records: list[Record]) -> pa.Table:
     """Rows (dicts with COLUMNS; `time` as a datetime or as microseconds since the epoch) as an Arrow table."""
     import pyarrow as pa
 
@@ -245,7 +256,7 @@ def _to_table(records: list[dict]):
     return pa.Table.from_pydict(columns, schema=target)
 
 
-def _micros(value) -> int | None:
+def _micros(value: dt.datetime | float | str | None) -> int | None:
     if value is None or isinstance(value, int):
         return value
     if isinstance(value, dt.datetime):
@@ -280,7 +291,7 @@ class RequestLogWriter:
         self.files_written = 0
         self.records_lost = 0
         self.records_recovered = 0
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[ServedRequest | Iterable[Record] | _Stop] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._sequence = itertools.count(1)
@@ -313,7 +324,7 @@ class RequestLogWriter:
         atexit.register(self.close)
         return self
 
-    def put(self, item: ServedRequest | Iterable[dict]) -> None:
+    def put(self, item: ServedRequest | Iterable[Record]) -> None:
         """Queue one served request (or ready rows). Never blocks, never does I/O."""
         if self._closed and not self.running:  # after close(): rare (shutdown), written on the caller's thread
             self._write_now(self._records(item))
@@ -328,13 +339,13 @@ class RequestLogWriter:
         if self._thread is not None:
             self._queue.put(_STOP)
             self._thread.join(timeout)
-        left: list[dict] = []  # rows queued after the thread stopped (or when it never started)
+        left: list[Record] = []  # rows queued after the thread stopped (or when it never started)
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not _STOP:
+            if not isinstance(item, _Stop):
                 left += self._records(item)
         self._write_now(left)
         try:
@@ -342,14 +353,14 @@ class RequestLogWriter:
         except Exception:
             pass
 
-    def _records(self, item) -> list[dict]:
+    def _records(self, item: ServedRequest | Iterable[Record]) -> list[Record]:
         try:
             return item.to_records(self.log_text) if isinstance(item, ServedRequest) else list(item)
         except Exception:
             logger.exception("request log: could not turn a served request into rows")
             return []
 
-    def _write_now(self, records: list[dict]) -> None:
+    def _write_now(self, records: list[Record]) -> None:
         for start in range(0, len(records), self.max_records):
             chunk = records[start : start + self.max_records]
             if not self._write(chunk):
@@ -358,7 +369,7 @@ class RequestLogWriter:
 
     # --- journal: what a crash must not lose ---------------------------------------------------------------
 
-    def _journal_append(self, records: list[dict]) -> None:
+    def _journal_append(self, records: list[Record]) -> None:
         if not records or self._journal_broken:
             return
         try:
@@ -378,14 +389,15 @@ class RequestLogWriter:
                 error,
             )
 
-    def _journal_restart(self, remaining: list[dict]) -> None:
+    def _journal_restart(self, remaining: list[Record]) -> None:
         """The rows in the journal were written to Parquet: a new journal holds only `remaining`."""
         old_fd, old_file = self._journal_fd, self._journal_file
         self._journal_fd = self._journal_file = None
         self._journal_append(remaining)
         if old_fd is not None:
             os.close(old_fd)
-            old_file.unlink(missing_ok=True)
+            if old_file is not None:
+                old_file.unlink(missing_ok=True)
 
     def recover_journals(self) -> int:
         """Write the rows of journals left by processes that are gone (killed before they wrote them to Parquet)
@@ -414,10 +426,11 @@ class RequestLogWriter:
         return recovered
 
     def _run(self) -> None:
-        buffer: list[dict] = []
+        buffer: list[Record] = []
         oldest = 0.0  # monotonic time the oldest buffered row arrived
         stopping = False
         while not stopping:
+            item: ServedRequest | Iterable[Record] | _Stop | None
             try:
                 if buffer:
                     item = self._queue.get(timeout=max(0.001, oldest + self.flush_seconds - time.monotonic()))
@@ -425,7 +438,7 @@ class RequestLogWriter:
                     item = self._queue.get()
             except queue.Empty:
                 item = None
-            if item is _STOP:
+            if isinstance(item, _Stop):
                 stopping = True
             elif item is not None:
                 records = self._records(item)
@@ -456,7 +469,7 @@ class RequestLogWriter:
             os.close(self._journal_fd)
             self._journal_fd = None
 
-    def _write(self, records: list[dict]) -> bool:
+    def _write(self, records: list[Record]) -> bool:
         """One part file, written under a hidden temporary name and renamed: readers see whole files only."""
         import pyarrow.parquet as pq
 
@@ -486,7 +499,7 @@ class RequestLogMiddleware:
     first request) and is closed at the lifespan shutdown, which the server runs after its in-flight requests
     have been answered (SIGTERM to `bentoml serve`), so no served prediction is lost."""
 
-    def __init__(self, app, settings: RequestLogSettings, paths: Iterable[str] = ("/classify",)):
+    def __init__(self, app: ASGIApp, settings: RequestLogSettings, paths: Iterable[str] = ("/classify",)):
         self.app = app
         self.paths = frozenset(paths)
         directory = settings.resolved_directory()
@@ -500,7 +513,7 @@ class RequestLogMiddleware:
             )
         self.writer = RequestLogWriter(directory, settings.flush_seconds, settings.max_records, settings.log_text)
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
             await self.app(scope, receive, self._lifespan_send(send))
@@ -515,16 +528,16 @@ class RequestLogMiddleware:
         body: list[bytes] = []
         response: list[bytes] = []
         status = 0
-        request_id = None
+        request_id: str | None = None
         finished = 0.0
 
-        async def logged_receive():
+        async def logged_receive() -> Message:
             message = await receive()
             if message["type"] == "http.request":
                 body.append(message.get("body", b""))
             return message
 
-        async def logged_send(message):
+        async def logged_send(message: Message) -> None:
             nonlocal status, request_id, finished
             kind = message["type"]
             if kind == "http.response.start":
@@ -549,8 +562,8 @@ class RequestLogMiddleware:
                 ServedRequest(started_at, (finished - started) * 1000.0, request_id, content_type, body, response)
             )
 
-    def _lifespan_send(self, send):
-        async def lifespan_send(message):
+    def _lifespan_send(self, send: Send) -> Send:
+        async def lifespan_send(message: Message) -> None:
             kind = message["type"]
             if kind == "lifespan.startup.complete":
                 try:
@@ -583,7 +596,7 @@ class RequestLogMiddleware:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _utc(value) -> dt.datetime | None:
+def _utc(value: Any) -> dt.datetime | None:
     """A datetime, pandas Timestamp or ISO string as an aware UTC datetime (naive ones are taken as UTC)."""
     if value is None:
         return None
@@ -604,7 +617,7 @@ def _written_at(name: str) -> dt.datetime | None:
         return None
 
 
-def read_request_log(log_dir: str | Path, since=None, until=None):
+def read_request_log(log_dir: str | Path, since: Any = None, until: Any = None) -> pd.DataFrame:
     """Every logged row in `log_dir` with `since <= time < until` (either bound optional; datetimes, naive ones
     taken as UTC, or ISO strings), as a pandas DataFrame with COLUMNS, sorted by time. `time` is a UTC timestamp.
     No folder or no rows: an empty frame with the same columns and dtypes."""

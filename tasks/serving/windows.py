@@ -20,9 +20,10 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
 Truncation = Literal["head", "tail", "head+tail", "chunks"]
 TRUNCATION_STRATEGIES: tuple[str, ...] = ("head", "tail", "head+tail", "chunks")
@@ -44,7 +45,7 @@ class Windowing:
     chunk_overlap: float = 0.25  # chunks: share of a window that the next window repeats
     max_chunks: int = 32  # chunks: most windows per text (bounds the cost of one very long text)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.strategy not in TRUNCATION_STRATEGIES:
             raise ValueError(f"truncation {self.strategy!r} is not one of {', '.join(TRUNCATION_STRATEGIES)}")
         if not 0 <= self.head_share <= 1:
@@ -55,7 +56,7 @@ class Windowing:
             raise ValueError(f"max_chunks {self.max_chunks} must be at least 1")
 
     @classmethod
-    def from_dict(cls, values: dict) -> Windowing:
+    def from_dict(cls, values: dict[str, Any]) -> Windowing:
         """From a model folder's textclf.json; a model saved before strategies existed was trained on `head`."""
         names = {
             "strategy": "truncation",
@@ -66,7 +67,7 @@ class Windowing:
         }
         return cls(**{field: values[key] for field, key in names.items() if key in values})
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "truncation": self.strategy,
             "max_length": self.max_length,
@@ -104,22 +105,22 @@ class EncodedWindows:
     """Model inputs for a list of texts: one row per window, `owner[i]` is the text window i belongs to."""
 
     input_ids: list[list[int]]
-    owner: np.ndarray
+    owner: npt.NDArray[np.int64]
     truncated: list[bool]  # per text: it did not fit in one window
 
     @property
-    def windows_per_text(self) -> np.ndarray:
+    def windows_per_text(self) -> npt.NDArray[np.intp]:
         return np.bincount(self.owner, minlength=len(self.truncated))
 
 
-def _quiet(tokenizer):
+def _quiet(tokenizer: Any) -> Any:
     # Tokenizing without truncation warns once that the text is longer than the model's maximum: windows follow.
     getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tokenizer
 
 
 @lru_cache(maxsize=16)  # once per tokenizer, not on every serving batch
-def special_tokens(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def special_tokens(tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The ids the tokenizer puts before and after a single text ([CLS] and [SEP] for BERT, <s> and </s> for
     RoBERTa, none for GPT-2), read off a probe text encoded with and without them."""
     probe = "windows probe"
@@ -131,13 +132,15 @@ def special_tokens(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
     raise ValueError(f"Cannot tell the special tokens of {type(tokenizer).__name__}: {full} does not contain {plain}")
 
 
-def encode_windows(tokenizer, texts: list[str], windowing: Windowing) -> EncodedWindows:
+def encode_windows(tokenizer: Any, texts: list[str], windowing: Windowing) -> EncodedWindows:
     """Tokenize `texts` once (fast tokenizer, no special tokens) and cut each into its windows, with the
     tokenizer's special tokens added to every window."""
     prefix, suffix = special_tokens(tokenizer)
     budget = windowing.max_length - len(prefix) - len(suffix)
     content = _quiet(tokenizer)(list(texts), add_special_tokens=False, truncation=False)["input_ids"] if texts else []
-    input_ids, owner, truncated = [], [], []
+    input_ids: list[list[int]] = []
+    owner: list[int] = []
+    truncated: list[bool] = []
     for index, ids in enumerate(content):
         truncated.append(len(ids) > budget)
         for window in content_windows(ids, budget, windowing):
@@ -146,14 +149,19 @@ def encode_windows(tokenizer, texts: list[str], windowing: Windowing) -> Encoded
     return EncodedWindows(input_ids=input_ids, owner=np.asarray(owner, dtype=np.int64), truncated=truncated)
 
 
-def pool_logits(window_logits: np.ndarray, owner: np.ndarray, texts: int) -> np.ndarray:
+def pool_logits(
+    window_logits: npt.NDArray[np.floating[Any]], owner: npt.NDArray[np.integer[Any]], texts: int
+) -> npt.NDArray[np.float32]:
     """Mean of the windows' logits per text (a text with one window keeps its logits)."""
     sums = np.zeros((texts, window_logits.shape[1]), dtype=np.float64)
     np.add.at(sums, owner, window_logits)
     counts = np.bincount(owner, minlength=texts).clip(min=1)
-    return (sums / counts[:, None]).astype(np.float32)
+    pooled: npt.NDArray[np.float32] = (sums / counts[:, None]).astype(np.float32)
+    return pooled
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.floating[Any]]:
+    """Row-wise softmax, in the dtype of `logits`."""
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+    probabilities: npt.NDArray[np.floating[Any]] = shifted / shifted.sum(axis=1, keepdims=True)
+    return probabilities
