@@ -44,7 +44,9 @@ def _stack_up(settings: Settings) -> tuple[str, str]:
 def _run_flow(settings: Settings, flow_fn, **parameters):
     """Run a flow in-process against the (embedded or configured) servers; return its final state."""
     prefect_url, mlflow_uri = _stack_up(settings)
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri  # read by the flow's Settings()
+    # Not a settings read: the flow runs in this process and builds its own Settings() from the environment, so the
+    # resolved tracking URI (the embedded server's when none was configured) is handed to it there.
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_url}):
@@ -190,7 +192,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     server = serve_bento(settings.root, bento_tag, settings.host, options.get("port", settings.bento_port))
     body = {"texts": ["Shares rose sharply after the bank reported record profits."]}
-    token = os.environ.get("TEXTCLF_API_TOKEN")
+    token = settings.api_token.get_secret_value() if settings.api_token else None
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     answer = httpx.post(f"{server.url}/classify", json=body, headers=headers, timeout=60)
     auth = ' -H "Authorization: Bearer $TEXTCLF_API_TOKEN"' if token else ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,8 +18,8 @@ class Settings(BaseSettings):
         description="Project data folder: dataset snapshots, caches, checkpoints, local servers' databases.",
     )
     host: str = Field(default="127.0.0.1", description="Loopback address of the embedded servers.")
-    prefect_port: int = Field(default=4200, ge=1, le=65535)
-    mlflow_port: int = Field(default=5000, ge=1, le=65535)
+    prefect_port: int = Field(default=4200, ge=1, le=65535, description="Port of the embedded Prefect server.")
+    mlflow_port: int = Field(default=5000, ge=1, le=65535, description="Port of the embedded MLflow server.")
     prefect_api_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("PREFECT_API_URL", "TEXTCLF_PREFECT_API_URL"),
@@ -33,14 +33,21 @@ class Settings(BaseSettings):
     bento_port: int = Field(
         default=3000, ge=1, le=65535, description="Port of the local Bento server (`textclf serve`)."
     )
-    experiment_name: str = Field(default="text-classifier")
+    experiment_name: str = Field(default="text-classifier", description="MLflow experiment of the training runs.")
     promotion_experiment_name: str = Field(
         default="text-classifier-promotion", description="MLflow experiment of the promotion runs (gate decisions)."
     )
     monitoring_experiment_name: str = Field(
         default="text-classifier-monitoring", description="MLflow experiment of batch scoring and drift runs."
     )
-    registered_model_name: str = Field(default="text-classifier")
+    registered_model_name: str = Field(
+        default="text-classifier", description="Default registered model of the `textclf` commands."
+    )
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token of the Bento service (its own setting of the same name); `textclf serve` sends "
+        "it with its check request and prints it in the curl example as $TEXTCLF_API_TOKEN.",
+    )
     optuna_storage: str | None = Field(
         default=None,
         description="SQLAlchemy URL of the Optuna studies of the sweep flow (for example "
