@@ -188,7 +188,7 @@ def test_score_versions_on_the_test_split(two_versions, prepared_fixture):
     for version_scores in result.values():
         assert 0.0 <= version_scores.macro_f1 <= 1.0
         assert set(version_scores.per_class_f1) == set(prepared.label_names)
-        assert version_scores["n"] == len(test)
+        assert version_scores.n == len(test)
     # Same model, same texts: same scores.
     assert result[1].macro_f1 == pytest.approx(result[2].macro_f1)
     decision = decide(result[2], result[1], GateConfig(), 2, 1)
