@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
@@ -71,7 +72,7 @@ def one_vs_rest_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
-def tfidf_baseline(train: pd.DataFrame, test: pd.DataFrame, seed: int = 0) -> np.ndarray:
+def tfidf_baseline(train: pd.DataFrame, test: pd.DataFrame, seed: int = 0) -> npt.NDArray[np.int64]:
     """The cheap baseline a fine-tune has to beat: word 1-2-gram TF-IDF + logistic regression."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -82,7 +83,8 @@ def tfidf_baseline(train: pd.DataFrame, test: pd.DataFrame, seed: int = 0) -> np
         LogisticRegression(max_iter=2000, C=10.0, random_state=seed),
     )
     pipeline.fit(train["text"], train["label_id"])
-    return pipeline.predict(test["text"])
+    predicted: npt.NDArray[np.int64] = pipeline.predict(test["text"])  # the label ids, as trained on
+    return predicted
 
 
 def _length_slices(token_lengths: np.ndarray) -> pd.Series:
@@ -112,7 +114,13 @@ def _slice_scores(slices: pd.Series, labels: np.ndarray, predicted: np.ndarray, 
     )
 
 
-def _plots(folder: Path, label_names, confusion, per_bin, per_class: pd.DataFrame) -> None:
+def _plots(
+    folder: Path,
+    label_names: list[str],
+    confusion: npt.NDArray[np.int64],
+    per_bin: pd.DataFrame,
+    per_class: pd.DataFrame,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,7 +177,7 @@ def _plots(folder: Path, label_names, confusion, per_bin, per_class: pd.DataFram
 
 
 def _report(
-    metrics: dict,
+    metrics: dict[str, float],
     per_class: pd.DataFrame,
     slices: pd.DataFrame,
     long_short: pd.DataFrame,
@@ -256,8 +264,8 @@ def evaluate(
     label_ids = list(range(len(names)))
 
     started = time.perf_counter()
-    probabilities, truncated = classifier.classify(texts, batch_size=config.batch_size)
-    truncated = np.asarray(truncated, dtype=bool)
+    probabilities, truncated_flags = classifier.classify(texts, batch_size=config.batch_size)
+    truncated = np.asarray(truncated_flags, dtype=bool)
     batched_ms = (time.perf_counter() - started) * 1000 / max(1, len(texts))
     validation = data.split("validation")
     validation_confidence = classifier.predict_proba(validation["text"].tolist(), batch_size=config.batch_size).max(
@@ -361,4 +369,4 @@ def evaluate(
     return EvaluationResult(metrics=metrics, artifacts_dir=output_dir, report_path=output_dir / "report.md")
 
 
-evaluate_task = task(evaluate, name="evaluate")
+evaluate_task = task(name="evaluate")(evaluate)
