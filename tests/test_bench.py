@@ -332,3 +332,34 @@ def test_hostile_input_benchmark_reports_every_probe(fixture_frame, tmp_path):
     assert result["body_50mb"]["status"] == 413 and result["request_64x20000_chars"]["status"] == 400
     assert result["multipart_without_boundary"] == 415 and result["invisible_texts"] == 400
     assert result["log"]["tracebacks"] == 0
+
+
+@pytest.mark.slow
+def test_drift_monitor_benchmark_runs_its_scenarios(tmp_path):
+    """A tiny run of the drift benchmark (the TF-IDF stand-in, MiniLM embeddings, a few windows) on the packaged BBC
+    News texts and a small SMS-like file: it calls the monitor's own statistics and writes its JSON."""
+    sms = tmp_path / "shared" / "sms_spam_collection" / "SMSSpamCollection"
+    sms.parent.mkdir(parents=True)
+    sms.write_text("".join(f"ham\tsee you at {i} tonight, ok? bring the {i % 7} tickets\n" for i in range(150)))
+    output = tmp_path / "drift.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/drift_monitor.py",
+            *("--train-size", "1900", "--reference-size", "60", "--window-size", "100"),
+            *("--references", "1", "--windows", "2", "--shift-windows", "1", "--shift-pool", "150"),
+            *("--shared-data", str(tmp_path / "shared"), "--output", str(output)),
+            *("--work-dir", str(tmp_path / "work")),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(output.read_text())
+    scenarios = result["scenarios"]
+    assert scenarios["same_distribution"]["windows"] == 2 and scenarios["sms"]["windows"] == 1
+    assert "skipped" in scenarios["atis"]  # no ATIS files given
+    assert result["data"]["sms_present"] and not result["data"]["atis_present"]
+    assert 0 <= result["false_alarm_rate"] <= 1

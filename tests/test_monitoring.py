@@ -18,15 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.monitoring.drift import (
-    DriftThresholds,
-    Sample,
-    compare_samples,
-    holm,
-    psi,
-    reference_from_test_split,
-    window_from_request_log_frame,
-)
+from tasks.monitoring.statistics import DriftThresholds, Sample, compare_samples, holm, psi
+from tasks.monitoring.windows import reference_from_test_split, window_from_request_log_frame
 from tests.conftest import SHARED_DATA
 from tests.fixtures import make_texts
 
@@ -125,7 +118,7 @@ def test_psi_and_holm():
 
 
 def test_request_log_window_keeps_the_champions_requests_and_says_what_it_lacks(tmp_path):
-    """A log in the schema of tasks/request_log.read_request_log, with raw-text logging off: only the champion's
+    """A log in the schema of tasks/serving/request_log.read_request_log, with raw-text logging off: only the champion's
     requests count, one per text hash; text-based tests are skipped with the reason in the report."""
     texts = make_texts(per_class=40, seed=21)["text"].tolist()
     frame = pd.DataFrame(_request_log(texts + texts[:10], "m/2", "topic"))  # 10 texts asked twice
@@ -459,7 +452,7 @@ def test_the_flow_refuses_two_windows():
 
 
 def test_a_notification_block_name_without_its_type_says_how_to_write_it():
-    from tasks.monitoring.drift import notify
+    from flows.monitoring_actions import notify
 
     with pytest.raises(ValueError, match="'<block type>/<block name>'"):
         notify("drift-alerts", "subject", "body")
