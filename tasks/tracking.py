@@ -3,11 +3,17 @@ tracking URI: no global MLflow state is touched."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prefect import task
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 IDEMPOTENCY_TAG = "textclf.idempotency_key"
 _NOT_IN_MLFLOW_KEYS = re.compile(r"[^/\w.\- :]")
@@ -22,7 +28,7 @@ class TrackingRef(BaseModel):
     experiment_id: str
     run_id: str
 
-    def client(self):
+    def client(self) -> MlflowClient:
         from mlflow import MlflowClient
 
         return MlflowClient(tracking_uri=self.tracking_uri)
@@ -105,7 +111,20 @@ def log_params(tracking: TrackingRef, params: dict[str, object]) -> None:
         tracking.client().log_batch(tracking.run_id, params=fresh[start : start + 90])
 
 
-start_tracking_run_task = task(start_tracking_run, name="start-tracking-run", retries=2, retry_delay_seconds=5)
-end_tracking_run_task = task(end_tracking_run, name="end-tracking-run", retries=2, retry_delay_seconds=5)
-log_metrics_task = task(log_metrics, name="log-metrics", retries=2, retry_delay_seconds=5)
-log_params_task = task(log_params, name="log-params", retries=2, retry_delay_seconds=5)
+start_tracking_run_task = task(name="start-tracking-run", retries=2, retry_delay_seconds=5)(start_tracking_run)
+end_tracking_run_task = task(name="end-tracking-run", retries=2, retry_delay_seconds=5)(end_tracking_run)
+log_metrics_task = task(name="log-metrics", retries=2, retry_delay_seconds=5)(log_metrics)
+log_params_task = task(name="log-params", retries=2, retry_delay_seconds=5)(log_params)
+
+
+@contextlib.contextmanager
+def finished_on_exit(tracking: TrackingRef) -> Iterator[TrackingRef]:
+    """The body of a flow that owns `tracking`: the run ends FINISHED when the body completes (through the retried
+    task), FAILED when it raises; a tracking error while failing never hides the body's own error."""
+    try:
+        yield tracking
+    except BaseException:
+        with contextlib.suppress(Exception):
+            end_tracking_run(tracking, status="FAILED")
+        raise
+    end_tracking_run_task(tracking)
