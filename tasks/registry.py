@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import task
 from pydantic import BaseModel, ConfigDict
@@ -29,18 +30,21 @@ from tasks.serving.onnx_runtime import (
     remove_runtime,
 )
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
 
 class NotATextclfModel(ValueError):
     """A registered version that the training flow did not make (its MLmodel lacks the fine-tuned folder)."""
 
 
-def mlflow_client(tracking_uri: str):
+def mlflow_client(tracking_uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def _error_code(error) -> str:
+def _error_code(error: BaseException) -> str:
     return str(getattr(error, "error_code", ""))
 
 
@@ -107,6 +111,7 @@ def move_aliases(tracking_uri: str, name: str, candidate_version: int) -> tuple[
     candidate = int(candidate_version)
     client.get_model_version(name, str(candidate))  # a missing version fails here, before any alias moves
     current = resolve_alias(tracking_uri, name, CHAMPION_ALIAS)
+    previous: int | None
     if current is not None and current != candidate:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION_ALIAS, str(current))
         previous = current
@@ -227,12 +232,12 @@ def fetch_runtime(tracking_uri: str, name: str, version: int, model_dir: Path) -
     return runtime
 
 
-version_of_flow_run_task = task(version_of_flow_run, name="version-of-flow-run", retries=2, retry_delay_seconds=5)
-resolve_alias_task = task(resolve_alias, name="resolve-alias", retries=2, retry_delay_seconds=5)
-fetch_test_split_task = task(fetch_test_split, name="fetch-test-split", retries=2, retry_delay_seconds=5)
-move_aliases_task = task(move_aliases, name="move-aliases", retries=2, retry_delay_seconds=5)
-rollback_task = task(rollback, name="rollback")
-download_model_version_task = task(
-    download_model_version, name="download-model-version", retries=2, retry_delay_seconds=5
+version_of_flow_run_task = task(name="version-of-flow-run", retries=2, retry_delay_seconds=5)(version_of_flow_run)
+resolve_alias_task = task(name="resolve-alias", retries=2, retry_delay_seconds=5)(resolve_alias)
+fetch_test_split_task = task(name="fetch-test-split", retries=2, retry_delay_seconds=5)(fetch_test_split)
+move_aliases_task = task(name="move-aliases", retries=2, retry_delay_seconds=5)(move_aliases)
+rollback_task = task(name="rollback")(rollback)
+download_model_version_task = task(name="download-model-version", retries=2, retry_delay_seconds=5)(
+    download_model_version
 )
-fetch_runtime_task = task(fetch_runtime, name="fetch-runtime", retries=2, retry_delay_seconds=5)
+fetch_runtime_task = task(name="fetch-runtime", retries=2, retry_delay_seconds=5)(fetch_runtime)
