@@ -103,7 +103,10 @@ def predict_labels(downloaded: DownloadedModel, texts: list[str]) -> list[str]:
     """The registered pyfunc model's labels for `texts`: what the served Bento must answer."""
     import mlflow.pyfunc
 
-    return mlflow.pyfunc.load_model(str(downloaded.pyfunc_dir)).predict(list(texts))["label"].astype(str).tolist()
+    labels: list[str] = (
+        mlflow.pyfunc.load_model(str(downloaded.pyfunc_dir)).predict(list(texts))["label"].astype(str).tolist()
+    )
+    return labels
 
 
 def import_to_bento_store(model_dir: Path, bento_model_name: str, registered_model: str, version: int) -> str:
@@ -180,7 +183,7 @@ def build_bento(model_tag: str, registered_model: str, version: int, project_dir
 
 def start_bento_server(
     bento_tag: str, host: str, port: int, log_path: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen:
+) -> subprocess.Popen[bytes]:
     """`bentoml serve <bento tag>` in its own process group (stop it with `stop_bento_server`)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     server_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
@@ -197,7 +200,7 @@ def start_bento_server(
         )
 
 
-def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, timeout_seconds: float) -> float:
+def wait_until_ready(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout_seconds: float) -> float:
     """Seconds until `/readyz` answered 200; raises BentoError with the log when the server exits or is late."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_seconds:
@@ -349,9 +352,9 @@ def find_bento(registered_model: str, version: int) -> str | None:
     return str(max(matches, key=lambda b: b.info.creation_time).tag) if matches else None
 
 
-pick_smoke_texts_task = task(pick_smoke_texts, name="pick-smoke-texts")
-predict_labels_task = task(predict_labels, name="predict-with-registered-model")
-import_to_bento_store_task = task(import_to_bento_store, name="import-to-bento-store")
-build_bento_task = task(build_bento, name="build-bento")
-smoke_test_bento_task = task(smoke_test_bento, name="smoke-test-bento")
-containerize_bento_task = task(containerize_bento, name="containerize-bento")
+pick_smoke_texts_task = task(name="pick-smoke-texts")(pick_smoke_texts)
+predict_labels_task = task(name="predict-with-registered-model")(predict_labels)
+import_to_bento_store_task = task(name="import-to-bento-store")(import_to_bento_store)
+build_bento_task = task(name="build-bento")(build_bento)
+smoke_test_bento_task = task(name="smoke-test-bento")(smoke_test_bento)
+containerize_bento_task = task(name="containerize-bento")(containerize_bento)

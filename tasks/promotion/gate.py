@@ -145,7 +145,7 @@ def decide(
     champion_classes = champion_scores.per_class_f1
     classes = list(dict.fromkeys([*candidate_classes, *champion_classes]))
     per_class = {c: float(candidate_classes.get(c, 0.0)) - float(champion_classes.get(c, 0.0)) for c in classes}
-    worst = min(per_class, key=per_class.get) if per_class else None
+    worst = min(per_class, key=lambda c: per_class[c]) if per_class else None
 
     gain_ok = delta + TOLERANCE >= config.min_macro_f1_gain
     dropped = {c: d for c, d in per_class.items() if -d > config.max_class_f1_drop + TOLERANCE}
@@ -227,6 +227,6 @@ def record_failure(tracking_uri: str, name: str, version: int, error: BaseExcept
     client.set_model_version_tag(name, str(version), "promotion.error", f"{type(error).__name__}: {error}"[:5000])
 
 
-score_versions_task = task(score_versions, name="score-versions", retries=2, retry_delay_seconds=5)
-decide_task = task(decide, name="decide-promotion")
-record_decision_task = task(record_decision, name="record-decision", retries=2, retry_delay_seconds=5)
+score_versions_task = task(name="score-versions", retries=2, retry_delay_seconds=5)(score_versions)
+decide_task = task(name="decide-promotion")(decide)
+record_decision_task = task(name="record-decision", retries=2, retry_delay_seconds=5)(record_decision)
