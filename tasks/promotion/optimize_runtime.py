@@ -29,8 +29,10 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,6 +48,9 @@ from tasks.serving.onnx_runtime import (
     sha256_of,
 )
 from tasks.tracking import TrackingRef, log_metrics, log_params
+
+if TYPE_CHECKING:
+    from tasks.serving.classifier import TextClassifier
 
 TOLERANCE = 1e-9
 ONNX_OPSET = 17
@@ -219,7 +224,7 @@ def _scoring_folder(model_dir: Path, variants: dict[str, Path | str], target: Pa
     return target
 
 
-def _classify(classifier, texts: list[str], batch_size: int) -> tuple[np.ndarray, float]:
+def _classify(classifier: TextClassifier, texts: list[str], batch_size: int) -> tuple[npt.NDArray[np.float32], float]:
     classifier.classify(texts[: min(len(texts), 8)], batch_size)  # warm-up: first-run allocations, thread pools
     started = time.perf_counter()
     probabilities, _ = classifier.classify(texts, batch_size)
@@ -297,6 +302,7 @@ def gate_runtimes(
             if not isinstance(made, Path):
                 scores.append(VariantScore(runtime=runtime, passed=False, reason=f"{runtime}: {made}"))
                 continue
+            assert folder is not None  # made above whenever there are variants
             try:
                 classifier = TextClassifier(folder, runtime=runtime)
                 probabilities, speed = _classify(classifier, texts, config.runtime_batch_size)
@@ -341,10 +347,12 @@ def gate_runtimes(
             else "PyTorch serves: no ONNX variant was tried"
         )
     else:
+        best_speed, pytorch_speed = best.texts_per_second, pytorch.texts_per_second
+        assert best_speed is not None and pytorch_speed is not None  # every runtime that passed was timed
         reason = (
-            f"{best.runtime} serves: the fastest variant that passed ({best.texts_per_second:.1f} texts/s, "
-            f"{best.texts_per_second / max(pytorch.texts_per_second, 1e-9):.2f}x PyTorch's "
-            f"{pytorch.texts_per_second:.1f})"
+            f"{best.runtime} serves: the fastest variant that passed ({best_speed:.1f} texts/s, "
+            f"{best_speed / max(pytorch_speed, 1e-9):.2f}x PyTorch's "
+            f"{pytorch_speed:.1f})"
         )
     files = _runtime_files(work_dir / "files", best, variants, scores)
     return RuntimeGate(chosen=best.runtime, reason=reason, texts=len(texts), variants=scores, files_dir=files)
@@ -356,12 +364,13 @@ def _runtime_files(
     """runtime.json (+ the chosen ONNX file) in `target`, the layout tasks/serving/onnx_runtime.py installs from."""
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    spec: dict = {
+    spec: dict[str, object] = {
         "runtime": chosen.runtime,
         "gate": {s.runtime: s.model_dump(exclude={"file", "size_bytes"}) for s in scores},
     }
     if chosen.runtime != PYTORCH:
         source = variants[chosen.runtime]
+        assert isinstance(source, Path)  # only a variant that was made can pass the gate
         (target / ONNX_DIR).mkdir()
         shutil.copy2(source, target / ONNX_DIR / source.name)
         spec.update(file=f"{ONNX_DIR}/{source.name}", sha256=sha256_of(target / ONNX_DIR / source.name))
@@ -394,15 +403,14 @@ def folder_with_runtime(model_dir: Path, runtime: str, target: Path) -> Path:
         return target
     made = export_variants(target, target.parent / f".{target.name}-export")
     try:
-        if not isinstance(made[runtime], Path):
-            raise RuntimeError(f"{runtime} for {model_dir}: {made[runtime]}")
+        file = made[runtime]
+        if not isinstance(file, Path):
+            raise RuntimeError(f"{runtime} for {model_dir}: {file}")
         files = target.parent / f".{target.name}-export" / "files"
         (files / ONNX_DIR).mkdir(parents=True)
-        shutil.copy2(made[runtime], files / ONNX_DIR / made[runtime].name)
+        shutil.copy2(file, files / ONNX_DIR / file.name)
         (files / RUNTIME_FILE).write_text(
-            json.dumps(
-                {"runtime": runtime, "file": f"{ONNX_DIR}/{made[runtime].name}", "sha256": sha256_of(made[runtime])}
-            )
+            json.dumps({"runtime": runtime, "file": f"{ONNX_DIR}/{file.name}", "sha256": sha256_of(file)})
         )
         install_runtime(target, files)
     finally:
@@ -450,19 +458,19 @@ def record_runtime(
         client.log_artifacts(tracking.run_id, str(gate.files_dir), RUNTIME_ARTIFACT_PATH)
     else:
         client.log_artifacts(tracking.run_id, str(gate.files_dir), RUNTIME_ARTIFACT_PATH)  # the figures
-    version = str(version)
-    client.set_model_version_tag(name, version, RUNTIME_TAG, gate.chosen)
+    version_key = str(version)
+    client.set_model_version_tag(name, version_key, RUNTIME_TAG, gate.chosen)
     if uri:
-        client.set_model_version_tag(name, version, RUNTIME_URI_TAG, uri)
-    elif RUNTIME_URI_TAG in client.get_model_version(name, version).tags:
-        client.delete_model_version_tag(name, version, RUNTIME_URI_TAG)
+        client.set_model_version_tag(name, version_key, RUNTIME_URI_TAG, uri)
+    elif RUNTIME_URI_TAG in client.get_model_version(name, version_key).tags:
+        client.delete_model_version_tag(name, version_key, RUNTIME_URI_TAG)
     return uri
 
 
 def runtime_markdown(gate: RuntimeGate, config: RuntimeGateConfig) -> str:
     """The runtime section of the promotion's markdown artifact."""
 
-    def show(value, spec):
+    def show(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
     rows = [
@@ -489,6 +497,6 @@ def runtime_markdown(gate: RuntimeGate, config: RuntimeGateConfig) -> str:
     )
 
 
-export_variants_task = task(export_variants, name="export-onnx-variants")
-optimize_runtime_task = task(optimize_runtime, name="optimize-runtime")
-record_runtime_task = task(record_runtime, name="record-runtime", retries=2, retry_delay_seconds=5)
+export_variants_task = task(name="export-onnx-variants")(export_variants)
+optimize_runtime_task = task(name="optimize-runtime")(optimize_runtime)
+record_runtime_task = task(name="record-runtime", retries=2, retry_delay_seconds=5)(record_runtime)
