@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from prefect import task
@@ -23,6 +24,10 @@ from tasks.contracts import (
     RegisteredModelVersion,
 )
 from tasks.tracking import TrackingRef, log_metrics, log_params
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
 
 # What a model's environment needs to load and run it (exact versions of this environment).
 # onnxruntime: a model folder fetched with its promoted runtime (runtime.json, onnx/) answers with ONNX Runtime.
@@ -70,7 +75,7 @@ def save_pyfunc_model(model: FineTunedModel, examples: list[str], target: Path) 
     )
 
 
-def _existing_version(client, name: str, run_id: str):
+def _existing_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -81,12 +86,12 @@ def _existing_version(client, name: str, run_id: str):
 
 
 def _log_dataset(tracking: TrackingRef, snapshot: DatasetSnapshot) -> None:
-    import mlflow.data
+    from mlflow.data.pandas_dataset import from_pandas  # what mlflow.data.from_pandas is, set there at import time
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     frame = pd.read_parquet(snapshot.path)
-    dataset = mlflow.data.from_pandas(
+    dataset = from_pandas(
         frame,
         source=str(snapshot.path),
         targets="label",
@@ -180,4 +185,4 @@ def register(
     )
 
 
-register_task = task(register, name="register", retries=2, retry_delay_seconds=[10, 30])
+register_task = task(name="register", retries=2, retry_delay_seconds=[10, 30])(register)
