@@ -3,17 +3,34 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install browser prometheus wrk bench clean-stack
+.DEFAULT_GOAL := help
+.PHONY: help run test test-fast lint format install browser prometheus wrk bench clean-stack
 
 run: install  ## (1) train on the packaged default, promote the winner, serve the champion on loopback
 	$(BIN)/textclf train
 	$(BIN)/textclf promote
 	$(BIN)/textclf serve
 
-test: install browser prometheus wrk  ## (2) the whole test suite (no network needed at test time)
+test: install browser prometheus wrk lint  ## (2) lint, types and the whole test suite (no network needed at test time)
 	$(BIN)/pytest
 
-install: $(VENV)/.installed
+test-fast: install  ## the fast lane: unit tests without real servers or training (`-m "not slow"`, about 3 min)
+	$(BIN)/pytest -m "not slow"
+
+lint: install  ## ruff (lint + format check), import-linter (the direction of imports), mypy (strict on tasks/)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+format: install  ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:[^#]*## /\t/' | awk -F'\t' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed  ## the virtual environment .venv, from constraints.txt (about 2 min)
 
 $(VENV)/.installed: pyproject.toml constraints.txt requirements-packaged.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +40,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-packaged.txt
 	touch $@
 
 # The browser journeys drive Debian's Chromium through Playwright (never Playwright's own browser download).
-browser:
+browser:  ## Debian's Chromium for the browser journeys (apt, once)
 	@command -v chromium >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  echo "Installing Debian's chromium for the browser tests"; \
@@ -32,7 +49,7 @@ browser:
 # The monitoring test (tests/test_monitoring_dashboards.py) asks a real Prometheus every PromQL query of the Grafana
 # dashboard: Debian's package ships `prometheus` and `promtool`. Installed without starting its system service (a
 # policy-rc.d that denies it, if the machine has none) and without the recommended node exporter.
-prometheus:
+prometheus:  ## Debian's prometheus + promtool for the dashboard test (apt, once)
 	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  echo "Installing Debian's prometheus (prometheus, promtool) for the monitoring dashboard test"; \
@@ -46,7 +63,7 @@ prometheus:
 
 # The overload benchmark (bench/overload.py) loads the service with an independent load generator, wrk (Debian's
 # package); its smoke test in tests/test_bench.py runs it for a second.
-wrk:
+wrk:  ## Debian's wrk, the independent load generator of bench/overload.py (apt, once)
 	@command -v wrk >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  echo "Installing Debian's wrk for the overload benchmark"; \

@@ -158,6 +158,7 @@ def run_default(snapshot, base_model, args, work: Path) -> dict:
 
 
 def run_sweep(snapshot, base_model, args, work: Path, name: str) -> dict:
+    from flows.sweep import train_trial
     from tasks.tracking import start_tracking_run
     from tasks.training.evaluate import EvaluationConfig, evaluate
     from tasks.training.sweep import (
@@ -211,7 +212,11 @@ def run_sweep(snapshot, base_model, args, work: Path, name: str) -> dict:
         preprocess_cache_dir=work / "cache",
         fine_tune_dir=work / "sweep-fine-tune",
     )
-    outcomes = [run_trial(config, sampler_seed=plan.first_sampler_seed + i) for i in range(plan.trials_to_run)]
+    # The product's own trial, as the sweep flow wires it (flows/sweep.py train_trial), run in this process.
+    outcomes = [
+        run_trial(config, sampler_seed=plan.first_sampler_seed + i, train=train_trial)
+        for i in range(plan.trials_to_run)
+    ]
     summary = summarize_study(ref, parent, work / "summary")
     best = best_trial(ref, parent)
     evaluation = evaluate(

@@ -4,7 +4,6 @@ and as a Prefect table artifact. Wiring only; the work is in `tasks/scoring/batc
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 from typing import Annotated, Literal
 
@@ -17,13 +16,7 @@ from flows.settings import Settings
 from tasks.contracts import CHAMPION_ALIAS, ScoringSource
 from tasks.registry import download_model_version_task, resolve_alias_task
 from tasks.scoring.batch_score import ScoringSummary, score_in_process_task, score_through_endpoint_task
-from tasks.tracking import (
-    end_tracking_run,
-    end_tracking_run_task,
-    log_metrics_task,
-    log_params_task,
-    start_tracking_run_task,
-)
+from tasks.tracking import finished_on_exit, log_metrics_task, log_params_task, start_tracking_run_task
 
 
 def summary_metrics(summary: ScoringSummary) -> dict[str, float]:
@@ -81,7 +74,7 @@ def batch_scoring(
         idempotency_key=flow_run.get_id() or f"local-batch-{stamp}",
         tags={"prefect.flow_run_id": str(flow_run.get_id()), "textclf.kind": "batch-scoring"},
     )
-    try:
+    with finished_on_exit(tracking):
         if mode == "endpoint":
             summary = score_through_endpoint_task(
                 source, endpoint_url, output_path, chunk_size, low_confidence_threshold, min_confidence=min_confidence
@@ -120,11 +113,6 @@ def batch_scoring(
             description=f"{summary.rows} texts from {source.source} scored by {summary.model_version} "
             f"({summary.blank_texts} blank) -> {summary.output_path}",
         )
-    except BaseException:
-        with contextlib.suppress(Exception):
-            end_tracking_run(tracking, status="FAILED")
-        raise
-    end_tracking_run_task(tracking)
     print(
         f"Scored {summary.rows} texts with {summary.model_version} in {summary.seconds:.1f} s -> {summary.output_path}"
     )

@@ -7,7 +7,6 @@ in `tasks/promotion/gate.py`, `tasks/promotion/optimize_runtime.py` and `tasks/p
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -52,7 +51,7 @@ from tasks.registry import (
     rollback_task,
     version_of_flow_run_task,
 )
-from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
+from tasks.tracking import finished_on_exit, start_tracking_run_task
 
 RegisteredModelName = Annotated[str, Field(min_length=1, max_length=256, description="MLflow registered-model name.")]
 SmokeTestTexts = Annotated[
@@ -210,7 +209,7 @@ def promotion(
         idempotency_key=flow_run.get_id() or f"local-{name}-{candidate}",
         tags={"prefect.flow_run_id": str(flow_run.get_id()), "registered_model": name},
     )
-    try:
+    with finished_on_exit(tracking, on_failure=lambda error: record_failure(uri, name, candidate, error)):
         test_split = fetch_test_split_task(uri, name, candidate, settings.promotion_dir / tracking.run_id)
         scores = score_versions_task(uri, name, [v for v in (candidate, champion) if v is not None], test_split)
         decision = decide_task(scores[candidate], scores.get(champion), gate, candidate, champion)
@@ -252,12 +251,6 @@ def promotion(
                 bento=served_bento(build, containerize),
                 runtime=runtime_gate,
             )
-    except BaseException as error:
-        with contextlib.suppress(Exception):  # never hide the real error behind a tracking one
-            end_tracking_run(tracking, status="FAILED")
-            record_failure(uri, name, candidate, error)
-        raise
-    end_tracking_run_task(tracking)
     return result
 
 

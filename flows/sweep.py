@@ -4,33 +4,76 @@ are in tasks/training/sweep.py (the search) and the training stages it reuses.""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Annotated
+import threading
+from typing import Annotated, Any
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows.settings import Settings
 from flows.training import DatasetParameters, code_version, resolve_base_model
-from tasks.contracts import RegisteredModelVersion
-from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
+from tasks.contracts import FineTunedModel, PreparedDataset, RegisteredModelVersion
+from tasks.tracking import TrackingRef, finished_on_exit, start_tracking_run_task
 from tasks.training.evaluate import evaluate_task
+from tasks.training.fine_tune import FineTuneConfig, fine_tune
 from tasks.training.ingest import IngestConfig, ingest_task
+from tasks.training.preprocess import PreprocessConfig, preprocess
 from tasks.training.register import RegisterConfig, register_task
 from tasks.training.sweep import (
     SearchSpace,
     StudyParameters,
     StudyRef,
     TrialConfig,
+    TrialOutcome,
     TrialSettings,
     best_trial_task,
     prepare_study_task,
-    run_trial_task,
+    run_trial,
     summarize_study_task,
 )
+
+# Two trials in one process that need the same preprocessed data must not build the same cache folder at once.
+_PREPROCESS_LOCK = threading.Lock()
+
+
+def train_trial(
+    config: TrialConfig, params: dict[str, Any], tracking: TrackingRef, callbacks: list[Any]
+) -> tuple[PreparedDataset, FineTunedModel]:
+    """One trial's training, wired from the two stages it is: the (cached) preprocess at the trial's max length and
+    truncation, then the fine-tune with its hyperparameters and the pruning callback."""
+    base_model = config.base_models[params["base_model"]]
+    preprocess_config = PreprocessConfig(
+        tokenizer=base_model,
+        max_length=params["max_length"],
+        truncation=params["truncation"],
+        seed=config.study.parameters.seed,
+        validation_fraction=config.validation_fraction,
+        test_fraction=config.test_fraction,
+    )
+    with _PREPROCESS_LOCK:
+        prepared = preprocess(config.snapshot, preprocess_config, config.preprocess_cache_dir)
+    fine_tune_config = FineTuneConfig(
+        base_model=base_model,
+        epochs=params["epochs"],
+        batch_size=params["batch_size"],
+        learning_rate=params["learning_rate"],
+        warmup_ratio=params["warmup_ratio"],
+        weight_decay=params["weight_decay"],
+        class_weighted_loss=config.settings.class_weighted_loss,
+        early_stopping_patience=config.settings.early_stopping_patience,
+        seed=config.study.parameters.seed,
+    )
+    model = fine_tune(prepared, fine_tune_config, config.fine_tune_dir, tracking=tracking, callbacks=callbacks)
+    return prepared, model
+
+
+@task(name="trial", retries=0, cache_policy=NO_CACHE)  # a trial is never a cached result: each asks for a new one
+def run_trial_task(config: TrialConfig, sampler_seed: int) -> TrialOutcome:
+    return run_trial(config, sampler_seed, train=train_trial)
 
 
 @flow(name="sweep", log_prints=True)
@@ -57,7 +100,7 @@ def sweep(
         idempotency_key=f"sweep:{study.study_name}:{plan.study_key}",
         tags={"optuna.study_name": study.study_name},
     )
-    try:
+    with finished_on_exit(parent):
         snapshot = ingest_task(ingest_config, settings.snapshot_dir)
         trial_config = TrialConfig(
             study=study_ref,
@@ -128,9 +171,4 @@ def sweep(
             f"**{version.version}** as `@{version.alias}`.\n",
             description="Test metrics of the sweep's best model next to the TF-IDF baseline.",
         )
-    except BaseException:
-        with contextlib.suppress(Exception):  # never hide the real error behind a tracking one
-            end_tracking_run(parent, status="FAILED")
-        raise
-    end_tracking_run_task(parent)
     return version

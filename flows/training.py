@@ -3,7 +3,6 @@ a typed function in `tasks/`, and tasks pass references (paths, run ids), never 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import subprocess
 from pathlib import Path
@@ -16,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from flows.settings import Settings
 from tasks.contracts import RegisteredModelVersion, WindowingConfig
-from tasks.tracking import end_tracking_run, end_tracking_run_task, start_tracking_run_task
+from tasks.tracking import finished_on_exit, start_tracking_run_task
 from tasks.training.evaluate import evaluate_task
 from tasks.training.fine_tune import FineTuneConfig, fine_tune_task
 from tasks.training.ingest import IngestConfig, ingest_task
@@ -138,7 +137,7 @@ def training(
         idempotency_key=flow_run.get_id() or "local",
         tags={"prefect.flow_run_id": str(flow_run.get_id())},
     )
-    try:
+    with finished_on_exit(tracking):
         snapshot = ingest_task(ingest_config, settings.snapshot_dir)
         prepared = preprocess_task(snapshot, preprocess_config, settings.preprocess_cache_dir)
         tuned = fine_tune_task.with_options(timeout_seconds=training.timeout_minutes * 60)(
@@ -172,9 +171,4 @@ def training(
             + f"\n\nRegistered **{version.name}** version **{version.version}** as `@{version.alias}`.\n",
             description="Test metrics of the fine-tuned model next to the TF-IDF baseline.",
         )
-    except BaseException:
-        with contextlib.suppress(Exception):  # never hide the real error behind a tracking one
-            end_tracking_run(tracking, status="FAILED")
-        raise
-    end_tracking_run_task(tracking)
     return version

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prefect import task
@@ -118,13 +118,18 @@ log_params_task = task(name="log-params", retries=2, retry_delay_seconds=5)(log_
 
 
 @contextlib.contextmanager
-def finished_on_exit(tracking: TrackingRef) -> Iterator[TrackingRef]:
+def finished_on_exit(
+    tracking: TrackingRef, on_failure: Callable[[BaseException], None] | None = None
+) -> Iterator[TrackingRef]:
     """The body of a flow that owns `tracking`: the run ends FINISHED when the body completes (through the retried
-    task), FAILED when it raises; a tracking error while failing never hides the body's own error."""
+    task), FAILED when it raises, after `on_failure(error)` if given (the promotion tags the version with it). A
+    tracking error while failing never hides the body's own error."""
     try:
         yield tracking
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(Exception):
             end_tracking_run(tracking, status="FAILED")
+            if on_failure is not None:
+                on_failure(error)
         raise
     end_tracking_run_task(tracking)

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -631,7 +632,7 @@ def test_success_writes_exactly_one_snapshot_named_by_version(tmp_path, snapshot
 
     assert files_in(snapshots) == [f"{snapshot.version}.parquet"]
     assert snapshot.path == snapshots / f"{snapshot.version}.parquet"
-    assert len(snapshot.version) == 16 and int(snapshot.version, 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{16}", snapshot.version), snapshot.version
     assert snapshot.version == content_version(read_snapshot(snapshot))
     assert snapshot.source == str(tmp_path / "data.csv")
 

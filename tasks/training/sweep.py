@@ -16,11 +16,10 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import threading
 import uuid
 import warnings
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -28,8 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tasks.contracts import DatasetSnapshot, FineTunedModel, PreparedDataset
 from tasks.serving.windows import Truncation
 from tasks.tracking import TrackingRef, end_tracking_run, log_metrics, log_params, start_tracking_run
-from tasks.training.fine_tune import FineTuneConfig, fine_tune, run_key
-from tasks.training.preprocess import PreprocessConfig, preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -364,6 +361,16 @@ class TrialConfig(BaseModel):
     run_tags: dict[str, str] = Field(default_factory=dict)
 
 
+class TrialTraining(Protocol):
+    """Preprocess and fine-tune one trial's hyperparameters (`params`, from `suggest`) under its MLflow child run,
+    with `callbacks` (the pruning) in the Trainer; returns the prepared data and the model. The flow wires it
+    (flows/sweep.py `train_trial`): a trial is two other stages, and stages do not import each other."""
+
+    def __call__(
+        self, config: TrialConfig, params: dict[str, Any], tracking: TrackingRef, callbacks: list[Any]
+    ) -> tuple[PreparedDataset, FineTunedModel]: ...
+
+
 def suggest(trial, space: SearchSpace) -> dict[str, object]:
     """The trial's settings from the search space. Categorical choices go through as strings or ints."""
     return {
@@ -380,13 +387,17 @@ def suggest(trial, space: SearchSpace) -> dict[str, object]:
     }
 
 
-def pruning_callback(trial, tracking: TrackingRef | None = None):
+def pruning_callback(trial, tracking: TrackingRef | None = None, outcome: dict | None = None):
     """A transformers TrainerCallback: after each epoch's evaluation, report the validation macro-F1 (already pooled
     per text by the fine-tune's metric) to Optuna at that epoch, log it per epoch, and prune if the pruner says so."""
     import optuna
     from transformers import TrainerCallback
 
     class OptunaPruning(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if outcome is not None:  # the fine-tune's work folder: removed if the trial is pruned
+                outcome["work_dir"] = Path(args.output_dir).parent
+
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             if not metrics or "eval_macro_f1" not in metrics:
                 return
@@ -411,11 +422,7 @@ def pruning_callback(trial, tracking: TrackingRef | None = None):
     return OptunaPruning()
 
 
-# Two trials in one process that need the same preprocessed data must not build the same cache folder at once.
-_PREPROCESS_LOCK = threading.Lock()
-
-
-def _train_trial(config: TrialConfig, trial, outcome: dict) -> float:
+def _train_trial(config: TrialConfig, trial, outcome: dict, train: TrialTraining) -> float:
     """One trial: its settings, its MLflow child run, the (cached) preprocess and the fine-tune with pruning."""
     params = suggest(trial, config.space)
     outcome["params"] = params
@@ -444,36 +451,7 @@ def _train_trial(config: TrialConfig, trial, outcome: dict) -> float:
             **({"retry_of_trial": retried} if retried is not None else {}),
         },
     )
-    base_model = config.base_models[params["base_model"]]
-    preprocess_config = PreprocessConfig(
-        tokenizer=base_model,
-        max_length=params["max_length"],
-        truncation=params["truncation"],
-        seed=config.study.parameters.seed,
-        validation_fraction=config.validation_fraction,
-        test_fraction=config.test_fraction,
-    )
-    with _PREPROCESS_LOCK:
-        prepared = preprocess(config.snapshot, preprocess_config, config.preprocess_cache_dir)
-    fine_tune_config = FineTuneConfig(
-        base_model=base_model,
-        epochs=params["epochs"],
-        batch_size=params["batch_size"],
-        learning_rate=params["learning_rate"],
-        warmup_ratio=params["warmup_ratio"],
-        weight_decay=params["weight_decay"],
-        class_weighted_loss=config.settings.class_weighted_loss,
-        early_stopping_patience=config.settings.early_stopping_patience,
-        seed=config.study.parameters.seed,
-    )
-    outcome["work_dir"] = config.fine_tune_dir / run_key(prepared, fine_tune_config)
-    model = fine_tune(
-        prepared,
-        fine_tune_config,
-        config.fine_tune_dir,
-        tracking=tracking,
-        callbacks=[pruning_callback(trial, tracking)],
-    )
+    prepared, model = train(config, params, tracking, [pruning_callback(trial, tracking, outcome)])
     # The model folder is what the best trial hands on; its checkpoints only served a resume.
     shutil.rmtree(model.model_dir.parent / "checkpoints", ignore_errors=True)
     trial.set_user_attr(TRIAL_MODEL_ATTR, model.model_dump(mode="json"))
@@ -481,13 +459,13 @@ def _train_trial(config: TrialConfig, trial, outcome: dict) -> float:
     return model.best_validation_macro_f1
 
 
-def _objective(config: TrialConfig, outcome: dict):
+def _objective(config: TrialConfig, outcome: dict, train: TrialTraining):
     import optuna
 
     def objective(trial) -> float:
         outcome["number"] = trial.number
         try:
-            return _train_trial(config, trial, outcome)
+            return _train_trial(config, trial, outcome, train)
         except optuna.TrialPruned:
             raise
         except Exception as error:
@@ -507,7 +485,7 @@ def _finish_trial_run(run_id: str | None, parent: TrackingRef, state: str, note:
     end_tracking_run(tracking, status={"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[state])
 
 
-def run_trial(config: TrialConfig, sampler_seed: int) -> TrialOutcome:
+def run_trial(config: TrialConfig, sampler_seed: int, train: TrialTraining) -> TrialOutcome:
     """Ask the study for one trial (a queued retry first), fine-tune it with pruning, tell the study the result.
     A pruned or failed trial is recorded as such and returned, never raised: it must not fail the study."""
     import optuna
@@ -521,7 +499,7 @@ def run_trial(config: TrialConfig, sampler_seed: int) -> TrialOutcome:
         # turns TrialPruned into PRUNED and any other exception into FAIL (catch) instead of raising.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(_objective(config, outcome), n_trials=1, catch=(Exception,), gc_after_trial=True)
+            study.optimize(_objective(config, outcome, train), n_trials=1, catch=(Exception,), gc_after_trial=True)
         frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == outcome["number"]), None)
     finally:
         storage.engine.dispose()
@@ -771,6 +749,5 @@ def summarize_study(ref: StudyRef, parent: TrackingRef, output_dir: Path) -> Stu
 prepare_study_task = task(prepare_study, name="prepare-study", retries=2, retry_delay_seconds=5)
 # No retries: a trial that failed is recorded in the study as failed; one whose process died is retried by the
 # study itself (heartbeats), with the same parameters.
-run_trial_task = task(run_trial, name="trial", retries=0)
 summarize_study_task = task(summarize_study, name="summarize-study", retries=2, retry_delay_seconds=5)
 best_trial_task = task(best_trial, name="best-trial")  # its errors are about the study: no retry
