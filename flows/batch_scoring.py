@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.settings import Settings
-from tasks.contracts import CHAMPION_ALIAS, ScoringSource
+from tasks.contracts import CHAMPION_ALIAS, REGISTERED_MODEL_NAME, ScoringSource
 from tasks.registry import download_model_version_task, resolve_alias_task
 from tasks.scoring.batch_score import ScoringSummary, score_in_process_task, score_through_endpoint_task
 from tasks.tracking import finished_on_exit, log_metrics_task, log_params_task, start_tracking_run_task
@@ -40,7 +40,7 @@ def batch_scoring(
     source: ScoringSource,
     registered_model_name: Annotated[
         str, Field(min_length=1, max_length=256, description="MLflow registered model; its @champion scores.")
-    ] = "text-classifier",
+    ] = REGISTERED_MODEL_NAME,
     mode: Annotated[
         Literal["in-process", "endpoint"],
         Field(description="in-process: load the champion here; endpoint: send the texts to the Bento service."),

@@ -25,7 +25,7 @@ from flows.monitoring_actions import (
     trigger_retraining_task,
 )
 from flows.settings import Settings
-from tasks.contracts import CHAMPION_ALIAS, ScoringSource
+from tasks.contracts import CHAMPION_ALIAS, REGISTERED_MODEL_NAME, ScoringSource
 from tasks.monitoring.drift import (
     detect_drift_task,
     log_drift_report_task,
@@ -131,7 +131,7 @@ def drift_monitoring(
     ] = 24.0,
     registered_model_name: Annotated[
         str, Field(min_length=1, max_length=256, description="MLflow registered model; its @champion is monitored.")
-    ] = "text-classifier",
+    ] = REGISTERED_MODEL_NAME,
     thresholds: DriftThresholds = DriftThresholds(),
     notification_block: Annotated[
         str | None,

@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.settings import Settings
-from tasks.contracts import CANDIDATE_ALIAS, CHAMPION_ALIAS, PREVIOUS_CHAMPION_ALIAS
+from tasks.contracts import CANDIDATE_ALIAS, CHAMPION_ALIAS, PREVIOUS_CHAMPION_ALIAS, REGISTERED_MODEL_NAME
 from tasks.promotion.bento import (
     BENTO_MODEL_NAME,
     BentoBuild,
@@ -173,7 +173,7 @@ def served_bento(build: BentoBuild, containerize: bool) -> ServedBento:
 
 @flow(name="promotion", log_prints=True)
 def promotion(
-    registered_model_name: RegisteredModelName = "text-classifier",
+    registered_model_name: RegisteredModelName = REGISTERED_MODEL_NAME,
     candidate_version: Annotated[
         int | None, Field(ge=1, description="Model version to gate; empty means the version behind @candidate.")
     ] = None,
@@ -256,7 +256,7 @@ def promotion(
 
 @flow(name="rollback", log_prints=True)
 def rollback(
-    registered_model_name: RegisteredModelName = "text-classifier",
+    registered_model_name: RegisteredModelName = REGISTERED_MODEL_NAME,
     smoke_test_texts: SmokeTestTexts = 16,
     smoke_test_timeout_seconds: SmokeTestTimeout = 300,
     containerize: Containerize = True,

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tasks.contracts import REGISTERED_MODEL_NAME
+
 
 class Settings(BaseSettings):
     """Where things live. Every value can be set as an environment variable (`TEXTCLF_<NAME>`)."""
@@ -41,7 +43,7 @@ class Settings(BaseSettings):
         default="text-classifier-monitoring", description="MLflow experiment of batch scoring and drift runs."
     )
     registered_model_name: str = Field(
-        default="text-classifier", description="Default registered model of the `textclf` commands."
+        default=REGISTERED_MODEL_NAME, description="Default registered model of the `textclf` commands."
     )
     api_token: SecretStr | None = Field(
         default=None,

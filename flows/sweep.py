@@ -16,7 +16,7 @@ from pydantic import Field
 
 from flows.settings import Settings
 from flows.training import DatasetParameters, code_version, resolve_base_model
-from tasks.contracts import FineTunedModel, PreparedDataset, RegisteredModelVersion
+from tasks.contracts import REGISTERED_MODEL_NAME, FineTunedModel, PreparedDataset, RegisteredModelVersion
 from tasks.tracking import TrackingRef, finished_on_exit, start_tracking_run_task
 from tasks.training.evaluate import evaluate_task
 from tasks.training.fine_tune import FineTuneConfig, fine_tune
@@ -84,7 +84,7 @@ def sweep(
     trial_settings: TrialSettings = TrialSettings(),
     registered_model_name: Annotated[
         str, Field(min_length=1, max_length=256, description="MLflow registered-model name of the best model.")
-    ] = "text-classifier",
+    ] = REGISTERED_MODEL_NAME,
 ) -> RegisteredModelVersion:
     settings = Settings()
     study_ref = StudyRef(storage_url=settings.resolved_optuna_storage, parameters=study)

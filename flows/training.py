@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from flows.settings import Settings
-from tasks.contracts import RegisteredModelVersion, WindowingConfig
+from tasks.contracts import REGISTERED_MODEL_NAME, RegisteredModelVersion, WindowingConfig
 from tasks.tracking import finished_on_exit, start_tracking_run_task
 from tasks.training.evaluate import evaluate_task
 from tasks.training.fine_tune import FineTuneConfig, fine_tune_task
@@ -115,7 +115,7 @@ def training(
     training: TrainingParameters = TrainingParameters(),
     registered_model_name: Annotated[
         str, Field(min_length=1, max_length=256, description="MLflow registered-model name.")
-    ] = "text-classifier",
+    ] = REGISTERED_MODEL_NAME,
 ) -> RegisteredModelVersion:
     settings = Settings()
     base_model = resolve_base_model(model.base_model)

@@ -143,6 +143,8 @@ class EvaluationResult(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------------- register
+# The registered model every flow uses unless told otherwise (TEXTCLF_REGISTERED_MODEL_NAME for the CLI).
+REGISTERED_MODEL_NAME = "text-classifier"
 MODEL_ARTIFACT_PATH = "model"
 FLOW_RUN_TAG = "prefect.flow_run_id"  # set on the training run by the flow, copied onto the model version
 MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact that holds the fine-tuned folder
