@@ -28,8 +28,8 @@ makes that the Bento's own `src` folder, so give an absolute path there, as `tex
 TEXTCLF_REQUEST_LOG_TEXT (default false), TEXTCLF_REQUEST_LOG_FLUSH_SECONDS (default 5) and
 TEXTCLF_REQUEST_LOG_MAX_RECORDS (default 10,000).
 
-Standard library, pyarrow and pandas only (imported lazily: importing this module is cheap), because it ships in
-the Bento (bentofile.yaml `include`)."""
+Standard library, pyarrow and pandas only (imported lazily: importing this module is cheap), besides the serving
+settings (tasks/serving/settings.py, pydantic-settings), because it ships in the Bento (bentofile.yaml `include`)."""
 
 from __future__ import annotations
 
