@@ -13,8 +13,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,9 +24,32 @@ from tasks.contracts import FineTunedModel, PreparedDataset
 from tasks.serving.classifier import LABELS_FILE, MODEL_SETTINGS_FILE
 from tasks.tracking import TrackingRef
 
+if TYPE_CHECKING:
+    from collections.abc import Sized
+
+    import numpy as np
+    import numpy.typing as npt
+    import torch
+    from transformers import (
+        EvalPrediction,
+        PreTrainedTokenizerBase,
+        Trainer,
+        TrainerCallback,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
+
 logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence means the checkpoint is complete
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class _ClassifierOutput(Protocol):
+    """What the loss reads of a sequence classifier's output (a transformers SequenceClassifierOutput, whose
+    `logits` the type hints allow to be None; a forward pass always returns them)."""
+
+    logits: torch.Tensor
 
 
 class FineTuneConfig(BaseModel):
@@ -74,8 +98,8 @@ def run_key(data: PreparedDataset, config: FineTuneConfig) -> str:
 def _checkpoints(checkpoint_dir: Path) -> list[Path]:
     if not checkpoint_dir.is_dir():
         return []
-    found = [p for p in checkpoint_dir.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)]
-    return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
+    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found, key=lambda step_and_path: step_and_path[0])]
 
 
 def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -90,14 +114,14 @@ def remove_incomplete_checkpoints(checkpoint_dir: Path) -> None:
             shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-def class_weights(labels: list[int], num_labels: int):
+def class_weights(labels: list[int], num_labels: int) -> torch.Tensor:
     import torch
 
     counts = torch.bincount(torch.tensor(labels), minlength=num_labels).float().clamp(min=1)
     return counts.sum() / (num_labels * counts)
 
 
-def pooled_macro_f1(text_index):
+def pooled_macro_f1(text_index: Sequence[int]) -> Callable[[EvalPrediction], dict[str, float]]:
     """Validation metrics per text, not per window: a text's windows' logits are averaged first, exactly as the
     classifier does when it predicts (tasks/serving/windows.py). The eval dataloader keeps the dataset's order."""
     import numpy as np
@@ -106,7 +130,7 @@ def pooled_macro_f1(text_index):
 
     owner = np.unique(np.asarray(text_index), return_inverse=True)[1]
 
-    def compute(eval_prediction) -> dict[str, float]:
+    def compute(eval_prediction: EvalPrediction) -> dict[str, float]:
         logits = np.asarray(eval_prediction.predictions, dtype=np.float32)
         texts = int(owner.max()) + 1 if len(owner) else 0
         pooled = pool_logits(logits, owner, texts)
@@ -116,7 +140,7 @@ def pooled_macro_f1(text_index):
     return compute
 
 
-def _scores(predicted, labels) -> dict[str, float]:
+def _scores(predicted: npt.NDArray[np.integer[Any]], labels: npt.NDArray[np.integer[Any]]) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, f1_score
 
     return {
@@ -125,13 +149,20 @@ def _scores(predicted, labels) -> dict[str, float]:
     }
 
 
-def _mlflow_callback(tracking: TrackingRef):
+def _mlflow_callback(tracking: TrackingRef) -> TrainerCallback:
     from transformers import TrainerCallback
 
     class MlflowStepMetrics(TrainerCallback):
         """Step metrics to MLflow while training runs. A tracking hiccup must not kill a long fine-tune."""
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
+        def on_log(
+            self,
+            args: TrainingArguments,
+            state: TrainerState,
+            control: TrainerControl,
+            logs: dict[str, float] | None = None,
+            **kwargs: Any,
+        ) -> None:
             from tasks.tracking import log_metrics
 
             numeric = {
@@ -153,12 +184,12 @@ class _PaddingModelInputs:
 
     BOOKKEEPING = ("length", "text_index")
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         from transformers import DataCollatorWithPadding
 
         self.pad = DataCollatorWithPadding(tokenizer)
 
-    def __call__(self, features):
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         return self.pad([{k: v for k, v in f.items() if k not in self.BOOKKEEPING} for f in features])
 
 
@@ -169,8 +200,8 @@ def build_trainer(
     device: str,
     precision: str,
     tracking: TrackingRef | None = None,
-    callbacks: list | None = None,
-):
+    callbacks: list[TrainerCallback] | None = None,
+) -> Trainer:
     """The transformers Trainer for this fine-tune; also used by the benchmark and the sweep (`callbacks`: extra
     transformers TrainerCallbacks, such as a pruning callback)."""
     import datasets
@@ -227,7 +258,11 @@ def build_trainer(
     )
     weights = class_weights(tokenized["train"]["labels"], num_labels).to(device) if config.class_weighted_loss else None
 
-    def weighted_loss(outputs, labels, num_items_in_batch=None):
+    def weighted_loss(
+        outputs: _ClassifierOutput,
+        labels: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
         import torch.nn.functional as F
 
         return F.cross_entropy(outputs.logits.float(), labels, weight=weights)
@@ -236,10 +271,12 @@ def build_trainer(
         """The pooled validation metric needs the eval predictions in the dataset's order (text_index tells which
         text each window belongs to). transformers length-groups (shuffles) eval batches with group_by_length."""
 
-        def _get_eval_sampler(self, eval_dataset):
+        def _get_eval_sampler(
+            self, eval_dataset: torch.utils.data.Dataset[Any]
+        ) -> torch.utils.data.Sampler[int] | None:
             if eval_dataset is None or self.args.world_size > 1:
                 return super()._get_eval_sampler(eval_dataset)
-            return SequentialSampler(eval_dataset)
+            return SequentialSampler(cast("Sized", eval_dataset))  # a datasets.Dataset, which has a length
 
     callbacks = list(callbacks or [])
     if config.early_stopping_patience:
@@ -264,7 +301,7 @@ def fine_tune(
     config: FineTuneConfig,
     output_root: Path,
     tracking: TrackingRef | None = None,
-    callbacks: list | None = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> FineTunedModel:
     work_dir = output_root / run_key(data, config)
     checkpoint_dir, model_dir, result_path = work_dir / "checkpoints", work_dir / "model", work_dir / "result.json"
@@ -284,7 +321,8 @@ def fine_tune(
     staging = work_dir / ".model.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(str(staging))  # the best epoch's weights: load_best_model_at_end restored them
-    trainer.processing_class.save_pretrained(str(staging))
+    # build_trainer passes the tokenizer as the processing class
+    cast("PreTrainedTokenizerBase", trainer.processing_class).save_pretrained(str(staging))
     (staging / LABELS_FILE).write_text(json.dumps(data.label_names, indent=2))
     (staging / MODEL_SETTINGS_FILE).write_text(
         json.dumps(
@@ -316,4 +354,4 @@ def fine_tune(
 
 
 # No retries: a failed fine-tune is re-run deliberately, and then resumes from its last checkpoint.
-fine_tune_task = task(fine_tune, name="fine-tune", retries=0, timeout_seconds=6 * 3600)
+fine_tune_task = task(name="fine-tune", retries=0, timeout_seconds=6 * 3600)(fine_tune)
