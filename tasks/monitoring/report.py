@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from tasks.common.atomic import atomic_directory
 from tasks.monitoring.statistics import DriftDecision, DriftThresholds, Sample
 from tasks.monitoring.windows import Window
 from tasks.tracking import TrackingRef
@@ -54,17 +53,11 @@ def write_report_folder(
     """`output_dir/report.md` with its PNG plots and `drift.json`, written in a staging folder and renamed into
     place, so a reader never sees half a report."""
     notes = (*reference.notes, *window.notes)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
-    try:
+    with atomic_directory(output_dir) as staging:
         plots = write_plots(staging, reference_sample, window_sample, decision, thresholds, diagnostics)
         markdown = report_markdown(decision, reference, window, thresholds, plots, notes, context)
         (staging / REPORT_FILE).write_text(markdown)
         (staging / RESULT_FILE).write_text(json.dumps(decision.model_dump(mode="json"), indent=2))
-        shutil.rmtree(output_dir, ignore_errors=True)
-        staging.rename(output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return DriftReport(decision=decision, report_dir=output_dir, markdown=markdown, notes=notes)
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import pandas as pd
 from numpy.typing import ArrayLike
 from pydantic import BaseModel, ConfigDict
 
+from tasks.common.atomic import atomic_file
 from tasks.common.text import clean_text
 from tasks.common.text_sources import iter_text_chunks
 from tasks.contracts import ScoringSource
@@ -62,14 +61,8 @@ class Window(BaseModel):
 
 
 def _write_parquet_atomically(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_file(path) as temporary:
+        frame.to_parquet(temporary, index=False)
 
 
 def _window_frame(text: ArrayLike, label: ArrayLike, probability: ArrayLike, length: ArrayLike) -> pd.DataFrame:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -37,6 +36,7 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.common.atomic import atomic_file
 from tasks.contracts import RUNTIME_ARTIFACT_PATH, RUNTIME_TAG, RUNTIME_URI_TAG
 from tasks.promotion.scores import score_labels
 from tasks.serving.onnx_runtime import (
@@ -139,26 +139,19 @@ def export_onnx(model_dir: Path, target: Path, opset: int = ONNX_OPSET) -> Path:
     )
     # The exporter binds positional inputs in the order of forward()'s parameters.
     names = [name for name in inspect.signature(model.forward).parameters if name in sample]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".onnx")
-    os.close(handle)
-    try:
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-            torch.onnx.export(
-                model,
-                tuple(sample[name] for name in names),
-                tmp,
-                dynamo=False,
-                input_names=names,
-                output_names=["logits"],
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamic_axes={**{name: {0: "batch", 1: "sequence"} for name in names}, "logits": {0: "batch"}},
-            )
-        Path(tmp).replace(target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_file(target, suffix=".onnx") as tmp, warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(
+            model,
+            tuple(sample[name] for name in names),
+            str(tmp),
+            dynamo=False,
+            input_names=names,
+            output_names=["logits"],
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamic_axes={**{name: {0: "batch", 1: "sequence"} for name in names}, "logits": {0: "batch"}},
+        )
     return target
 
 
@@ -167,15 +160,9 @@ def quantize_int8(fp32_path: Path, target: Path) -> Path:
     at run time (no calibration data needed). Written to a temporary file, then renamed."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".onnx")
-    os.close(handle)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(str(fp32_path), tmp, weight_type=QuantType.QInt8)
-        Path(tmp).replace(target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_file(target, suffix=".onnx") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8)
     return target
 
 

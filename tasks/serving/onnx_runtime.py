@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from tasks.common.atomic import write_text_atomically
 
 RUNTIME_FILE = "runtime.json"
 ONNX_DIR = "onnx"
@@ -147,14 +148,7 @@ class OnnxLogits:
 
 
 def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(payload, file, indent=2)
-            file.write("\n")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_text_atomically(path, json.dumps(payload, indent=2) + "\n")
 
 
 def install_runtime(model_dir: str | Path, source_dir: str | Path) -> dict[str, Any]:

@@ -9,8 +9,6 @@ accuracy-vs-coverage curve (accuracy_coverage.png)."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.common.atomic import atomic_directory
 from tasks.contracts import EvaluationResult, FineTunedModel, PreparedDataset
 from tasks.serving.abstention import (
     accuracy_coverage_curve,
@@ -329,9 +328,7 @@ def evaluate(
     )
     metrics = {key: float(value) for key, value in metrics.items()}
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
-    try:
+    with atomic_directory(output_dir) as staging:
         _plots(staging, names, confusion_matrix(labels, predicted, labels=label_ids), per_bin, per_class)
         plot_accuracy_coverage(
             staging / "accuracy_coverage.png",
@@ -362,10 +359,6 @@ def evaluate(
                 classifier.max_length,
             )
         )
-        shutil.rmtree(output_dir, ignore_errors=True)
-        staging.rename(output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return EvaluationResult(metrics=metrics, artifacts_dir=output_dir, report_path=output_dir / "report.md")
 
 

@@ -8,8 +8,6 @@ import hashlib
 import importlib.util
 import io
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +16,7 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.common.atomic import atomic_file
 from tasks.contracts import DatasetSnapshot, DatasetValidationError
 
 if TYPE_CHECKING:
@@ -432,14 +431,8 @@ def write_snapshot(frame: pd.DataFrame, snapshot_dir: Path, source: str) -> Data
     version = content_version(table)
     path = snapshot_dir / f"{version}.parquet"
     if not path.exists():  # content-addressed: an existing file already holds exactly these rows
-        snapshot_dir.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=snapshot_dir, prefix=f".{version}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            table.to_parquet(tmp, index=False)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_file(path) as temporary:
+            table.to_parquet(temporary, index=False)
     return DatasetSnapshot(
         path=path,
         version=version,
