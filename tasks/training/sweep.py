@@ -18,15 +18,24 @@ import shutil
 import tempfile
 import uuid
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired, Protocol, TypedDict, TypeVar, cast
 
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from tasks.contracts import DatasetSnapshot, FineTunedModel, PreparedDataset
 from tasks.serving.windows import Truncation
 from tasks.tracking import TrackingRef, end_tracking_run, log_metrics, log_params, start_tracking_run
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from optuna import Study, Trial
+    from optuna.pruners import BasePruner
+    from optuna.storages import BaseStorage, RDBStorage
+    from optuna.trial import FrozenTrial, TrialState
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +56,10 @@ class SweepInputError(ValueError):
     """A search space or study setting that cannot work; the message names the field and the fix."""
 
 
-def _unique(values: list) -> list:
+_T = TypeVar("_T")
+
+
+def _unique(values: list[_T]) -> list[_T]:
     return list(dict.fromkeys(values))
 
 
@@ -77,7 +89,7 @@ class SearchSpace(BaseModel):
 
     @field_validator("batch_sizes", "max_lengths", "truncations", "base_models")
     @classmethod
-    def _choices_given(cls, values: list, info) -> list:
+    def _choices_given(cls, values: list[_T], info: ValidationInfo) -> list[_T]:
         if not values:
             raise ValueError(f"search_space.{info.field_name} is empty: give at least one value to choose from.")
         if info.field_name == "base_models" and not all(str(v).strip() for v in values):
@@ -235,11 +247,11 @@ def redacted(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def open_storage(ref: StudyRef):
+def open_storage(ref: StudyRef) -> RDBStorage:
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    engine_kwargs = {}
+    engine_kwargs: dict[str, Any] = {}
     if ref.storage_url.startswith("sqlite:///"):
         Path(ref.storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # Parallel trials and their heartbeat threads write to one file: wait for the lock instead of failing.
@@ -266,7 +278,7 @@ def open_storage(ref: StudyRef):
             ) from error
 
 
-def make_pruner(parameters: StudyParameters):
+def make_pruner(parameters: StudyParameters) -> BasePruner:
     import optuna
 
     if parameters.pruner == "median":
@@ -278,7 +290,7 @@ def make_pruner(parameters: StudyParameters):
     return optuna.pruners.NopPruner()
 
 
-def load_study(ref: StudyRef, storage, sampler_seed: int | None = None):
+def load_study(ref: StudyRef, storage: BaseStorage, sampler_seed: int | None = None) -> Study:
     import optuna
 
     # Each trial builds its sampler afresh (the study lives in the database, not in a process), so each gets its
@@ -297,11 +309,11 @@ def load_study(ref: StudyRef, storage, sampler_seed: int | None = None):
     )
 
 
-def _retried_numbers(trials) -> set[int]:
+def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
     return {number for trial in trials for number in trial.system_attrs.get("retry_history", [])}
 
 
-def _counts_against_budget(trials) -> list:
+def _counts_against_budget(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """Finished trials, except the dead ones that a retry replaced (the retry counts instead)."""
     from optuna.trial import TrialState
 
@@ -371,7 +383,16 @@ class TrialTraining(Protocol):
     ) -> tuple[PreparedDataset, FineTunedModel]: ...
 
 
-def suggest(trial, space: SearchSpace) -> dict[str, object]:
+class _TrialRecord(TypedDict):
+    """What a running trial leaves for its task to report (run_trial reads it after the study ran the trial)."""
+
+    number: int | None
+    params: dict[str, object]
+    run_id: str | None
+    work_dir: NotRequired[Path]  # the fine-tune's work folder, once training began
+
+
+def suggest(trial: Trial, space: SearchSpace) -> dict[str, object]:
     """The trial's settings from the search space. Categorical choices go through as strings or ints."""
     return {
         "learning_rate": trial.suggest_float(
@@ -387,18 +408,30 @@ def suggest(trial, space: SearchSpace) -> dict[str, object]:
     }
 
 
-def pruning_callback(trial, tracking: TrackingRef | None = None, outcome: dict | None = None):
+def pruning_callback(
+    trial: Trial, tracking: TrackingRef | None = None, outcome: _TrialRecord | None = None
+) -> TrainerCallback:
     """A transformers TrainerCallback: after each epoch's evaluation, report the validation macro-F1 (already pooled
     per text by the fine-tune's metric) to Optuna at that epoch, log it per epoch, and prune if the pruner says so."""
     import optuna
     from transformers import TrainerCallback
 
     class OptunaPruning(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
+        def on_train_begin(
+            self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+        ) -> None:
             if outcome is not None:  # the fine-tune's work folder: removed if the trial is pruned
-                outcome["work_dir"] = Path(args.output_dir).parent
+                # transformers sets output_dir in __post_init__ (never None after it); the field's hint keeps None
+                outcome["work_dir"] = Path(args.output_dir).parent  # type: ignore[arg-type]
 
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        def on_evaluate(
+            self,
+            args: TrainingArguments,
+            state: TrainerState,
+            control: TrainerControl,
+            metrics: dict[str, float] | None = None,
+            **kwargs: Any,
+        ) -> None:
             if not metrics or "eval_macro_f1" not in metrics:
                 return
             epoch = int(round(state.epoch or 0))
@@ -422,7 +455,7 @@ def pruning_callback(trial, tracking: TrackingRef | None = None, outcome: dict |
     return OptunaPruning()
 
 
-def _train_trial(config: TrialConfig, trial, outcome: dict, train: TrialTraining) -> float:
+def _train_trial(config: TrialConfig, trial: Trial, outcome: _TrialRecord, train: TrialTraining) -> float:
     """One trial: its settings, its MLflow child run, the (cached) preprocess and the fine-tune with pruning."""
     params = suggest(trial, config.space)
     outcome["params"] = params
@@ -459,10 +492,10 @@ def _train_trial(config: TrialConfig, trial, outcome: dict, train: TrialTraining
     return model.best_validation_macro_f1
 
 
-def _objective(config: TrialConfig, outcome: dict, train: TrialTraining):
+def _objective(config: TrialConfig, outcome: _TrialRecord, train: TrialTraining) -> Callable[[Trial], float]:
     import optuna
 
-    def objective(trial) -> float:
+    def objective(trial: Trial) -> float:
         outcome["number"] = trial.number
         try:
             return _train_trial(config, trial, outcome, train)
@@ -492,7 +525,7 @@ def run_trial(config: TrialConfig, sampler_seed: int, train: TrialTraining) -> T
     from optuna.trial import TrialState
 
     storage = open_storage(config.study)
-    outcome: dict = {"number": None, "params": {}, "run_id": None}
+    outcome: _TrialRecord = {"number": None, "params": {}, "run_id": None}
     try:
         study = load_study(config.study, storage, sampler_seed=sampler_seed)
         # optimize(n_trials=1) rather than ask/tell: it runs the heartbeat thread, fails stale trials first, and
@@ -505,7 +538,11 @@ def run_trial(config: TrialConfig, sampler_seed: int, train: TrialTraining) -> T
         storage.engine.dispose()
     if frozen is None:
         raise RuntimeError(f"Study {config.study.name}: no trial was created (see the log above).")
-    state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(frozen.state, "failed")
+    names: dict[TrialState, Literal["complete", "pruned"]] = {
+        TrialState.COMPLETE: "complete",
+        TrialState.PRUNED: "pruned",
+    }
+    state: Literal["complete", "pruned", "failed"] = names.get(frozen.state, "failed")
     note = None
     if state == "pruned":
         # A pruned trial's checkpoints can never be resumed into anything useful.
@@ -532,6 +569,11 @@ def run_trial(config: TrialConfig, sampler_seed: int, train: TrialTraining) -> T
 # ----------------------------------------------------------------------------------------------------------------
 # After the trials
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _value_of(trial: FrozenTrial) -> float:
+    """A complete trial's objective value (Optuna types `value` for every state: None until a trial completes)."""
+    return cast(float, trial.value)
 
 
 def best_trial(ref: StudyRef, parent: TrackingRef) -> BestTrial:
@@ -561,7 +603,7 @@ def best_trial(ref: StudyRef, parent: TrackingRef) -> BestTrial:
         )
     return BestTrial(
         number=best.number,
-        validation_macro_f1=float(best.value),
+        validation_macro_f1=float(_value_of(best)),
         params=best.params,
         model=model,
         prepared=PreparedDataset.model_validate(best.user_attrs[TRIAL_DATA_ATTR]),
@@ -569,7 +611,7 @@ def best_trial(ref: StudyRef, parent: TrackingRef) -> BestTrial:
     )
 
 
-def _close_dead_trial_runs(trials, parent: TrackingRef) -> None:
+def _close_dead_trial_runs(trials: Sequence[FrozenTrial], parent: TrackingRef) -> None:
     """Runs of trials whose process was killed stay RUNNING in MLflow: mark them failed."""
     from optuna.trial import TrialState
 
@@ -580,7 +622,7 @@ def _close_dead_trial_runs(trials, parent: TrackingRef) -> None:
             _finish_trial_run(run_id, parent, "failed", "the trial's process died; it was retried as a new trial")
 
 
-def _plots(study, folder: Path) -> list[str]:
+def _plots(study: Study, folder: Path) -> list[str]:
     """Optimization history, intermediate values and parameter importances as PNG; a plot that cannot be drawn
     (importances need two complete trials and a varied parameter) is left out and named in the summary."""
     import matplotlib
@@ -590,7 +632,7 @@ def _plots(study, folder: Path) -> list[str]:
     import optuna
     from optuna.visualization import matplotlib as optuna_plots
 
-    missing = []
+    missing: list[str] = []
     for name, plot in (
         ("optimization_history", optuna_plots.plot_optimization_history),
         ("intermediate_values", optuna_plots.plot_intermediate_values),
@@ -601,7 +643,8 @@ def _plots(study, folder: Path) -> list[str]:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 warnings.simplefilter("ignore", UserWarning)  # matplotlib: "no artists with labels" on a 1-line plot
                 axes = plot(study)
-            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+            # Optuna draws each plot on a new top-level figure (matplotlib's hints allow a subfigure too)
+            figure = cast("Figure", (axes.flat[0] if hasattr(axes, "flat") else axes).figure)
             figure.set_size_inches(9, 5)
             figure.tight_layout()
             figure.savefig(folder / f"{name}.png", dpi=100)
@@ -613,7 +656,12 @@ def _plots(study, folder: Path) -> list[str]:
 
 
 def _markdown(
-    ref: StudyRef, trials, counts: dict[str, int], epochs_run: int, epochs_full: int, missing_plots: list[str]
+    ref: StudyRef,
+    trials: Sequence[FrozenTrial],
+    counts: dict[str, int],
+    epochs_run: int,
+    epochs_full: int,
+    missing_plots: list[str],
 ) -> str:
     from optuna.trial import TrialState
 
@@ -667,11 +715,11 @@ def _markdown(
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value) -> str:
+def _fmt(value: object) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def pruning_savings(trials) -> tuple[int, int]:
+def pruning_savings(trials: Sequence[FrozenTrial]) -> tuple[int, int]:
     """(trial-epochs run, trial-epochs had no trial been pruned): a pruned trial would have run its planned epochs."""
     from optuna.trial import TrialState
 
@@ -732,7 +780,7 @@ def summarize_study(ref: StudyRef, parent: TrackingRef, output_dir: Path) -> Stu
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
     if best is not None:
-        log_metrics(parent, {"best_validation_macro_f1": best.value})
+        log_metrics(parent, {"best_validation_macro_f1": _value_of(best)})
         client.set_tag(parent.run_id, "best_trial", str(best.number))
     return StudySummary(
         study_name=ref.name,
@@ -746,8 +794,8 @@ def summarize_study(ref: StudyRef, parent: TrackingRef, output_dir: Path) -> Stu
     )
 
 
-prepare_study_task = task(prepare_study, name="prepare-study", retries=2, retry_delay_seconds=5)
+prepare_study_task = task(name="prepare-study", retries=2, retry_delay_seconds=5)(prepare_study)
 # No retries: a trial that failed is recorded in the study as failed; one whose process died is retried by the
 # study itself (heartbeats), with the same parameters.
-summarize_study_task = task(summarize_study, name="summarize-study", retries=2, retry_delay_seconds=5)
-best_trial_task = task(best_trial, name="best-trial")  # its errors are about the study: no retry
+summarize_study_task = task(name="summarize-study", retries=2, retry_delay_seconds=5)(summarize_study)
+best_trial_task = task(name="best-trial")(best_trial)  # its errors are about the study: no retry
