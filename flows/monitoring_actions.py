@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from mlflow import MlflowClient
 from prefect import get_run_logger, task
 from prefect.blocks.core import Block
 from prefect.client.schemas.objects import FlowRun
@@ -115,6 +114,8 @@ def training_snapshot(
     """The dataset snapshot the model version was trained on (text, label, split), found from its training run:
     the Parquet named by its dataset input, else `snapshot_dir/<data_version>.parquet`, else the run's
     `data_source` ingested again with the run's ingest parameters. Returns (frame, where it came from, notes)."""
+    from mlflow import MlflowClient  # here, not at import: the flow module loads fast without it
+
     client = MlflowClient(tracking_uri=tracking_uri)
     run_id = client.get_model_version(name, str(version)).run_id
     if run_id is None:

@@ -456,3 +456,21 @@ def test_a_notification_block_name_without_its_type_says_how_to_write_it():
 
     with pytest.raises(ValueError, match="'<block type>/<block name>'"):
         notify("drift-alerts", "subject", "body")
+
+
+def test_the_text_models_are_the_pytorch_ones_whatever_runtime_the_champion_answers_with(tmp_path, fixture_frame):
+    """A champion promoted with an ONNX runtime (runtime.json) still holds its PyTorch weights: the embeddings come
+    from that encoder, which ONNX Runtime does not expose (the folder's onnx/ file is never read here)."""
+    from tasks.monitoring.features import TextModels, embed_texts
+    from tasks.serving.onnx_runtime import RUNTIME_FILE
+    from tests.fixtures import make_tiny_bert
+
+    model_dir = make_tiny_bert(tmp_path / "champion", fixture_frame["text"].tolist())
+    (model_dir / "labels.json").write_text(json.dumps(["negative", "positive"]))
+    (model_dir / "textclf.json").write_text(json.dumps({"max_length": 32}))
+    (model_dir / RUNTIME_FILE).write_text(
+        json.dumps({"runtime": "onnx-int8", "file": "onnx/model.int8.onnx", "sha256": "0" * 64})
+    )
+    models = TextModels.load(model_dir)
+    embeddings = embed_texts(models.tokenizer, models.encoder, fixture_frame["text"].tolist()[:3], models.max_length)
+    assert embeddings.shape[0] == 3 and models.max_length == 32

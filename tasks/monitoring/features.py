@@ -29,10 +29,13 @@ class TextModels:
 
     @classmethod
     def load(cls, model_dir: Path) -> TextModels:
-        """From a fine-tuned model folder: its tokenizer and the encoder under its classification head."""
+        """From a fine-tuned model folder: its tokenizer and the encoder under its classification head. Always the
+        PyTorch model: a folder that answers with ONNX Runtime (runtime.json) keeps its PyTorch weights, and only
+        they expose the encoder."""
         from tasks.serving.classifier import TextClassifier
+        from tasks.serving.onnx_runtime import PYTORCH
 
-        classifier = TextClassifier(model_dir)
+        classifier = TextClassifier(model_dir, runtime=PYTORCH)
         return cls(classifier.tokenizer, classifier.model.base_model, classifier.max_length)
 
 
