@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 import time
 import urllib.error
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from flows.log_rotation import start_with_rotating_log
 from tasks.common.ports import port_in_use
+from tasks.common.processes import process_alive, stop_process_tree
 
 STARTUP_TIMEOUT_S = 180.0
 
@@ -146,8 +146,8 @@ def serve_bento(root: Path, bento_tag: str, host: str = "127.0.0.1", port: int =
     (a new champion replaces the old one on the same port)."""
     pid_file = root / "logs" / "bento.pid"
     if pid_file.exists():
-        with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
-            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+        with contextlib.suppress(ValueError):
+            stop_process_tree(int(pid_file.read_text()))  # its workers too: they sit in process groups of their own
         pid_file.unlink(missing_ok=True)
         deadline = time.monotonic() + 30
         while port_in_use(host, port) and time.monotonic() < deadline:
@@ -169,9 +169,12 @@ def stop_local_servers(root: Path) -> list[str]:
     stopped = []
     for pid_file in sorted((root / "logs").glob("*.pid")):
         try:
-            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+            pid = int(pid_file.read_text())
+        except ValueError:
+            pid_file.unlink(missing_ok=True)
+            continue
+        if process_alive(pid):
+            stop_process_tree(pid)  # the server and everything below it (a Bento's workers, the log writers)
             stopped.append(pid_file.stem)
-        except (ProcessLookupError, ValueError, PermissionError):
-            pass
         pid_file.unlink(missing_ok=True)
     return stopped

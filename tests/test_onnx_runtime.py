@@ -224,7 +224,7 @@ def test_installing_a_corrupt_runtime_leaves_the_folder_as_it_was(tuned_fixture,
 
 
 def test_the_drift_window_counts_every_runtime_of_the_champion(tmp_path):
-    from tasks.monitoring.drift import window_from_request_log_frame
+    from tasks.monitoring.windows import window_from_request_log_frame
 
     rows = 6
     log = pd.DataFrame(

@@ -1,10 +1,13 @@
-"""Whether a process still runs, by pid: for files named after the process that writes them (a request-log journal,
-a partial batch-scoring output), so a later process knows which ones were left by a process that is gone. Standard
-library only (it ships in the Bento, bentofile.yaml `include`)."""
+"""Child processes: whether one still runs (for files named after the process that writes them: a request-log
+journal, a partial batch-scoring output), the processes below one, and stopping a server with everything below it.
+Standard library only (it ships in the Bento, bentofile.yaml `include`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import time
 from pathlib import Path
 
 
@@ -41,3 +44,26 @@ def descendants(pid: int) -> list[int]:
         found.append(child)
         stack += children.get(child, [])
     return found
+
+
+def stop_process_tree(process_id: int, timeout_seconds: float = 30) -> None:
+    """SIGTERM the process group of `process_id` (a server started in a session of its own), SIGKILL what is left
+    after `timeout_seconds`: the group and every process below it (BentoML's workers run in process groups of their
+    own, out of reach of a signal to the server's group). Returns once all of them are gone."""
+    tree = [process_id, *descendants(process_id)]
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process_id, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(process_id, os.WNOHANG)  # reap it when it is our child, or it stays a zombie
+        if not any(process_alive(pid) for pid in tree):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process_id, signal.SIGKILL)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(process_id, 0)

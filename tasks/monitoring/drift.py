@@ -30,9 +30,6 @@ from tasks.monitoring.features import TextModels, measure_window
 from tasks.monitoring.report import DriftReport, log_drift_report, write_report_folder
 from tasks.monitoring.statistics import DriftThresholds, compare_samples
 from tasks.monitoring.windows import Window, reference_from_test_split, window_from_request_log, window_from_source
-from tasks.monitoring.windows import (  # re-exported for tests/test_onnx_runtime.py, which imports it from here
-    window_from_request_log_frame as window_from_request_log_frame,
-)
 
 RAW_TEXT_SKIP = "needs raw texts, which the request log does not hold (TEXTCLF_REQUEST_LOG_TEXT=true logs them)"
 

@@ -16,10 +16,8 @@ BentoML keeps its stores under `BENTOML_HOME` (default `~/bentoml`); every step 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +28,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from tasks.common.ports import free_port
+from tasks.common.processes import stop_process_tree
 from tasks.registry import DownloadedModel
 
 BENTO_MODEL_NAME = "text-classifier"
@@ -222,29 +221,8 @@ def wait_until_ready(url: str, process: subprocess.Popen[bytes], log_path: Path,
 
 
 def stop_bento_server(process_id: int, timeout_seconds: float = 30) -> None:
-    """SIGTERM the server's process group, SIGKILL what is left after `timeout_seconds`: the group and every process
-    below the server (BentoML's workers run in process groups of their own). Returns once all of them are gone."""
-    from tasks.common.processes import descendants, process_alive
-
-    tree = [process_id, *descendants(process_id)]
-    try:
-        os.killpg(process_id, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + timeout_seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(process_id, os.WNOHANG)  # reap it when it is our child, or it stays a zombie
-        if not any(process_alive(pid) for pid in tree):
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process_id, signal.SIGKILL)
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(process_id, 0)
+    """Stop a `bentoml serve` started by `start_bento_server`, its workers included (tasks/common/processes.py)."""
+    stop_process_tree(process_id, timeout_seconds)
 
 
 def bento_worker_pids(server_pid: int) -> list[int]:

@@ -12,8 +12,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict
@@ -69,7 +71,7 @@ def endpoint_scorer(url: str, token: str | None = None, batch_size: int = 64) ->
         base_url=url.rstrip("/"), timeout=120, headers={"Authorization": f"Bearer {token}"} if token else {}
     )
 
-    def classify(texts: list[str]) -> list[dict]:
+    def classify(texts: list[str]) -> list[dict[str, Any]]:
         for attempt in range(ENDPOINT_RETRIES + 1):
             response = client.post("/classify", json={"texts": texts})
             if response.status_code != 503 or attempt == ENDPOINT_RETRIES:
@@ -77,11 +79,13 @@ def endpoint_scorer(url: str, token: str | None = None, batch_size: int = 64) ->
             time.sleep(float(response.headers.get("retry-after", "1") or 1))  # the server is at capacity
         if response.status_code != 200:
             raise RuntimeError(f"{url}/classify answered {response.status_code}: {response.text[:500]}")
-        return response.json()
+        answers: list[dict[str, Any]] = response.json()
+        return answers
 
     def requests_of(texts: list[str]) -> Iterator[list[str]]:
         """At most `batch_size` texts and ENDPOINT_MAX_REQUEST_CHARS characters a request (the service's limits)."""
-        batch, chars = [], 0
+        batch: list[str] = []
+        chars = 0
         for text in (t[:ENDPOINT_MAX_TEXT_CHARS] for t in texts):
             if batch and (len(batch) == batch_size or chars + len(text) > ENDPOINT_MAX_REQUEST_CHARS):
                 yield batch
@@ -94,8 +98,8 @@ def endpoint_scorer(url: str, token: str | None = None, batch_size: int = 64) ->
     probe = classify(["probe"])[0]  # the label set and model version come from the service itself
     labels, version = list(probe["probabilities"]), probe["model_version"]
 
-    def score(texts: list[str]) -> np.ndarray:
-        rows = []
+    def score(texts: list[str]) -> npt.NDArray[np.float32]:
+        rows: list[list[float]] = []
         for request in requests_of(texts):
             rows += [[answer["probabilities"][label] for label in labels] for answer in classify(request)]
         return np.asarray(rows, dtype=np.float32).reshape(len(texts), len(labels))
@@ -111,7 +115,7 @@ def _prediction_table(
     model_version: str,
     scored_at: pd.Timestamp,
     min_confidence: float | None = None,
-):
+) -> pd.DataFrame:
     import pyarrow as pa
 
     full = np.full((len(chunk), len(labels)), np.nan, dtype=np.float32)
@@ -256,5 +260,5 @@ def score_through_endpoint(
     )
 
 
-score_in_process_task = task(score_in_process, name="score-in-process")
-score_through_endpoint_task = task(score_through_endpoint, name="score-through-endpoint")
+score_in_process_task = task(name="score-in-process")(score_in_process)
+score_through_endpoint_task = task(name="score-through-endpoint")(score_through_endpoint)

@@ -9,6 +9,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,9 @@ from sklearn.model_selection import train_test_split
 from tasks.common.text import clean_text
 from tasks.contracts import DatasetSnapshot, DatasetValidationError, PreparedDataset, WindowingConfig
 from tasks.serving.windows import encode_windows
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Bump when cleaning or splitting changes, so that old caches are not reused.
 PREPROCESS_VERSION = "2"
@@ -70,7 +74,7 @@ def split_dataset(frame: pd.DataFrame, config: PreprocessConfig) -> pd.DataFrame
     return frame
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of what the tokenizer does (its vocabulary and rules), not of where it was loaded from."""
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -91,7 +95,7 @@ class BaseModelNotFound(ValueError):
     pass
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
@@ -121,7 +125,9 @@ def _split_rows(frame: pd.DataFrame, split: str) -> pd.DataFrame:
     return rows.reset_index(drop=True).rename_axis("text_index").reset_index()
 
 
-def _build(snapshot: DatasetSnapshot, config: PreprocessConfig, tokenizer, target: Path) -> dict:
+def _build(
+    snapshot: DatasetSnapshot, config: PreprocessConfig, tokenizer: PreTrainedTokenizerBase, target: Path
+) -> dict[str, Any]:
     import datasets
 
     frame = pd.read_parquet(snapshot.path)
@@ -146,7 +152,7 @@ def _build(snapshot: DatasetSnapshot, config: PreprocessConfig, tokenizer, targe
 
     windowing = config.windowing()
 
-    def tokenize(batch, split: str):
+    def tokenize(batch: dict[str, list[Any]], split: str) -> dict[str, list[Any]]:
         """One row per window the model sees. Validation and test keep every window of a text and `text_index`
         (which text it belongs to), so that their scores pool windows exactly as prediction does."""
         encoded = encode_windows(tokenizer, batch["text"], windowing)
@@ -214,4 +220,4 @@ def preprocess(snapshot: DatasetSnapshot, config: PreprocessConfig, cache_dir: P
     )
 
 
-preprocess_task = task(preprocess, name="preprocess")
+preprocess_task = task(name="preprocess")(preprocess)
