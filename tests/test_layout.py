@@ -68,3 +68,20 @@ def test_the_bento_ships_the_serving_runtime_and_what_it_imports_nothing_else():
     for path in shipped:
         outside = {m for m in _project_imports(path) if not m.startswith(("tasks.serving", "tasks.common"))}
         assert not outside, f"{path.relative_to(ROOT)} imports {outside}, which the Bento does not ship"
+
+
+def test_the_environment_is_read_only_through_the_settings_of_each_runtime():
+    """flows/settings.py (orchestration) and tasks/serving/settings.py (serving) read the environment; elsewhere it is
+    only handed on whole to a child process (`{**os.environ, ...}`), or, once, written for the in-process flow."""
+    allowed = {ROOT / "flows" / "settings.py", ROOT / "tasks" / "serving" / "settings.py"}
+    written = {("flows/cli.py", 'os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri')}
+    readers = []
+    for path in [ROOT / "service.py", *(ROOT / "tasks").rglob("*.py"), *(ROOT / "flows").rglob("*.py")]:
+        if path in allowed:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            handed_on = "{**os.environ" in line.replace(" ", "") or line.strip() == "**os.environ,"
+            if re.search(r"os\.environ|os\.getenv", line) and not handed_on:
+                if (str(path.relative_to(ROOT)), line.strip()) not in written:
+                    readers.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not readers, "reads the environment outside the settings:\n" + "\n".join(readers)
