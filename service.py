@@ -8,6 +8,7 @@ which the built Bento keeps; `TEXTCLF_BENTO_MODEL` names the model when serving 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Annotated, Any, cast
 
@@ -71,7 +72,12 @@ BATCH_SIZE = SETTINGS.max_batch_size
 BATCH_LATENCY_MS = SETTINGS.max_latency_ms
 REQUEST_LOG = RequestLogSettings.from_settings(SETTINGS)
 TRACE_CLASSIFY = SETTINGS.tracing
-LIMITS = ServingLimits.from_settings(SETTINGS)
+LIMITS = dataclasses.replace(
+    ServingLimits.from_settings(SETTINGS),
+    max_texts=MAX_TEXTS_PER_REQUEST,
+    max_text_chars=MAX_TEXT_CHARS,
+    max_request_chars=MAX_REQUEST_CHARS,
+)
 FORGET_BATCH_WAIT = SETTINGS.forget_batch_wait
 MIN_CONFIDENCE = SETTINGS.min_confidence
 

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tasks.promotion.bento import stop_bento_server
+from tasks.serving.http_guard import ServingLimits, openapi_document
 from tests.fixtures import serve_from_repository
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,3 +310,13 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(s
     assert not failures, "\n\n".join(dict.fromkeys(failures))
     assert calls.get("POST /classify", 0) >= 30, calls  # it really sent requests
     assert not re.search(r"Traceback", log.read_text(errors="replace"))
+
+
+def test_the_openapi_description_and_the_413_message_name_the_service_s_own_limits():
+    limits = ServingLimits(max_texts=7, max_text_chars=300, max_request_chars=1_000)
+    description = openapi_document({"paths": {}}, limits)["info"]["description"]
+    assert (
+        "1 to 7 texts" in description
+        and "at most 300 characters" in description
+        and "1000 characters in all" in description
+    )

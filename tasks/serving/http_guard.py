@@ -60,6 +60,10 @@ class ServingLimits:
     max_queued: int = AdmissionEnv.model_fields["max_queued"].default
     queue_timeout_seconds: float = AdmissionEnv.model_fields["queue_timeout_seconds"].default
     retry_after_seconds: int = 1
+    # The request's cost budget (service.py's constants), named in the 413 message and the OpenAPI description.
+    max_texts: int = 64
+    max_text_chars: int = 20_000
+    max_request_chars: int = 128_000
 
     @classmethod
     def from_settings(cls, settings: AdmissionEnv) -> ServingLimits:
@@ -277,8 +281,8 @@ class RequestGuard:
             return
         limit = self.limits.max_body_bytes
         too_large = {
-            "error": f"The request body is larger than {limit} bytes: send at most 64 texts of at most "
-            f"20000 characters each, splitting larger jobs into several requests."
+            "error": f"The request body is larger than {limit} bytes: send at most {self.limits.max_texts} texts of at "
+            f"most {self.limits.max_text_chars} characters each, splitting larger jobs into several requests."
         }
         declared = header(scope, b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
@@ -488,8 +492,9 @@ def openapi_document(document: dict[str, Any], limits: ServingLimits) -> dict[st
     """BentoML's OpenAPI document with the error answers the service really gives and the bearer scheme."""
     info = document.setdefault("info", {})
     info["description"] = (
-        'Text classification: POST /classify with {"texts": [...]} (1 to 64 texts, each with a visible '
-        "character and at most 20000 characters, at most 128000 characters in all). Each answer gives the label, "
+        f'Text classification: POST /classify with {{"texts": [...]}} (1 to {limits.max_texts} texts, each with a '
+        f"visible character and at most {limits.max_text_chars} characters, at most {limits.max_request_chars} "
+        "characters in all). Each answer gives the label, "
         "its probability, every class's probability, whether the text was truncated, and the model version and "
         "runtime that answered. When the server has an API token, send Authorization: Bearer <token>."
     )
