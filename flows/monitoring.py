@@ -8,7 +8,6 @@ on drift are `flows/monitoring_actions.py`."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 from pathlib import Path
 from typing import Annotated
@@ -37,13 +36,7 @@ from tasks.monitoring.report import DriftReport, drift_metrics
 from tasks.monitoring.statistics import DriftTest, DriftThresholds, Status
 from tasks.monitoring.windows import since_until
 from tasks.registry import download_model_version_task, fetch_test_split_task, resolve_alias_task
-from tasks.tracking import (
-    end_tracking_run,
-    end_tracking_run_task,
-    log_metrics_task,
-    log_params_task,
-    start_tracking_run_task,
-)
+from tasks.tracking import finished_on_exit, log_metrics_task, log_params_task, start_tracking_run_task
 
 
 class DriftResult(BaseModel):
@@ -182,7 +175,7 @@ def drift_monitoring(
         },
     )
     work = settings.root / "monitoring" / name / tracking.run_id
-    try:
+    with finished_on_exit(tracking):
         model = download_model_version_task(uri, name, champion, settings.model_download_dir)
         test_split = fetch_test_split_task(uri, name, champion, work)
         reference = reference_from_test_split_task(test_split, version, work / "reference.parquet")
@@ -246,11 +239,6 @@ def drift_monitoring(
             notified = notify_task(notification_block, subject, body)
         elif report.decision.status == "insufficient_data":
             get_run_logger().warning("Drift not assessed: %s", report.decision.reason)
-    except BaseException:
-        with contextlib.suppress(Exception):  # never hide the real error behind a tracking one
-            end_tracking_run(tracking, status="FAILED")
-        raise
-    end_tracking_run_task(tracking)
     decision = report.decision
     print(f"{version}: {decision.status}. {decision.reason}")
     return DriftResult(

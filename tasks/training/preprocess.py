@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +15,7 @@ from prefect import task
 from pydantic import ConfigDict, Field
 from sklearn.model_selection import train_test_split
 
+from tasks.common.atomic import atomic_directory
 from tasks.common.text import clean_text
 from tasks.contracts import DatasetSnapshot, DatasetValidationError, PreparedDataset, WindowingConfig
 from tasks.serving.windows import encode_windows
@@ -201,14 +200,9 @@ def preprocess(snapshot: DatasetSnapshot, config: PreprocessConfig, cache_dir: P
     cache_hit = summary_path.exists()
     if not cache_hit:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}."))
-        try:
+        with atomic_directory(target) as building:  # replaces a stale folder without summary.json (incomplete)
             summary = _build(snapshot, config, tokenizer, building)
             (building / "summary.json").write_text(json.dumps(summary, indent=2))
-            shutil.rmtree(target, ignore_errors=True)  # a stale folder without summary.json is incomplete
-            building.rename(target)
-        finally:
-            shutil.rmtree(building, ignore_errors=True)
     summary = json.loads(summary_path.read_text())
     return PreparedDataset(
         path=target,

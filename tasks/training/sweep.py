@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired, Protocol
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from tasks.common.atomic import atomic_directory
 from tasks.contracts import DatasetSnapshot, FineTunedModel, PreparedDataset
 from tasks.serving.windows import Truncation
 from tasks.tracking import TrackingRef, end_tracking_run, log_metrics, log_params, start_tracking_run
@@ -741,9 +741,7 @@ def summarize_study(ref: StudyRef, parent: TrackingRef, output_dir: Path) -> Stu
     try:
         study = load_study(ref, storage)
         trials = study.get_trials(deepcopy=True)
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
-        try:
+        with atomic_directory(output_dir) as staging:
             missing = _plots(study, staging)
             counts = {
                 state.name.lower(): sum(t.state == state for t in trials)
@@ -758,10 +756,6 @@ def summarize_study(ref: StudyRef, parent: TrackingRef, output_dir: Path) -> Stu
             epochs_run, epochs_full = pruning_savings(trials)
             markdown = _markdown(ref, trials, counts, epochs_run, epochs_full, missing)
             (staging / "summary.md").write_text(markdown)
-            shutil.rmtree(output_dir, ignore_errors=True)
-            staging.rename(output_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     finally:
         storage.engine.dispose()
     _close_dead_trial_runs(trials, parent)
