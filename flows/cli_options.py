@@ -26,7 +26,7 @@ import annotated_types
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
-_METAVARS = {int: "INT", float: "FLOAT", str: "TEXT"}
+_METAVARS = {bool: "{true,false}", int: "INT", float: "FLOAT", str: "TEXT"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +62,8 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
 
 
 def _shown(value: Any) -> str:
-    if isinstance(value, list | tuple):
-        return " ".join(map(_shown, value))
+    if isinstance(value, list | tuple):  # as typed: --class-weighted-losses false true
+        return " ".join(str(v).lower() if isinstance(v, bool) else _shown(v) for v in value)
     if value is None:
         return "unset"
     if isinstance(value, bool):

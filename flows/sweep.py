@@ -63,7 +63,7 @@ def train_trial(
         learning_rate=params["learning_rate"],
         warmup_ratio=params["warmup_ratio"],
         weight_decay=params["weight_decay"],
-        class_weighted_loss=config.settings.class_weighted_loss,
+        class_weighted_loss=bool(params["class_weighted_loss"]),
         early_stopping_patience=config.settings.early_stopping_patience,
         seed=config.study.parameters.seed,
     )

@@ -53,7 +53,7 @@ def test_every_option_shows_its_description_default_and_bounds(command):
                 else option.default
             )
             if isinstance(shown, list):
-                shown = " ".join(map(str, shown))
+                shown = " ".join(str(v).lower() if isinstance(v, bool) else str(v) for v in shown)
             assert f"default: {shown}" in text, f"{command} {option.flag}: no default shown"
         if bounds := bounds_text(option.info):
             assert bounds in text, f"{command} {option.flag}: bounds {bounds!r} not shown"

@@ -78,7 +78,7 @@ def test_search_space_refuses_a_reversed_range_naming_the_fields():
         SearchSpace(epochs_min=5, epochs_max=2)
 
 
-@pytest.mark.parametrize("field", ["batch_sizes", "max_lengths", "truncations", "base_models"])
+@pytest.mark.parametrize("field", ["batch_sizes", "max_lengths", "truncations", "class_weighted_losses", "base_models"])
 def test_search_space_refuses_an_empty_choice(field):
     with pytest.raises(ValueError, match=rf"search_space\.{field} is empty: give at least one value"):
         SearchSpace(**{field: []})
@@ -90,6 +90,21 @@ def test_search_space_checks_each_choice_and_drops_repeats():
     with pytest.raises(ValueError, match="batch_sizes"):
         SearchSpace(batch_sizes=[0])
     assert SearchSpace(batch_sizes=[16, 16, 32]).batch_sizes == [16, 32]
+
+
+def test_class_weighting_is_a_choice_of_the_search_space():
+    import optuna
+
+    from flows.cli import build_parser
+    from tasks.training.sweep import suggest
+
+    argv = ["sweep", "--source", "data.csv", "--class-weighted-losses", "false", "true"]
+    args = build_parser(argv).parse_args(argv)
+    space = args.options.values(args)["search_space"]
+    assert space.class_weighted_losses == [False, True]
+    searched, default = (optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)) for _ in range(2))
+    assert {suggest(searched.ask(), space)["class_weighted_loss"] for _ in range(20)} == {False, True}  # both tried
+    assert {suggest(default.ask(), SearchSpace())["class_weighted_loss"] for _ in range(5)} == {False}  # the default
 
 
 def test_study_parameters_refuse_a_grace_period_shorter_than_the_heartbeat():

@@ -82,12 +82,17 @@ class SearchSpace(BaseModel):
         default=["head", "head+tail", "chunks"],
         description="How texts longer than max length are read: head, tail, head+tail or chunks (see training).",
     )
+    class_weighted_losses: list[bool] = Field(
+        default=[False],
+        description="Weight the loss by inverse class frequency: [false] never, [true] always, [false, true] search "
+        "both (imbalanced data such as drug-reviews needs it).",
+    )
     base_models: list[str] = Field(
         default=[PACKAGED_BASE_MODEL],
         description=f"Base models to choose from: '{PACKAGED_BASE_MODEL}' (packaged), local folders or hub ids.",
     )
 
-    @field_validator("batch_sizes", "max_lengths", "truncations", "base_models")
+    @field_validator("batch_sizes", "max_lengths", "truncations", "class_weighted_losses", "base_models")
     @classmethod
     def _choices_given(cls, values: list[_T], info: ValidationInfo) -> list[_T]:
         if not values:
@@ -173,7 +178,6 @@ class TrialSettings(BaseModel):
     early_stopping_patience: int = Field(
         default=2, ge=0, le=50, description="Epochs without a better validation macro-F1 before a trial stops; 0 never."
     )
-    class_weighted_loss: bool = Field(default=False, description="Weight the loss by inverse class frequency.")
 
 
 class StudyRef(BaseModel):
@@ -404,6 +408,7 @@ def suggest(trial: Trial, space: SearchSpace) -> dict[str, object]:
         "weight_decay": trial.suggest_float("weight_decay", space.weight_decay_min, space.weight_decay_max),
         "max_length": trial.suggest_categorical("max_length", space.max_lengths),
         "truncation": trial.suggest_categorical("truncation", space.truncations),
+        "class_weighted_loss": trial.suggest_categorical("class_weighted_loss", space.class_weighted_losses),
         "base_model": trial.suggest_categorical("base_model", space.base_models),
     }
 
