@@ -211,12 +211,19 @@ def promotion(
     )
     with finished_on_exit(tracking, on_failure=lambda error: record_failure(uri, name, candidate, error)):
         test_split = fetch_test_split_task(uri, name, candidate, settings.promotion_dir / tracking.run_id)
-        scores = score_versions_task(uri, name, [v for v in (candidate, champion) if v is not None], test_split)
+        # The candidate is downloaded once: the gate scores it from the folder the runtime gate and the Bento use.
+        downloaded = download_model_version_task(uri, name, candidate, settings.model_download_dir)
+        scores = score_versions_task(
+            uri,
+            name,
+            [v for v in (candidate, champion) if v is not None],
+            test_split,
+            downloaded={candidate: downloaded.pyfunc_dir},
+        )
         decision = decide_task(scores[candidate], scores.get(champion), gate, candidate, champion)
         record_decision_task(tracking, name, decision, gate)
         runtime_gate = None
         if decision.promote:  # the runtime the Bento, batch scoring and monitoring will answer with
-            downloaded = download_model_version_task(uri, name, candidate, settings.model_download_dir)
             runtime_gate = optimize_runtime_task(
                 downloaded.model_dir, test_split, settings.promotion_dir / tracking.run_id / "runtime", runtime
             )

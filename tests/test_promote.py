@@ -196,6 +196,28 @@ def test_score_versions_on_the_test_split(two_versions, prepared_fixture):
 
 
 @pytest.mark.slow
+def test_score_versions_scores_a_downloaded_version_from_its_folder_without_downloading_it_again(
+    two_versions, prepared_fixture, tmp_path, monkeypatch
+):
+    import mlflow.artifacts
+
+    from tasks.registry import download_model_version
+
+    test = prepared_fixture[1].split("test")[["text", "label"]]
+    downloaded = download_model_version(two_versions, MODEL, 2, tmp_path / "models")
+    fetched: list[str] = []
+    real_download = mlflow.artifacts.download_artifacts
+    monkeypatch.setattr(
+        mlflow.artifacts,
+        "download_artifacts",
+        lambda *a, **kw: fetched.append(kw["artifact_uri"]) or real_download(*a, **kw),
+    )
+    result = score_versions(two_versions, MODEL, [1, 2], test, downloaded={2: downloaded.pyfunc_dir})
+    assert fetched == [MlflowClient(two_versions).get_model_version_download_uri(MODEL, "1")]  # version 1 only
+    assert result[2] == result[1]  # the same fine-tuned model in both versions: the same scores
+
+
+@pytest.mark.slow
 def test_record_decision_tags_the_version_and_logs_the_run(two_versions):
     from tasks.tracking import start_tracking_run
 

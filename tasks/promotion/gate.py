@@ -69,13 +69,20 @@ class GateDecision(BaseModel):
 
 
 def score_versions(
-    tracking_uri: str, name: str, versions: list[int], test: pd.DataFrame | Path, labels: list[str] | None = None
+    tracking_uri: str,
+    name: str,
+    versions: list[int],
+    test: pd.DataFrame | Path,
+    labels: list[str] | None = None,
+    downloaded: dict[int, Path] | None = None,
 ) -> dict[int, TestScores]:
     """Test macro-F1 and per-class F1 (keyed by label string) of each model version, on the same texts.
 
     `test` (a DataFrame, or a Parquet file of one) has `text` and `label` columns (the candidate's test split). The classes scored are `labels`, by
     default the labels present in `test`; a class a version never predicts simply scores F1 0.
-    Returns {version: TestScores}."""
+    `downloaded` maps versions already on disk (tasks/registry.py `download_model_version`'s pyfunc folder) to
+    their folder, so that the candidate the promotion goes on to package is downloaded once. Returns
+    {version: TestScores}."""
     import mlflow.artifacts
     import mlflow.pyfunc
 
@@ -91,13 +98,15 @@ def score_versions(
     client = mlflow_client(tracking_uri)
     scores: dict[int, TestScores] = {}
     for version in dict.fromkeys(int(v) for v in versions):
-        source = client.get_model_version_download_uri(name, str(version))
-        with tempfile.TemporaryDirectory(prefix=f"textclf-score-{version}-") as staging:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=source, dst_path=staging, tracking_uri=tracking_uri
-            )
-            model = mlflow.pyfunc.load_model(local)
-            predicted = model.predict(texts)
+        if downloaded and version in downloaded:
+            predicted = mlflow.pyfunc.load_model(str(downloaded[version])).predict(texts)
+        else:
+            source = client.get_model_version_download_uri(name, str(version))
+            with tempfile.TemporaryDirectory(prefix=f"textclf-score-{version}-") as staging:
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=source, dst_path=staging, tracking_uri=tracking_uri
+                )
+                predicted = mlflow.pyfunc.load_model(local).predict(texts)
         predicted_labels = (
             (predicted["label"] if isinstance(predicted, pd.DataFrame) else pd.Series(predicted)).astype(str).tolist()
         )
