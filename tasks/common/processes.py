@@ -55,6 +55,8 @@ def stop_process_tree(process_id: int, timeout_seconds: float = 30) -> None:
         os.killpg(process_id, signal.SIGTERM)
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
+        # A worker the server starts while it shuts down (a supervisor restarting one) is in the tree too.
+        tree += [pid for pid in descendants(process_id) if pid not in tree]
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(process_id, os.WNOHANG)  # reap it when it is our child, or it stays a zombie
         if not any(process_alive(pid) for pid in tree):
