@@ -19,19 +19,8 @@ from tasks.common.text import clean_text
 from tasks.common.text_sources import iter_text_chunks
 from tasks.contracts import ScoringSource
 from tasks.monitoring.features import predict_labels
+from tasks.serving.request_log import COLUMNS as REQUEST_LOG_COLUMNS  # the writer's columns, declared once
 
-REQUEST_LOG_COLUMNS = (
-    "time",
-    "request_id",
-    "text_sha256",
-    "text",
-    "length_chars",
-    "label",
-    "probability",
-    "truncated",
-    "model_version",
-    "latency_ms",
-)
 WINDOW_COLUMNS = ("text", "label", "probability", "length_chars")
 RAW_TEXT_NOTE = (
     "The request log holds no raw texts for this window (raw-text logging is off), so embedding "
