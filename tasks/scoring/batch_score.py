@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +25,9 @@ from tasks.common.text_sources import count_rows, iter_text_chunks
 from tasks.contracts import ScoringSource
 from tasks.serving.abstention import UNKNOWN_LABEL, abstains, check_label_names, check_min_confidence
 from tasks.serving.windows import has_visible_character
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 PARTIAL_MARK = ".partial-"
 ENDPOINT_MAX_TEXT_CHARS = 20_000  # service.py's MAX_TEXT_CHARS; the model reads far fewer tokens anyway
@@ -115,7 +118,7 @@ def _prediction_table(
     model_version: str,
     scored_at: pd.Timestamp,
     min_confidence: float | None = None,
-) -> pd.DataFrame:
+) -> pa.Table:
     import pyarrow as pa
 
     full = np.full((len(chunk), len(labels)), np.nan, dtype=np.float32)
