@@ -14,8 +14,8 @@ run: install  ## (1) train on the packaged default, promote the winner, serve th
 test: install browser prometheus wrk lint  ## (2) lint, types and the whole test suite (no network needed at test time)
 	$(BIN)/pytest
 
-test-fast: install  ## the fast lane: unit tests without real servers or training (`-m "not slow"`, about 3 min)
-	$(BIN)/pytest -m "not slow"
+test-fast: install  ## the fast lane: the unit tier, no real servers (`pytest -m unit`, about 2.5 min)
+	$(BIN)/pytest -m unit
 
 lint: install  ## ruff (lint + format check), import-linter (the direction of imports), mypy (strict on tasks/)
 	$(BIN)/ruff check .

@@ -111,7 +111,7 @@ def _classify(url: str, texts: list[str]) -> list[dict]:
     return response.json()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("value", ["1.0", "0"])
 def test_the_service_abstains_below_its_min_confidence(bento_env, prepared_fixture, tmp_path, value):
     from tests.fixtures import serve_from_repository
@@ -130,7 +130,7 @@ def test_the_service_abstains_below_its_min_confidence(bento_env, prepared_fixtu
     assert labels == {UNKNOWN_LABEL} if value == "1.0" else labels <= names
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_bad_min_confidence_stops_the_start_up_naming_the_variable(bento_env, tmp_path):
     from tasks.common.ports import free_port
 
@@ -168,7 +168,7 @@ def _stand_in_shared_data(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_abstain_benchmark_smoke(tuned_fixture, fixture_csv, tmp_path):
     output = tmp_path / "abstain.json"
     done = subprocess.run(

@@ -103,7 +103,7 @@ def champion(servers, prepared_fixture, tuned_fixture, tmp_path_factory):
     return name, version
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_batch_scoring_flow_in_process(project_env, servers, champion, texts_frame, tmp_path):
     name, version = champion
     texts_frame.loc[3, "text"] = "   "  # a blank text is kept as a row without a label
@@ -156,7 +156,7 @@ def test_batch_scoring_flow_in_process(project_env, servers, champion, texts_fra
     assert any(a["key"] == "batch-scoring-summary" and a["type"] == "table" for a in artifacts)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_batch_scoring_flow_through_the_bento_endpoint(
     project_env, servers, champion, tuned_fixture, texts_frame, tmp_path
 ):
@@ -188,7 +188,7 @@ def test_batch_scoring_flow_through_the_bento_endpoint(
     )
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_killed_run_leaves_no_output_and_the_next_run_cleans_up(
     project_env, servers, champion, texts_frame, tmp_path
 ):
@@ -226,7 +226,7 @@ def test_a_killed_run_leaves_no_output_and_the_next_run_cleans_up(
     assert [p.name for p in folder.iterdir()] == [summary.output_path.name]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_scheduled_run_with_nothing_new_succeeds_and_writes_nothing(project_env, servers, champion, tmp_path):
     name, _ = champion
     summary = batch_scoring(ScoringSource(source=str(tmp_path / "incoming" / "*.jsonl")), registered_model_name=name)
@@ -236,7 +236,7 @@ def test_a_scheduled_run_with_nothing_new_succeeds_and_writes_nothing(project_en
     )
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_batch_scoring_flow_abstains_below_min_confidence(project_env, servers, champion, texts_frame, tmp_path):
     """min_confidence=1.0 answers every text 'unknown' (probabilities kept), logged as abstained_share; the champion's
     training run holds the suggested threshold (metric and version tag) and the accuracy-vs-coverage curve."""

@@ -23,7 +23,7 @@ def _tiny_service_model(fixture_frame, folder: Path) -> Path:
     return model_dir
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_fine_tune_benchmark_writes_both_variants(fixture_csv, tiny_model_dir, tmp_path):
     output = tmp_path / "result.json"
     done = subprocess.run(
@@ -59,7 +59,7 @@ def test_fine_tune_benchmark_writes_both_variants(fixture_csv, tiny_model_dir, t
     assert "target_met" in result
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_serving_load_benchmark_runs_every_variant(fixture_frame, tmp_path):
     """Tiny model, two low concurrency levels, one second each: every variant answers, without errors, and the
     JSON holds the results and the targets section."""
@@ -131,7 +131,7 @@ def test_serving_load_benchmark_runs_every_variant(fixture_frame, tmp_path):
     assert not list((tmp_path / "work").iterdir())  # working files removed
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_sweep_benchmark_compares_the_sweep_with_the_default(fixture_csv, tiny_model_dir, tmp_path):
     """Two one-epoch trials on the fixture: both variants scored on the test split, the pruning figures present, and
     a dataset that is absent (ATIS without ../shared) skipped with a note rather than failing the run."""
@@ -173,7 +173,7 @@ def test_sweep_benchmark_compares_the_sweep_with_the_default(fixture_csv, tiny_m
     assert not (tmp_path / "work").exists()  # working files removed
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.shared_data
 def test_quality_benchmark_runs_the_training_flow_on_each_real_dataset(tiny_model_dir, tmp_path):
     """A smoke run (tiny model, a few hundred rows a dataset, one epoch): the product's training flow completes on
@@ -221,7 +221,7 @@ def test_quality_benchmark_runs_the_training_flow_on_each_real_dataset(tiny_mode
     assert {"atis_accuracy_at_least_0.975", "sms_accuracy_at_least_0.992"} <= set(result["targets"])
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_inference_runtimes_benchmark_measures_every_runtime(fixture_frame, tmp_path):
     """Tiny model, two batch sizes, a fraction of a second each: PyTorch, ONNX fp32 and ONNX int8 are all measured,
     the ONNX variants compared with PyTorch, and the working files removed."""
@@ -270,7 +270,7 @@ def test_inference_runtimes_benchmark_measures_every_runtime(fixture_frame, tmp_
     assert not list((tmp_path / "work").iterdir())  # working files removed
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_overload_benchmark_measures_levels_and_recovery(fixture_frame, tmp_path):
     """wrk against the guarded server, one short level: the JSON holds the level, the recovery and the targets."""
     output = tmp_path / "overload.json"
@@ -307,7 +307,7 @@ def test_overload_benchmark_measures_levels_and_recovery(fixture_frame, tmp_path
     assert result["variants"]["guarded"]["after_load"] and "targets" in result
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_hostile_input_benchmark_reports_every_probe(fixture_frame, tmp_path):
     output = tmp_path / "hostile.json"
     done = subprocess.run(
@@ -334,7 +334,7 @@ def test_hostile_input_benchmark_reports_every_probe(fixture_frame, tmp_path):
     assert result["log"]["tracebacks"] == 0
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_drift_monitor_benchmark_runs_its_scenarios(tmp_path):
     """A tiny run of the drift benchmark (the TF-IDF stand-in, MiniLM embeddings, a few windows) on the packaged BBC
     News texts and a small SMS-like file: it calls the monitor's own statistics and writes its JSON."""

@@ -251,7 +251,7 @@ def cli_champion(servers, prepared_fixture, tuned_fixture, tmp_path_factory):
     return name, version
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_textclf_score_end_to_end_prints_where_to_look(
     project_env, servers, cli_champion, fixture_frame, tmp_path, capsys, monkeypatch
 ):
@@ -272,7 +272,7 @@ def test_textclf_score_end_to_end_prints_where_to_look(
     assert re.search(rf"Prefect UI:\s+{re.escape(prefect_ui)}/runs/flow-run/[0-9a-f-]{{36}}", out), out
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_textclf_monitor_end_to_end_prints_the_decision_and_where_to_look(
     project_env, servers, cli_champion, tmp_path, capsys
 ):
@@ -314,7 +314,7 @@ def test_textclf_monitor_end_to_end_prints_the_decision_and_where_to_look(
     assert f"Prefect UI:   {servers['prefect'].removesuffix('/api')}/runs/flow-run/" in out
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_textclf_score_without_a_champion_fails_with_the_reason(project_env, servers, tmp_path, capsys):
     source = tmp_path / "new.csv"
     pd.DataFrame({"text": ["a text"]}).to_csv(source, index=False)

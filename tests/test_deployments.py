@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from tasks.contracts import CANDIDATE_ALIAS, CHAMPION_ALIAS
 from tasks.registry import resolve_alias
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 

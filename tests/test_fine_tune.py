@@ -15,7 +15,6 @@ import torch
 
 from tasks.training.fine_tune import (
     FineTuneConfig,
-    choose_device,
     class_weights,
     fine_tune,
     last_complete_checkpoint,
@@ -60,13 +59,46 @@ def test_class_weighted_loss_trains(prepared_fixture, tiny_model_dir, tmp_path):
     assert result.global_step == -(-prepared.split_sizes["train"] // 8)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback needs a machine without a visible GPU")
 def test_device_falls_back_to_cpu_with_all_cores():
-    # Asking for CUDA where there is no GPU must fall back to the CPU, on every core this process may use.
-    torch.set_num_threads(1)
-    device, precision = choose_device("cuda")
+    # Asking for CUDA where there is no GPU must fall back to the CPU, on every core this process may use. Run in a
+    # child with no visible GPU (CUDA_VISIBLE_DEVICES=""), so the test checks the fallback on a GPU machine too.
+    child = (
+        "import os, torch\n"
+        "from tasks.training.fine_tune import choose_device\n"
+        "torch.set_num_threads(1)\n"
+        "print(*choose_device('cuda'), torch.get_num_threads(), len(os.sched_getaffinity(0)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    device, precision, threads, cores = done.stdout.split()
     assert (device, precision) == ("cpu", "fp32")
-    assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+    assert threads == cores
+    assert "CUDA was requested but no GPU is visible" in done.stderr
+
+
+@pytest.mark.gpu
+def test_fine_tune_on_cuda_trains_in_reduced_precision(prepared_fixture, tiny_model_dir, tmp_path):
+    # Where a GPU is visible: "cuda" trains there in bf16 (fp16 where bf16 is not supported) and still learns.
+    _, prepared = prepared_fixture
+    config = FineTuneConfig(
+        base_model=str(tiny_model_dir),
+        device="cuda",
+        epochs=8,
+        batch_size=8,
+        learning_rate=2e-3,
+        early_stopping_patience=0,
+    )
+    result = fine_tune(prepared, config, tmp_path)
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    assert (result.device, result.precision) == ("cuda", expected)
+    assert result.best_validation_macro_f1 > 0.8
 
 
 def test_interrupted_fine_tune_resumes_from_its_last_checkpoint(prepared_fixture, tiny_model_dir, tmp_path):

@@ -21,6 +21,7 @@ from tasks.common.ports import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.integration
 def test_running_servers_are_reused_not_restarted(servers):
     port = int(servers["mlflow"].rsplit(":", 1)[1])
     again = ensure_mlflow_server(servers["root"], port=port)
@@ -64,7 +65,7 @@ def _textclf(*args, env, timeout=600):
     )
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_textclf_train_starts_the_embedded_stack_and_prints_where_to_look(fixture_csv, tiny_model_dir, tmp_path):
     """The newcomer's path: no servers given, so `textclf train` starts its own (on SQLite under TEXTCLF_HOME)."""
     home = tmp_path / "home"
@@ -129,7 +130,7 @@ def test_textclf_train_starts_the_embedded_stack_and_prints_where_to_look(fixtur
     assert not (home / "logs" / "bento.pid").exists()  # `stack down` stopped the Bento server too
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_textclf_serve_without_a_champion_says_what_to_run(servers, tmp_path):
     env = {
         **os.environ,
@@ -142,7 +143,7 @@ def test_textclf_serve_without_a_champion_says_what_to_run(servers, tmp_path):
     assert "has no @champion yet: run `.venv/bin/textclf promote`" in done.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_textclf_train_on_bad_data_exits_nonzero_with_the_reason(servers, tmp_path, tiny_model_dir):
     bad = tmp_path / "one-class.csv"
     bad.write_text("text,label\n" + "".join(f"text number {i},only\n" for i in range(10)))

@@ -204,7 +204,7 @@ def _run(**parameters):
     return state.result(), state.state_details.flow_run_id
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_same_distribution_texts_do_not_fire(project_env, servers, drift_champion, tmp_path):
     """Fresh texts drawn like the training data: no drift, nothing sent; report and metrics logged."""
     from mlflow import MlflowClient
@@ -308,7 +308,7 @@ def _drift_events(api_url: str, since: dt.datetime) -> list[dict]:
     return response.raise_for_status().json()["events"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_shifted_texts_fire_notify_and_start_retraining(
     project_env, servers, drift_champion, webhook, retraining_deployment, tmp_path
 ):
@@ -366,7 +366,7 @@ def test_shifted_texts_fire_notify_and_start_retraining(
     assert event["payload"]["metrics"]["drift_detected"] == 1
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_label_shift_fires_and_without_a_block_logs_a_warning(project_env, servers, drift_champion, tmp_path, caplog):
     """Known words, known lengths, but only one topic: the label distribution drifts. No block: a WARNING."""
     sport = make_texts(per_class=130, seed=13).query("label == 'sport'")["text"].tolist()
@@ -377,7 +377,7 @@ def test_a_label_shift_fires_and_without_a_block_logs_a_warning(project_env, ser
     assert any(r.levelname == "WARNING" and "Drift detected for" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_request_log_window_without_raw_texts(project_env, servers, drift_champion, tmp_path, monkeypatch):
     """The service's request log as the window, raw-text logging off, written by its own writer and read back by
     read_request_log from the default folder (<TEXTCLF_HOME>/request-log): label, confidence and length are
@@ -424,7 +424,7 @@ def _sms_texts(count: int) -> list[str]:
     return [line.split("\t", 1)[1] for line in lines[:count]]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.shared_data
 def test_real_sms_messages_sent_to_the_topic_model_fire(project_env, servers, drift_champion, tmp_path):
     result, _ = _run(source={"source": str(_texts_file(tmp_path, _sms_texts(200)))})

@@ -282,7 +282,7 @@ def wait_for(prometheus_url: str, expr: str, accept, seconds: float = 20) -> lis
         time.sleep(0.3)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_every_panel_query_runs_on_a_real_prometheus_scraping_a_real_bento(bento, prometheus):
     texts = ["match goal team", "software chip cloud", "recipe oven pasta", "the striker scored twice"]
 

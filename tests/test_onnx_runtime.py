@@ -241,7 +241,7 @@ def test_the_drift_window_counts_every_runtime_of_the_champion(tmp_path):
     assert any("2 of 6 requests were served by other model versions (m/1, m/1+onnx-int8)" in n for n in window.notes)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_promotion_chooses_a_runtime_records_it_and_the_bento_answers_with_it(
     project_env, servers, prepared_fixture, tuned_fixture, tmp_path
 ):

@@ -532,7 +532,7 @@ def test_kubernetes_workers_may_create_jobs_and_read_pods_in_the_namespace_of_th
 # ------------------------------------------------------------------------------------------------ real servers
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_every_template_creates_its_work_pool_on_a_real_prefect_server(servers):
     """`prefect work-pool create --base-job-template` as `textclf deploy` runs it, then the pool read back."""
     from prefect.workers.process import ProcessJobConfiguration
@@ -590,7 +590,7 @@ def test_every_template_creates_its_work_pool_on_a_real_prefect_server(servers):
 POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}  # the machine's PostgreSQL, as in conftest
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_compose_mlflow_command_serves_the_other_containers_on_postgresql(tmp_path):
     """The compose file's `mlflow server` command as written (only the database, artifact folder, host and port
     changed to this machine's): it starts on PostgreSQL and answers requests addressed to `mlflow:5000`, the name the

@@ -140,7 +140,7 @@ def two_versions(servers, prepared_fixture, tuned_fixture, tmp_path_factory):
     return servers["mlflow"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_aliases_move_and_roll_back(two_versions):
     uri = two_versions
     assert resolve_alias(uri, MODEL, CHAMPION_ALIAS) is None
@@ -166,20 +166,20 @@ def test_aliases_move_and_roll_back(two_versions):
     assert resolve_alias(uri, MODEL, CHAMPION_ALIAS) == 1
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_invalid_alias_name_is_an_error_not_a_missing_champion(two_versions):
     with pytest.raises(MlflowException):
         resolve_alias(two_versions, MODEL, "not a valid alias!")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_rollback_without_previous_champion_says_so(servers):
     MlflowClient(servers["mlflow"]).create_registered_model("promote-fresh-model")
     with pytest.raises(ValueError, match=r"'promote-fresh-model'.*no previous champion to roll back to"):
         rollback(servers["mlflow"], "promote-fresh-model")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_score_versions_on_the_test_split(two_versions, prepared_fixture):
     _, prepared = prepared_fixture
     test = prepared.split("test")
@@ -195,7 +195,7 @@ def test_score_versions_on_the_test_split(two_versions, prepared_fixture):
     assert decision.promote and decision.macro_f1_delta == pytest.approx(0.0)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_score_versions_scores_a_downloaded_version_from_its_folder_without_downloading_it_again(
     two_versions, prepared_fixture, tmp_path, monkeypatch
 ):
@@ -217,7 +217,7 @@ def test_score_versions_scores_a_downloaded_version_from_its_folder_without_down
     assert result[2] == result[1]  # the same fine-tuned model in both versions: the same scores
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_record_decision_tags_the_version_and_logs_the_run(two_versions):
     from tasks.tracking import start_tracking_run
 

@@ -18,7 +18,7 @@ from tasks.promotion.gate import GateConfig
 from tasks.registry import resolve_alias
 from tests.fixtures import flow_run_and_artifacts, register_model_versions
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 FIRST_CHAMPION_FLOOR = GateConfig(min_macro_f1_first_champion=0.3)
 
 

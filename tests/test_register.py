@@ -10,7 +10,7 @@ from tasks.tracking import TrackingUnavailable, start_tracking_run
 from tasks.training.evaluate import evaluate
 from tasks.training.register import RegisterConfig, register
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 def test_start_tracking_run_is_idempotent_per_key(servers):

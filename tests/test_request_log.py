@@ -324,7 +324,7 @@ def _bad_request(url: str, i: int) -> httpx.Response:
     return httpx.post(f"{url}/classify", content=body, headers={"content-type": "application/json"}, timeout=120)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_under_concurrent_load_every_served_text_is_logged_once(bento_env, prepared_fixture, tmp_path):
     """300 requests of 1 to 3 texts from 24 threads, 24 bad requests among them, a few form-encoded ones; part
     files of at most 50 rows. After SIGTERM: exactly the served texts, each once, with their answers."""
@@ -397,7 +397,7 @@ def test_under_concurrent_load_every_served_text_is_logged_once(bento_env, prepa
     assert not [p for p in log_dir.iterdir() if not NAME.match(p.name)]  # only complete part files
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_texts_are_logged_when_allowed_and_files_appear_while_serving(bento_env, tmp_path):
     log_dir = tmp_path / "request-log"
     env = {
@@ -432,7 +432,7 @@ def test_texts_are_logged_when_allowed_and_files_appear_while_serving(bento_env,
     assert [p["label"] for p in answered.json()] == log["label"].tolist()[:2]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_settings_at_service_import(tmp_path):
     """A bad value stops `import service` (so `bentoml serve`) naming the variable; `false` adds no middleware;
     importing creates no folder (the server's worker does, when it starts)."""
@@ -534,7 +534,7 @@ def _serve_and_send(env: dict, log: Path, count: int, tag: str):
     return process, url, texts
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("victim", ["server", "worker"])
 def test_a_sigkill_loses_no_served_row(bento_env, tmp_path, victim):
     """Default flush interval (5 s): the rows of the last seconds are still in memory when the server (or its

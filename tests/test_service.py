@@ -18,7 +18,7 @@ from tasks.common.ports import free_port
 from tasks.promotion.bento import start_bento_server, stop_bento_server, wait_until_ready
 from tests.fixtures import serve_from_repository
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 
 

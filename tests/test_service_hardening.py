@@ -54,6 +54,7 @@ def assert_still_serving(url: str, **headers) -> None:
 # --- bodies, media types, encodings ------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_body_over_the_size_limit_gets_413_and_nothing_breaks(served):
     url, _ = served
     huge = b'{"texts": ["' + b"x" * (50 * 1024 * 1024) + b'"]}'  # 50 MB, with a Content-Length
@@ -74,6 +75,7 @@ def test_a_body_over_the_size_limit_gets_413_and_nothing_breaks(served):
     assert_still_serving(url)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("content_type", "encoding", "message"),
     [
@@ -94,6 +96,7 @@ def test_unsupported_media_types_and_encodings_get_415(served, content_type, enc
     assert_still_serving(url)
 
 
+@pytest.mark.integration
 def test_json_without_a_content_type_with_utf8_charset_and_forms_are_served(served):
     url, _ = served
     assert post(url, b'{"texts": ["a text"]}', None).status_code == 200
@@ -106,6 +109,7 @@ def test_json_without_a_content_type_with_utf8_charset_and_forms_are_served(serv
 # --- texts ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "text",
     ["\u0000\u0000\u0000", "\u200b\u200c\u200d\ufeff", "\u00a0\u2028 \t", "\u0000 \u200b \u2060"],
@@ -120,6 +124,7 @@ def test_texts_without_a_visible_character_get_400(served, text):
     assert isinstance(body["detail"], list) and body["detail"][0]["loc"][-1] == 1  # names which text
 
 
+@pytest.mark.integration
 def test_a_request_over_the_character_budget_gets_400_before_the_model_reads_it(served):
     url, _ = served
     response = httpx.post(f"{url}/classify", json={"texts": ["word " * 4_000] * 64}, timeout=60)  # 64 x 20,000
@@ -135,6 +140,7 @@ def _series(metrics: str) -> set[str]:
     return {line.split(" ")[0] for line in metrics.splitlines() if line and not line.startswith("#")}
 
 
+@pytest.mark.integration
 def test_unknown_paths_get_a_json_404_and_never_become_metric_series(served):
     url, _ = served
     with httpx.Client(base_url=url, timeout=30) as client:
@@ -154,6 +160,7 @@ def test_unknown_paths_get_a_json_404_and_never_become_metric_series(served):
 # --- auth and overload ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_the_bearer_scheme_is_case_insensitive(crowded):
     url, _ = crowded
     for scheme in ("Bearer", "bearer", "BEARER"):
@@ -170,6 +177,7 @@ def test_the_bearer_scheme_is_case_insensitive(crowded):
     assert httpx.get(f"{url}/metrics").status_code == 200
 
 
+@pytest.mark.integration
 def test_overload_gets_503_with_retry_after_as_json_and_one_log_line(crowded):
     url, log = crowded
     headers = {"Authorization": "Bearer s3cret"}
@@ -195,6 +203,7 @@ def test_overload_gets_503_with_retry_after_as_json_and_one_log_line(crowded):
 # --- docs and logs ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_the_openapi_document_tells_the_truth(served):
     url, _ = served
     document = httpx.get(f"{url}/docs.json").json()
@@ -212,6 +221,7 @@ def test_the_openapi_document_tells_the_truth(served):
     assert "128000" in json.dumps(document) and "visible character" in json.dumps(document)
 
 
+@pytest.mark.integration
 def test_client_errors_are_logged_as_one_line_with_the_request_id(served):
     url, log = served
     response = post(url, b'{"texts": [""]}')
@@ -278,6 +288,7 @@ def test_a_batch_of_one_forgets_the_wait_learned_under_load():
 # --- schemathesis -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(served):
     """Property-based requests generated from the served OpenAPI document (valid and invalid bodies): no 5xx, and
     every answer's status, content type and body match the document."""

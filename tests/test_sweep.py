@@ -152,7 +152,7 @@ def _task_runs(api_url: str, flow_run_id) -> list[dict]:
     )
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_sweep_prunes_tracks_every_trial_and_registers_the_best_as_candidate(
     project_env, servers, fixture_csv, tiny_model_dir
 ):
@@ -227,7 +227,7 @@ sweep(DatasetParameters(source=csv),
 """
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_study_killed_mid_trial_resumes_with_the_same_name(
     project_env, servers, fixture_csv, tiny_model_dir, tmp_path
 ):
@@ -298,7 +298,7 @@ def test_a_study_killed_mid_trial_resumes_with_the_same_name(
     assert len(_optuna_study(storage, name).trials) == 3
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_study_lives_in_postgresql_when_configured(project_env, servers, fixture_csv, tiny_model_dir, monkeypatch):
     import psycopg
 

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from flows.training import DatasetParameters, ModelParameters, TrainingParameters, training
 from tests.fixtures import flow_run_and_artifacts
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 MODEL_NAME = "e2e-topics"
 
 

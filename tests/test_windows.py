@@ -189,7 +189,7 @@ def test_pyfunc_and_batch_scoring_pool_the_same(chunked, tmp_path):
     assert np.allclose(scored[proba].to_numpy(), expected[proba].to_numpy(), atol=1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_service_pools_the_same_and_says_which_texts_were_truncated(chunked, bento_env, tmp_path):
     import subprocess
     import sys
