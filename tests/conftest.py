@@ -78,6 +78,15 @@ def bento_env(tmp_path_factory, tuned_fixture) -> dict:
 
 
 @pytest.fixture(scope="session")
+def in_process_bento_model(tuned_fixture) -> str:
+    """The tuned fixture model (registered model "topics", version 7) in this process's throw-away BentoML store, for
+    the service's app run in-process (tests.fixtures.service_in_process); its tag."""
+    from tasks.promotion.bento import import_to_bento_store
+
+    return import_to_bento_store(tuned_fixture.model_dir, "text-classifier", "topics", 7)
+
+
+@pytest.fixture(scope="session")
 def servers(tmp_path_factory):
     """A real MLflow tracking server and a real Prefect server, each on a free loopback port and SQLite,
     started with the same code that starts the embedded default stack."""

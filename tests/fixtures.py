@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from starlette.testclient import TestClient
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,3 +157,44 @@ def serve_from_repository(env: dict, log: Path, timeout_seconds: float = 180):
         stop_bento_server(process.pid)
         raise
     return process, url
+
+
+@contextlib.contextmanager
+def service_in_process(model_tag: str, **settings: str) -> Iterator[TestClient]:
+    """The service's own ASGI app (BentoML's `to_asgi()`, the app `bentoml serve` runs), in this process, with its
+    start-up and shut-down: for input validation, auth and documentation tests, which need BentoML's request handling
+    and the service's middlewares but not a server process. `settings` are TEXTCLF_* variables for this app only.
+
+    service.py reads its settings at import, so each app imports its own copy of the module. BentoML registers its
+    Prometheus series when an app starts; a process can hold one set, so the previous app's series are dropped first
+    (Prometheus metrics are checked through a real `bentoml serve`)."""
+    import importlib.util
+    import os
+    import sys
+    import uuid
+
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from starlette.testclient import TestClient
+
+    registry = BentoMLContainer.metrics_client.get().registry
+    for collector in list(registry._collector_to_names):  # BentoML 1.4 offers no public way to reset its registry
+        registry.unregister(collector)
+    name = f"service_in_process_{uuid.uuid4().hex[:8]}"
+    environment = {"TEXTCLF_BENTO_MODEL": model_tag, "TEXTCLF_REQUEST_LOG": "false", **settings}
+    saved = dict(os.environ)
+    os.environ.update(environment)
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "service.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # pydantic resolves the module's annotations through sys.modules
+        spec.loader.exec_module(module)
+        app = module.SERVICE.to_asgi()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    try:
+        with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+            yield client
+    finally:
+        sys.modules.pop(name, None)

@@ -11,12 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.promotion.bento import stop_bento_server
 from tasks.serving.abstention import (
     UNKNOWN_LABEL,
     abstains,
@@ -103,31 +101,6 @@ def test_batch_scoring_with_min_confidence(tuned_fixture, fixture_frame, tmp_pat
     below = never["probability"] < middle
     assert (frame["label"] == UNKNOWN_LABEL).tolist() == below.tolist() and summary.abstained_texts == below.sum()
     assert frame.loc[~below, "label"].tolist() == never.loc[~below, "label"].tolist()
-
-
-def _classify(url: str, texts: list[str]) -> list[dict]:
-    response = httpx.post(f"{url}/classify", json={"texts": texts}, timeout=60)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("value", ["1.0", "0"])
-def test_the_service_abstains_below_its_min_confidence(bento_env, prepared_fixture, tmp_path, value):
-    from tests.fixtures import serve_from_repository
-
-    texts = prepared_fixture[1].split("test")["text"].tolist()
-    process, url = serve_from_repository({**bento_env, "TEXTCLF_MIN_CONFIDENCE": value}, tmp_path / "serve.log")
-    try:
-        answers = _classify(url, texts)
-    finally:
-        stop_bento_server(process.pid)
-    names = set(prepared_fixture[1].label_names)
-    for answer in answers:
-        assert set(answer["probabilities"]) == names  # probabilities still given
-        assert answer["probability"] == pytest.approx(max(answer["probabilities"].values()))
-    labels = {answer["label"] for answer in answers}
-    assert labels == {UNKNOWN_LABEL} if value == "1.0" else labels <= names
 
 
 @pytest.mark.integration

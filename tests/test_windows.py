@@ -1,5 +1,5 @@
 """Truncation strategies: unit tests on token ids, and one chunked model that must pool its windows the same way in
-training-time validation, evaluation, the MLflow pyfunc, batch scoring and a real `bentoml serve`."""
+training-time validation, evaluation, the MLflow pyfunc, batch scoring and the service (its own ASGI app)."""
 
 from __future__ import annotations
 
@@ -189,38 +189,17 @@ def test_pyfunc_and_batch_scoring_pool_the_same(chunked, tmp_path):
     assert np.allclose(scored[proba].to_numpy(), expected[proba].to_numpy(), atol=1e-5)
 
 
-@pytest.mark.integration
-def test_the_service_pools_the_same_and_says_which_texts_were_truncated(chunked, bento_env, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import httpx
-
-    from tasks.promotion.bento import stop_bento_server
+def test_the_service_pools_the_same_and_says_which_texts_were_truncated(chunked):
+    from tasks.promotion.bento import import_to_bento_store
     from tasks.serving.classifier import TextClassifier
-    from tests.fixtures import serve_from_repository
+    from tests.fixtures import service_in_process
 
     _, tuned, _, texts = chunked
-    env = dict(bento_env)
-    script = (
-        "import sys; from pathlib import Path; from tasks.promotion.bento import import_to_bento_store; "
-        "print(import_to_bento_store(Path(sys.argv[1]), 'text-classifier', 'chunked', 3))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(tuned.model_dir)],
-        cwd=Path(__file__).parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    env["TEXTCLF_BENTO_MODEL"] = done.stdout.strip().splitlines()[-1]
-    process, url = serve_from_repository(env, tmp_path / "bento.log")
-    try:
-        answers = httpx.post(f"{url}/classify", json={"texts": texts[:20]}, timeout=60).raise_for_status().json()
-    finally:
-        stop_bento_server(process.pid)
+    tag = import_to_bento_store(tuned.model_dir, "text-classifier", "chunked", 3)
+    with service_in_process(tag) as client:  # the service's own app, in this process (tests/fixtures.py)
+        response = client.post("/classify", json={"texts": texts[:20]})
+    assert response.status_code == 200, response.text
+    answers = response.json()
     classifier = TextClassifier(tuned.model_dir)
     probabilities, truncated = classifier.classify(texts[:20])
     assert [a["truncated"] for a in answers] == truncated and any(truncated)
