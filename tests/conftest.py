@@ -108,6 +108,22 @@ def servers(tmp_path_factory):
         stop_local_servers(root)
 
 
+@pytest.fixture(scope="session")
+def session_champion(servers, prepared_fixture, tuned_fixture, tmp_path_factory) -> tuple[str, int]:
+    """The tuned fixture model registered once per session as version 1 and @champion of `session-topics` on the test
+    MLflow server (its test split: the session fixture's 12 texts): the champion that batch scoring and the CLI's
+    `score` and `monitor` read. Tests must not move its aliases (a test that promotes registers its own model)."""
+    from tasks.registry import move_aliases
+    from tests.fixtures import register_model_versions
+
+    name = "session-topics"
+    (version,) = register_model_versions(
+        servers, prepared_fixture, tuned_fixture, tmp_path_factory.mktemp("session-champion"), name, ["good"]
+    )
+    move_aliases(servers["mlflow"], name, version)
+    return name, version
+
+
 @pytest.fixture()
 def project_env(servers, tmp_path, monkeypatch):
     """Environment for running a flow in-process against the test servers, with its own data folder."""

@@ -18,9 +18,8 @@ from mlflow import MlflowClient
 from flows.batch_scoring import batch_scoring
 from tasks.common.text_sources import ScoringSourceError, iter_text_chunks
 from tasks.contracts import ScoringSource
-from tasks.registry import move_aliases
 from tasks.scoring.batch_score import PARTIAL_MARK, score_to_parquet
-from tests.fixtures import flow_run_and_artifacts, register_model_versions, serve_from_repository
+from tests.fixtures import flow_run_and_artifacts, serve_from_repository
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,13 +93,8 @@ def test_a_failure_midway_leaves_no_partial_file(texts_frame, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def champion(servers, prepared_fixture, tuned_fixture, tmp_path_factory):
-    name = "batch-topics"
-    (version,) = register_model_versions(
-        servers, prepared_fixture, tuned_fixture, tmp_path_factory.mktemp("batch"), name, ["good"]
-    )
-    move_aliases(servers["mlflow"], name, version)
-    return name, version
+def champion(session_champion):
+    return session_champion
 
 
 @pytest.mark.integration

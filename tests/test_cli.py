@@ -239,16 +239,8 @@ def test_every_flow_command_builds_without_clashing_options():
 
 
 @pytest.fixture(scope="module")
-def cli_champion(servers, prepared_fixture, tuned_fixture, tmp_path_factory):
-    from tasks.registry import move_aliases
-    from tests.fixtures import register_model_versions
-
-    name = "cli-topics"
-    (version,) = register_model_versions(
-        servers, prepared_fixture, tuned_fixture, tmp_path_factory.mktemp("cli"), name, ["good"]
-    )
-    move_aliases(servers["mlflow"], name, version)
-    return name, version
+def cli_champion(session_champion):
+    return session_champion
 
 
 @pytest.mark.e2e

@@ -4,8 +4,10 @@ registered, a `process` worker on each pool.
 
 The journey is what a user does by hand: in the Prefect UI open Deployments -> training -> Run -> Custom run, type
 the parameters into the deployment's form, submit, and watch the flow run until it shows "Completed"; the automation
-then runs the promotion deployment by itself; in the MLflow UI the registered model shows version 1 as @champion,
-and its training run shows its metrics and the evaluation plots.
+then runs the promotion deployment by itself (with this run's id: the training run's @candidate, registered by
+exactly this flow run, becomes @champion); in the MLflow UI the registered model shows version 1 as @champion, and
+its training run shows its metrics and the evaluation plots. (tests/test_deployments.py checks the registered
+deployments and schedules on the same stack.)
 
 The browser is the system's Chromium (Debian's `chromium` package; CI installs it); Playwright never downloads one.
 A full-page screenshot of every step goes to test-artifacts/ui/ at the repository root, or to
@@ -24,6 +26,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tasks.contracts import CANDIDATE_ALIAS, CHAMPION_ALIAS
+from tasks.registry import resolve_alias
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +42,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-MODEL_NAME = "ui-topics"  # test_deployments.py registers prod-topics on the same session's stack
+MODEL_NAME = "ui-topics"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 TRAINING_TIMEOUT_S = 600
 PROMOTION_TIMEOUT_S = 600
@@ -228,6 +233,14 @@ def test_a_user_trains_from_the_prefect_ui_and_finds_the_promoted_model_in_mlflo
                 f"(API state {state['type']})" + _worker_log(production_stack, "gpu")
             )
         time.sleep(3)
+    # MLflow (on PostgreSQL) has the run and a new @candidate, registered by exactly this flow run.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking)
+    assert resolve_alias(tracking, MODEL_NAME, CANDIDATE_ALIAS) == 1
+    candidate = client.get_model_version(MODEL_NAME, "1")
+    assert candidate.tags["prefect.flow_run_id"] == flow_run_id
+    assert client.get_run(candidate.run_id).data.metrics["test_macro_f1"] > 0.5
     page.reload()
     expect(page.get_by_text(run_name, exact=True).first).to_be_visible()
     expect(page.get_by_text("Completed", exact=True).first).to_be_visible(timeout=30_000)
@@ -302,11 +315,10 @@ def test_a_user_trains_from_the_prefect_ui_and_finds_the_promoted_model_in_mlflo
     expect(page.get_by_text(flow_run_id).first).to_be_visible()  # the prefect.flow_run_id tag
     journey.shot("mlflow-model-version")
 
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking)
     version = client.get_model_version(MODEL_NAME, "1")
     assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == "1"
+    assert resolve_alias(tracking, MODEL_NAME, CHAMPION_ALIAS) == 1
+    assert version.tags["promotion.decision"] == "promoted"
     training_run = client.get_run(version.run_id)
     mlflow_run_name = training_run.info.run_name
 
