@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tasks.common.processes import start_process
+
 LOG_MAX_BYTES = 10 * 1024 * 1024  # per file; with LOG_BACKUPS, at most 60 MB a server
 LOG_BACKUPS = 5
 
@@ -42,14 +44,7 @@ def start_with_rotating_log(
         cwd=Path(__file__).resolve().parents[1],
     )
     try:
-        return subprocess.Popen(
-            command,
-            stdout=writer.stdin,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
+        return start_process(command, writer.stdin, env)
     except BaseException:
         writer.kill()
         raise

@@ -170,7 +170,6 @@ def production_stack(tmp_path_factory):
     """The production shape on one machine: a Prefect server and an MLflow server on PostgreSQL (fresh databases),
     the work pools and every deployment of prefect.yaml registered by `textclf deploy`'s code, and a `process`
     worker on each pool (`gpu` and `cpu`; without a GPU the fine-tune falls back to the CPU)."""
-    import subprocess
     import sys
     import uuid
 
@@ -179,6 +178,7 @@ def production_stack(tmp_path_factory):
     from flows.deploy import deploy
     from flows.local_stack import ensure_mlflow_server, ensure_prefect_server, stop_local_servers
     from tasks.common.ports import free_port
+    from tasks.common.processes import start_process, stop_process_tree
 
     try:
         admin = _postgres_admin()
@@ -209,25 +209,10 @@ def production_stack(tmp_path_factory):
             "TEXTCLF_HOME": str(root / "home"),
             "PREFECT_WORKER_QUERY_SECONDS": "2",
         }
+        prefect_cli = str(Path(sys.executable).parent / "prefect")
         for pool in ("gpu", "cpu"):
-            log = (root / f"worker-{pool}.log").open("wb")
-            workers.append(
-                subprocess.Popen(
-                    [
-                        str(Path(sys.executable).parent / "prefect"),
-                        "worker",
-                        "start",
-                        "--pool",
-                        pool,
-                        "--type",
-                        "process",
-                    ],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+            command = [prefect_cli, "worker", "start", "--pool", pool, "--type", "process"]
+            workers.append(start_process(command, root / f"worker-{pool}.log", env))
         yield {
             "prefect": prefect.url,
             "mlflow": mlflow.url,
@@ -236,16 +221,8 @@ def production_stack(tmp_path_factory):
             "databases": databases,
         }
     finally:
-        import signal
-
-        for worker in workers:
-            os.killpg(worker.pid, signal.SIGTERM)
-        for worker in workers:
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:  # a worker busy with a flow run may ignore the first SIGTERM
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait(timeout=30)
+        for worker in workers:  # a worker busy with a flow run may ignore SIGTERM: SIGKILL after 30 s
+            stop_process_tree(worker.pid, timeout_seconds=30)
         stop_local_servers(root)
         with admin.cursor() as cursor:
             for database in databases.values():

@@ -127,29 +127,16 @@ def serve_from_repository(env: dict, log: Path, timeout_seconds: float = 180):
     """`bentoml serve service:TextClassifierService` from the repository on a free loopback port, in its own
     process group, waited on until `/readyz` answers 200. Returns (process, url); stop it with
     `tasks.promotion.bento.stop_bento_server(process.pid)`."""
-    import subprocess
     import sys
 
     from tasks.common.ports import free_port
+    from tasks.common.processes import start_process
     from tasks.promotion.bento import stop_bento_server, wait_until_ready
 
     port = free_port()
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "bentoml"),
-            "serve",
-            "service:TextClassifierService",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    command = [bentoml, "serve", "service:TextClassifierService", "--host", "127.0.0.1", "--port", str(port)]
+    process = start_process(command, log, env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(url, process, log, timeout_seconds)

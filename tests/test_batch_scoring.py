@@ -73,6 +73,28 @@ def test_bad_sources_say_what_is_wrong(texts_frame, tmp_path):
         list(iter_text_chunks(ScoringSource(source=str(tmp_path / "other.csv")), 10))
 
 
+def test_scoring_reads_files_with_the_ingest_reader_s_errors_and_replaces_stray_bytes(tmp_path):
+    """One reader for both (tasks/common/tables.py): a gzip, a binary file and a broken JSONL line are named as
+    ingest names them; a byte that is not UTF-8 in a production text is replaced, not a failed run."""
+    import gzip
+
+    (tmp_path / "texts.csv").write_bytes(gzip.compress(b"text\nhello\n"))
+    with pytest.raises(ScoringSourceError, match=r"texts.csv is a gzip file; decompress it \(`gunzip texts.csv`\)"):
+        list(iter_text_chunks(ScoringSource(source=str(tmp_path / "texts.csv")), 10))
+    (tmp_path / "image.csv").write_bytes(b"text\n\x89PNG\x00\x00\x01")
+    with pytest.raises(ScoringSourceError, match=r"image.csv is a binary file \(a NUL byte at byte 9\)"):
+        list(iter_text_chunks(ScoringSource(source=str(tmp_path / "image.csv")), 10))
+    (tmp_path / "broken.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{"text": \n')
+    with pytest.raises(ScoringSourceError, match=r"broken.jsonl line 3 is not valid JSON"):
+        list(iter_text_chunks(ScoringSource(source=str(tmp_path / "broken.jsonl")), 2))
+    (tmp_path / "latin.csv").write_bytes("text\ncaf\u00e9 cr\u00e8me\nplain\n".encode("cp1252"))
+    rows, _ = _all_rows(ScoringSource(source=str(tmp_path / "latin.csv")), chunk_size=1)
+    assert rows["text"].tolist() == ["caf\ufffd cr\ufffdme", "plain"]
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbftext\nwith a byte-order mark\n")
+    rows, _ = _all_rows(ScoringSource(source=str(tmp_path / "bom.csv")), chunk_size=10)
+    assert rows["text"].tolist() == ["with a byte-order mark"]
+
+
 def test_a_failure_midway_leaves_no_partial_file(texts_frame, tmp_path):
     """The second file lacks the text column: the first was already scored, yet nothing is left behind."""
     texts_frame.to_csv(tmp_path / "a.csv", index=False)

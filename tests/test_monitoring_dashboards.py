@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+
+from tasks.common.processes import start_process, stop_process_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -210,13 +210,7 @@ def bento(bento_env, tmp_path_factory):
         {**bento_env, "TEXTCLF_API_TOKEN": TOKEN}, tmp_path_factory.mktemp("serve") / "serve.log"
     )
     yield url
-    # Reaped here: stop_bento_server alone waits its whole 30 s on the zombie of a server nobody has waited for.
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    stop_bento_server(process.pid)  # what is left of its process group, if anything
+    stop_bento_server(process.pid)
 
 
 @pytest.fixture(scope="module")
@@ -234,17 +228,13 @@ def prometheus(bento, tmp_path_factory):
     (root / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     log = root / "prometheus.log"
-    process = subprocess.Popen(
-        [
-            executable,
-            f"--config.file={root / 'prometheus.yml'}",
-            f"--storage.tsdb.path={root / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    command = [
+        executable,
+        f"--config.file={root / 'prometheus.yml'}",
+        f"--storage.tsdb.path={root / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    process = start_process(command, log)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -259,12 +249,7 @@ def prometheus(bento, tmp_path_factory):
             time.sleep(0.2)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+        stop_process_tree(process.pid, timeout_seconds=15)
 
 
 def query(prometheus_url: str, expr: str) -> dict:

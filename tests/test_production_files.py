@@ -19,6 +19,8 @@ import httpx
 import pytest
 import yaml
 
+from tasks.common.processes import start_process, stop_process_tree
+
 ROOT = Path(__file__).resolve().parents[1]
 POOLS_DIR = ROOT / "deployments" / "work-pools"
 K8S_DIR = ROOT / "deployments" / "kubernetes"
@@ -616,10 +618,9 @@ def test_compose_mlflow_command_serves_the_other_containers_on_postgresql(tmp_pa
     for flag, value in replace.items():
         command[command.index(flag) + 1] = value
     command[0] = str(Path(sys.executable).parent / "mlflow")
-    log = (tmp_path / "mlflow.log").open("wb")
     env = {**os.environ, "MLFLOW_ENABLE_TELEMETRY": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = start_process(command, tmp_path / "mlflow.log", env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -645,11 +646,7 @@ def test_compose_mlflow_command_serves_the_other_containers_on_postgresql(tmp_pa
             cursor.execute("SELECT name FROM experiments")
             assert ("Default",) in cursor.fetchall()
     finally:
-        import signal
-
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
-        log.close()
+        stop_process_tree(server.pid, timeout_seconds=60)
         with admin.cursor() as cursor:
             cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         admin.close()

@@ -1,14 +1,43 @@
-"""Child processes: whether one still runs (for files named after the process that writes them: a request-log
-journal, a partial batch-scoring output), the processes below one, and stopping a server with everything below it.
-Standard library only (it ships in the Bento, bentofile.yaml `include`)."""
+"""Child processes: starting a server in a session of its own, whether one still runs (for files named after the
+process that writes them: a request-log journal, a partial batch-scoring output), the processes below one, and
+stopping a server with everything below it. Every server the product or its tests start goes through
+`start_process` and `stop_process_tree`. Standard library only (it ships in the Bento, bentofile.yaml `include`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO, Any
+
+
+def start_process(
+    command: Sequence[str],
+    output: Path | IO[Any] | int,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | str | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start `command` in a session of its own: it outlives the caller, a Ctrl-C in the caller's terminal does not
+    reach it, and `stop_process_tree` stops it with everything it starts. Its stdout and stderr go to `output`: a log
+    file (appended to; its folder made), an open file or pipe; stdin is /dev/null. `env` is the whole environment
+    (None: the caller's)."""
+    if isinstance(output, Path):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with output.open("ab") as log:
+            return start_process(command, log, env, cwd)
+    return subprocess.Popen(
+        list(command),
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=None if env is None else dict(env),
+        cwd=cwd,
+        start_new_session=True,
+    )
 
 
 def process_alive(pid: int | str) -> bool:

@@ -1,6 +1,7 @@
 """Reading texts from where batch scoring and the drift monitor find them: a CSV/TSV/JSONL/Parquet file, a folder of
 .txt files (and tables), a glob of those, or 'hub:<dataset>' (a Hugging Face hub dataset, streamed). Texts come in
-chunks of bounded size, so memory stays bounded whatever the source's size.
+chunks of bounded size, so memory stays bounded whatever the source's size. Files are read by the product's one
+reader (tasks/common/tables.py), decoding with `errors="replace"`.
 
 A source is anything with the attributes of `TextSource` (`tasks.contracts.ScoringSource` is one); this module
 imports nothing of the project, so that any stage can read texts the same way."""
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".json": None, ".parquet": None}
+from tasks.common.tables import TABLE_SUFFIXES, Decoding, TableReadError, iter_table_chunks, read_text_file
 
 
 class TextSource(Protocol):
@@ -37,7 +38,7 @@ class TextSource(Protocol):
     def hub_split(self) -> str: ...
 
 
-class ScoringSourceError(ValueError):
+class ScoringSourceError(TableReadError):
     """The source cannot be read as asked: the message says what is missing and how to fix it."""
 
 
@@ -57,26 +58,25 @@ def resolve_files(source: str) -> list[Path]:
     return [path]
 
 
-def _table_chunks(path: Path, config: TextSource, chunk_size: int) -> Iterator[pd.DataFrame]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+# Production texts: a stray byte is replaced (U+FFFD), never a failed night's run; binary files are still refused.
+SCORING_DECODING = Decoding(errors="replace")
 
-        parquet = pq.ParquetFile(path)
-        columns = [c for c in (config.text_column, config.id_column) if c]
-        missing = [c for c in columns if c not in parquet.schema_arrow.names]
-        if missing:
-            raise ScoringSourceError(
-                f"{path}: no column {missing[0]!r} (columns: {', '.join(parquet.schema_arrow.names)})."
-            )
-        for batch in parquet.iter_batches(batch_size=chunk_size, columns=columns):
-            yield batch.to_pandas()
-    elif suffix in (".jsonl", ".json"):
-        yield from pd.read_json(path, lines=True, chunksize=chunk_size, dtype=False)
-    elif suffix in (".csv", ".tsv"):
-        yield from pd.read_csv(path, sep=TABLE_SUFFIXES[suffix], chunksize=chunk_size, dtype=str, keep_default_na=False)
-    else:
-        raise ScoringSourceError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .parquet or .txt.")
+
+def _table_chunks(path: Path, config: TextSource, chunk_size: int) -> Iterator[pd.DataFrame]:
+    columns = [c for c in (config.text_column, config.id_column) if c]
+    try:
+        yield from iter_table_chunks(path, chunk_size, SCORING_DECODING, columns)
+    except ScoringSourceError:
+        raise
+    except TableReadError as error:
+        raise ScoringSourceError(str(error)) from error.__cause__
+
+
+def _text_file(path: Path) -> str:
+    try:
+        return read_text_file(path, SCORING_DECODING)
+    except TableReadError as error:
+        raise ScoringSourceError(str(error)) from None
 
 
 def iter_text_chunks(config: TextSource, chunk_size: int) -> Iterator[pd.DataFrame]:
@@ -88,9 +88,7 @@ def iter_text_chunks(config: TextSource, chunk_size: int) -> Iterator[pd.DataFra
     text_files = [p for p in files if p.suffix.lower() == ".txt"]
     for start in range(0, len(text_files), chunk_size):
         batch = text_files[start : start + chunk_size]
-        yield pd.DataFrame(
-            {"id": [str(p) for p in batch], "text": [p.read_text(encoding="utf-8", errors="replace") for p in batch]}
-        )
+        yield pd.DataFrame({"id": [str(p) for p in batch], "text": [_text_file(p) for p in batch]})
     for path in (p for p in files if p.suffix.lower() != ".txt"):
         offset = 0
         for frame in _table_chunks(path, config, chunk_size):

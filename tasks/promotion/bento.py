@@ -28,7 +28,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from tasks.common.ports import free_port
-from tasks.common.processes import stop_process_tree
+from tasks.common.processes import start_process, stop_process_tree
 from tasks.registry import DownloadedModel
 
 BENTO_MODEL_NAME = "text-classifier"
@@ -184,19 +184,10 @@ def start_bento_server(
     bento_tag: str, host: str, port: int, log_path: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     """`bentoml serve <bento tag>` in its own process group (stop it with `stop_bento_server`)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     server_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
     server_env.pop("TEXTCLF_BENTO_MODEL", None)  # a built Bento serves the one model packed into it
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [bentoml_executable(), "serve", bento_tag, "--host", host, "--port", str(port)],
-            cwd=log_path.parent,
-            env=server_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    command = [bentoml_executable(), "serve", bento_tag, "--host", host, "--port", str(port)]
+    return start_process(command, log_path, server_env, cwd=log_path.parent)
 
 
 def wait_until_ready(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout_seconds: float) -> float:

