@@ -11,13 +11,15 @@ run: install  ## (1) train on the packaged default, promote the winner, serve th
 	$(BIN)/textclf promote
 	$(BIN)/textclf serve
 
+# The whole suite on the machine's cores (pytest-xdist, at most 4 workers), a test file per worker at a time: a file's
+# module fixtures (its servers) start once. `.venv/bin/pytest` alone runs it in one process.
 test: install browser prometheus wrk lint  ## (2) lint, types and the whole test suite (no network needed at test time)
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --maxprocesses 4 --dist loadfile
 
 test-fast: install  ## the fast lane: the unit tier, no real servers (`pytest -m unit`, about 2.5 min)
 	$(BIN)/pytest -m unit
 
-lint: install  ## ruff (lint + format check), import-linter (the direction of imports), mypy (strict on tasks/)
+lint: install  ## ruff (lint + format check), import-linter (the direction of imports), mypy (strict on tasks/; flows/ and service.py too)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports

@@ -20,13 +20,13 @@ from tasks.tracking import finished_on_exit, log_metrics_task, log_params_task, 
 
 
 def summary_metrics(summary: ScoringSummary) -> dict[str, float]:
-    metrics = {
+    metrics: dict[str, float] = {
         "rows": summary.rows,
         "blank_texts": summary.blank_texts,
         "seconds": summary.seconds,
         "texts_per_second": summary.texts_per_second,
     }
-    if summary.mean_probability is not None:
+    if summary.mean_probability is not None and summary.low_confidence_share is not None:
         metrics |= {"mean_probability": summary.mean_probability, "low_confidence_share": summary.low_confidence_share}
     scored = max(1, summary.rows - summary.blank_texts)
     if summary.min_confidence is not None:

@@ -41,7 +41,7 @@ def _stack_up(settings: Settings) -> tuple[str, str]:
     return prefect_url, mlflow_uri
 
 
-def _run_flow(settings: Settings, flow_fn, **parameters):
+def _run_flow(settings: Settings, flow_fn: Callable[..., Any], **parameters: Any) -> Any:
     """Run a flow in-process against the (embedded or configured) servers; return its final state."""
     prefect_url, mlflow_uri = _stack_up(settings)
     # Not a settings read: the flow runs in this process and builds its own Settings() from the environment, so the
@@ -53,7 +53,7 @@ def _run_flow(settings: Settings, flow_fn, **parameters):
         return flow_fn(**parameters, return_state=True)
 
 
-def _failed(flow_name: str, state, settings: Settings) -> int:
+def _failed(flow_name: str, state: Any, settings: Settings) -> int:
     ui = settings.resolved_prefect_api_url.removesuffix("/api")
     print(
         f"\nThe {flow_name} flow run ended {state.name}: {state.message}\n"
@@ -71,7 +71,8 @@ def _flow_parameters(args: argparse.Namespace, settings: Settings) -> dict[str, 
         if "registered_model_name" in settings.model_fields_set
         else {}
     )
-    return args.options.values(args, fallbacks)
+    values: dict[str, Any] = args.options.values(args, fallbacks)
+    return values
 
 
 def _ui(settings: Settings) -> str:
@@ -287,7 +288,7 @@ def _score(args: argparse.Namespace) -> int:
             [experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=1
         )
     )
-    if runs:
+    if runs and experiment is not None:
         print(f"  MLflow run:   {mlflow_uri}/#/experiments/{experiment.experiment_id}/runs/{runs[0].info.run_id}")
     print(f"  Prefect UI:   {_ui(settings)}/runs/flow-run/{flow_run_id}")
     return 0
@@ -386,7 +387,7 @@ def _serve_options(options: FlowOptions) -> None:
     )
 
 
-def _flow_options(module: str, name: str, **kwargs) -> Callable[[FlowOptions], Any]:
+def _flow_options(module: str, name: str, **kwargs: Any) -> Callable[[FlowOptions], Any]:
     notes = {"registered_model_name": REGISTERED_MODEL_NOTE}
     return lambda options: options.add_flow(_flow(module, name)(), notes=notes, **kwargs)
 
@@ -475,7 +476,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    return args.run(args)
+    status: int = args.run(args)
+    return status
 
 
 if __name__ == "__main__":

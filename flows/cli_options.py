@@ -224,7 +224,7 @@ class FlowOptions:
 
     def _add(
         self,
-        group,
+        group: Any,
         name: str,
         parameter: str | None,
         info: FieldInfo,
@@ -332,9 +332,8 @@ class FlowOptions:
             option = self.options[dest]
             if option.field is None:
                 try:
-                    out[dest] = TypeAdapter(typing.Annotated[option.info.annotation, option.info]).validate_python(
-                        value
-                    )
+                    adapter: TypeAdapter[Any] = TypeAdapter(typing.Annotated[option.info.annotation, option.info])  # type: ignore[arg-type]  # a field's annotation at run time
+                    out[dest] = adapter.validate_python(value)
                 except ValidationError as error:
                     problems.append(str(self._error(error, dest, None)))
         for parameter, (model, default, optional) in self.models.items():

@@ -15,6 +15,7 @@ from pathlib import Path
 from flows.log_rotation import start_with_rotating_log
 from tasks.common.ports import port_in_use
 from tasks.common.processes import process_alive, stop_process_tree
+from tasks.promotion.bento import with_own_metrics_folder
 
 STARTUP_TIMEOUT_S = 180.0
 
@@ -159,6 +160,7 @@ def serve_bento(root: Path, bento_tag: str, host: str = "127.0.0.1", port: int =
     # runs inside the Bento's folder, where a relative path would land.
     log_dir = env.get("TEXTCLF_REQUEST_LOG_DIR", "").strip()
     env["TEXTCLF_REQUEST_LOG_DIR"] = str(Path(log_dir).expanduser().resolve() if log_dir else root / "request-log")
+    env = with_own_metrics_folder(env, root / "logs" / "bento.bentoml-home")  # a smoke test cannot blank its metrics
     command = [_bin("bentoml"), "serve", bento_tag, "--host", host, "--port", str(port)]
     pid = _start("bento", command, env, f"{url}/readyz", None, root / "logs" / "bento.log", host, port)
     return LocalServer("bento", url, url, root / "logs" / "bento.log", pid, started=True)

@@ -13,6 +13,7 @@ import logging.handlers
 import subprocess
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 from tasks.common.processes import start_process
 
@@ -22,7 +23,7 @@ LOG_BACKUPS = 5
 
 def start_with_rotating_log(
     command: list[str], env: dict[str, str], log_path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS
-) -> subprocess.Popen:
+) -> subprocess.Popen[bytes]:
     """Start `command` in a session of its own (it outlives the caller), its stdout and stderr going to a rotating
     `log_path`. Returns the server's process (its pid is the server's, not the log writer's)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,6 +44,7 @@ def start_with_rotating_log(
         start_new_session=True,
         cwd=Path(__file__).resolve().parents[1],
     )
+    assert writer.stdin is not None  # stdin=PIPE
     try:
         return start_process(command, writer.stdin, env)
     except BaseException:
@@ -52,7 +54,7 @@ def start_with_rotating_log(
         writer.stdin.close()  # the server holds the pipe now; the writer ends when it (and its children) close it
 
 
-def copy_with_rotation(source, log_path: Path, max_bytes: int, backups: int) -> None:
+def copy_with_rotation(source: BinaryIO, log_path: Path, max_bytes: int, backups: int) -> None:
     """Every line of the binary stream `source` into `log_path`, rotated by size, each line flushed at once."""
     handler = logging.handlers.RotatingFileHandler(
         log_path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", errors="replace"

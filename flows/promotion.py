@@ -192,15 +192,17 @@ def promotion(
 ) -> PromotionResult:
     settings = Settings()
     uri, name = settings.resolved_mlflow_tracking_uri, registered_model_name
+    found: int | None
     if training_flow_run_id:
-        candidate = version_of_flow_run_task(uri, name, training_flow_run_id)
+        found = version_of_flow_run_task(uri, name, training_flow_run_id)
     else:
-        candidate = candidate_version or resolve_alias_task(uri, name, CANDIDATE_ALIAS)
-    if candidate is None:
+        found = candidate_version or resolve_alias_task(uri, name, CANDIDATE_ALIAS)
+    if found is None:
         raise ValueError(
             f"Registered model '{name}' has no @{CANDIDATE_ALIAS} version: train one first (`textclf train`), "
             f"or pass candidate_version."
         )
+    candidate: int = found
     champion = resolve_alias_task(uri, name, CHAMPION_ALIAS)
     tracking = start_tracking_run_task(
         uri,
@@ -220,7 +222,9 @@ def promotion(
             test_split,
             downloaded={candidate: downloaded.pyfunc_dir},
         )
-        decision = decide_task(scores[candidate], scores.get(champion), gate, candidate, champion)
+        decision = decide_task(
+            scores[candidate], scores.get(champion) if champion is not None else None, gate, candidate, champion
+        )
         record_decision_task(tracking, name, decision, gate)
         runtime_gate = None
         if decision.promote:  # the runtime the Bento, batch scoring and monitoring will answer with

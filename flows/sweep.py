@@ -120,6 +120,7 @@ def sweep(
         # because its size is a parameter). To spread one study over several workers or machines, start more
         # sweep runs with the same study name on a shared storage (PostgreSQL) and TEXTCLF_HOME: the study in the
         # database is what they share, and each run asks it for the next trial.
+        trial_runner: Any  # prefect 3 types submit() for async tasks only
         with ThreadPoolTaskRunner(max_workers=study.parallel_trials) as trial_runner:
             trial_futures = [
                 trial_runner.submit(run_trial_task, {"config": trial_config, "sampler_seed": seed})

@@ -131,11 +131,12 @@ def serve_from_repository(env: dict, log: Path, timeout_seconds: float = 180):
 
     from tasks.common.ports import free_port
     from tasks.common.processes import start_process
-    from tasks.promotion.bento import stop_bento_server, wait_until_ready
+    from tasks.promotion.bento import stop_bento_server, wait_until_ready, with_own_metrics_folder
 
     port = free_port()
     bentoml = str(Path(sys.executable).parent / "bentoml")
     command = [bentoml, "serve", "service:TextClassifierService", "--host", "127.0.0.1", "--port", str(port)]
+    env = with_own_metrics_folder(dict(env), log.with_name(f"{log.stem}.bentoml-home"))  # as the product's servers
     process = start_process(command, log, env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:

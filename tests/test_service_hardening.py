@@ -24,8 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def served(bento_env, tmp_path_factory):
-    # Started first in this module: a later `bentoml serve` from the same BENTOML_HOME (crowded) empties BentoML's
-    # Prometheus folder, and with it this server's series, so the metrics test runs before it starts.
     log = tmp_path_factory.mktemp("hardening") / "serve.log"
     process, url = serve_from_repository(bento_env, log)
     yield url, log
@@ -102,6 +100,38 @@ def test_unknown_paths_get_a_json_404_and_never_become_metric_series(served):
     assert not any("probe" in series or "wp-login" in series for series in after)
     assert len(after - before) <= 6, sorted(after - before)  # at most the /unmatched series of POST's 404
     assert any('endpoint="/unmatched"' in series for series in after)
+
+
+@pytest.mark.integration
+def test_a_second_server_from_the_same_store_leaves_the_first_s_metrics_alone(served, bento_env, tmp_path):
+    # `bentoml serve` empties <BENTOML_HOME>/prometheus_multiproc_dir at start-up; every server the product starts
+    # has a folder of its own (tasks/promotion/bento.with_own_metrics_folder), so a promotion's smoke test next to the
+    # serving champion cannot blank the champion's /metrics.
+    url, _ = served
+
+    def classify_answered() -> float:  # the server's count of classify requests answered 200
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("bentoml_service_request_total{")
+            and 'endpoint="/classify"' in line
+            and 'http_response_code="200"' in line
+        )
+
+    for _ in range(3):
+        assert_still_serving(url)
+    before = classify_answered()
+    assert before >= 3
+    process, other = serve_from_repository(bento_env, tmp_path / "other.log")
+    try:
+        assert_still_serving(other)
+        assert_still_serving(url)
+        assert classify_answered() >= before + 1  # nothing forgotten while the other server runs
+    finally:
+        stop_bento_server(process.pid)
+    assert_still_serving(url)
+    assert classify_answered() >= before + 2
 
 
 # --- auth and overload ---------------------------------------------------------------------------------------

@@ -180,12 +180,32 @@ def build_bento(model_tag: str, registered_model: str, version: int, project_dir
     )
 
 
+def with_own_metrics_folder(env: dict[str, str], server_home: Path) -> dict[str, str]:
+    """`env` with BENTOML_HOME set to `server_home`: a BentoML home for one server, whose `bentos` and `models` are
+    the store's own (symlinks) but whose Prometheus folder is its own. `bentoml serve` empties
+    `<BENTOML_HOME>/prometheus_multiproc_dir` when it starts (BentoML 1.4, bentoml/serving.py), while a server already
+    running from that home keeps writing to the files it deleted: its /metrics go blank until it restarts. So the
+    promotion's smoke test would blank the metrics of the champion `textclf serve` serves next to it."""
+    store = Path(env.get("BENTOML_HOME") or "~/bentoml").expanduser().resolve()
+    server_home.mkdir(parents=True, exist_ok=True)
+    for name in ("bentos", "models"):
+        (store / name).mkdir(parents=True, exist_ok=True)
+        link = server_home / name
+        if link.is_symlink() and link.resolve() != store / name:
+            link.unlink()  # a folder reused for another store
+        if not link.is_symlink():
+            link.symlink_to(store / name, target_is_directory=True)
+    return {**env, "BENTOML_HOME": str(server_home)}
+
+
 def start_bento_server(
     bento_tag: str, host: str, port: int, log_path: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """`bentoml serve <bento tag>` in its own process group (stop it with `stop_bento_server`)."""
+    """`bentoml serve <bento tag>` in its own process group (stop it with `stop_bento_server`), with a Prometheus
+    folder of its own (`with_own_metrics_folder`, next to its log)."""
     server_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
     server_env.pop("TEXTCLF_BENTO_MODEL", None)  # a built Bento serves the one model packed into it
+    server_env = with_own_metrics_folder(server_env, log_path.with_name(f"{log_path.stem}.bentoml-home"))
     command = [bentoml_executable(), "serve", bento_tag, "--host", host, "--port", str(port)]
     return start_process(command, log_path, server_env, cwd=log_path.parent)
 
