@@ -16,7 +16,7 @@ run: install  ## (1) train on the packaged default, promote the winner, serve th
 test: install browser prometheus wrk lint  ## (2) lint, types and the whole test suite (no network needed at test time)
 	$(BIN)/pytest -n auto --maxprocesses 4 --dist loadfile
 
-test-fast: install  ## the fast lane: the unit tier, no real servers (`pytest -m unit`, about 2.5 min)
+test-fast: install  ## the fast lane: the unit tier, no real servers (`pytest -m unit`, about 1 min)
 	$(BIN)/pytest -m unit
 
 lint: install  ## ruff (lint + format check), import-linter (the direction of imports), mypy (strict on tasks/; flows/ and service.py too)
