@@ -8,7 +8,6 @@ which the built Bento keeps; `TEXTCLF_BENTO_MODEL` names the model when serving 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Annotated, Any, cast
 
@@ -19,6 +18,9 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 from tasks.serving.abstention import UNKNOWN_LABEL, answer_label, check_label_names
 from tasks.serving.asgi import ASGIApp, Receive, Scope, Send
 from tasks.serving.http_guard import (
+    MAX_REQUEST_CHARS,
+    MAX_TEXT_CHARS,
+    MAX_TEXTS_PER_REQUEST,
     BearerTokenAuth,
     RequestGuard,
     ServingLimits,
@@ -30,13 +32,8 @@ from tasks.serving.request_log import RequestLogMiddleware, RequestLogSettings
 from tasks.serving.settings import ServingSettings
 from tasks.serving.windows import has_visible_character
 
-# Documented request limits (README, OpenAPI): bad input gets a 400 that names the limit, never a 500.
-MAX_TEXTS_PER_REQUEST = 64
-MAX_TEXT_CHARS = 20_000
-# A request's cost budget: the characters it may hold in all. A model token covers at least one character, so this
-# bounds the tokens a request makes the server read (tokenizing is the cost of long texts: one request of 64 x
-# 20,000 characters tied the server up for 3-6 s); 128,000 is 64 news articles of 2,000 characters.
-MAX_REQUEST_CHARS = 128_000
+# The documented request limits (README, OpenAPI) are tasks/serving/http_guard.py's MAX_TEXTS_PER_REQUEST,
+# MAX_TEXT_CHARS and MAX_REQUEST_CHARS: bad input gets a 400 that names the limit, never a 500.
 # Adaptive batching: the defaults of tasks/serving/settings.py (where the measurement that chose them is described),
 # repeated as plain numbers for bench/serving_load.py, which reads them from this source (tests/test_settings.py
 # checks they agree).
@@ -72,12 +69,7 @@ BATCH_SIZE = SETTINGS.max_batch_size
 BATCH_LATENCY_MS = SETTINGS.max_latency_ms
 REQUEST_LOG = RequestLogSettings.from_settings(SETTINGS)
 TRACE_CLASSIFY = SETTINGS.tracing
-LIMITS = dataclasses.replace(
-    ServingLimits.from_settings(SETTINGS),
-    max_texts=MAX_TEXTS_PER_REQUEST,
-    max_text_chars=MAX_TEXT_CHARS,
-    max_request_chars=MAX_REQUEST_CHARS,
-)
+LIMITS = ServingLimits.from_settings(SETTINGS)
 FORGET_BATCH_WAIT = SETTINGS.forget_batch_wait
 MIN_CONFIDENCE = SETTINGS.min_confidence
 

@@ -24,14 +24,16 @@ from tasks.common.processes import process_alive
 from tasks.common.text_sources import count_rows, iter_text_chunks
 from tasks.contracts import ScoringSource
 from tasks.serving.abstention import UNKNOWN_LABEL, abstains, check_label_names, check_min_confidence
+from tasks.serving.http_guard import MAX_REQUEST_CHARS, MAX_TEXT_CHARS
 from tasks.serving.windows import has_visible_character
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 PARTIAL_MARK = ".partial-"
-ENDPOINT_MAX_TEXT_CHARS = 20_000  # service.py's MAX_TEXT_CHARS; the model reads far fewer tokens anyway
-ENDPOINT_MAX_REQUEST_CHARS = 128_000  # service.py's MAX_REQUEST_CHARS: the characters one request may hold in all
+# The service's request budget (texts are cut to its MAX_TEXT_CHARS: the model reads far fewer tokens anyway).
+ENDPOINT_MAX_TEXT_CHARS = MAX_TEXT_CHARS
+ENDPOINT_MAX_REQUEST_CHARS = MAX_REQUEST_CHARS
 ENDPOINT_RETRIES = 5  # 503 "at capacity" answers retried after their Retry-After
 
 

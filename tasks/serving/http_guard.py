@@ -50,6 +50,15 @@ OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schem
 # ----------------------------------------------------------------------------------------------------------
 
 
+# A request's cost budget, documented in the README and the OpenAPI description, enforced (400) before the forward
+# pass; batch scoring through the endpoint sends requests within it. A model token covers at least one character, so
+# characters bound the tokens a request makes the server read (tokenizing is the cost of long texts: one request of
+# 64 x 20,000 characters tied the server up for 3-6 s); 128,000 characters is 64 news articles of 2,000.
+MAX_TEXTS_PER_REQUEST = 64
+MAX_TEXT_CHARS = 20_000
+MAX_REQUEST_CHARS = 128_000
+
+
 @dataclass(frozen=True)
 class ServingLimits:
     """Request limits and admission; the defaults are those of tasks/serving/settings.py `AdmissionEnv` (chosen by
@@ -60,10 +69,10 @@ class ServingLimits:
     max_queued: int = AdmissionEnv.model_fields["max_queued"].default
     queue_timeout_seconds: float = AdmissionEnv.model_fields["queue_timeout_seconds"].default
     retry_after_seconds: int = 1
-    # The request's cost budget (service.py's constants), named in the 413 message and the OpenAPI description.
-    max_texts: int = 64
-    max_text_chars: int = 20_000
-    max_request_chars: int = 128_000
+    # The request's cost budget, named in the 413 message and the OpenAPI description.
+    max_texts: int = MAX_TEXTS_PER_REQUEST
+    max_text_chars: int = MAX_TEXT_CHARS
+    max_request_chars: int = MAX_REQUEST_CHARS
 
     @classmethod
     def from_settings(cls, settings: AdmissionEnv) -> ServingLimits:
