@@ -111,6 +111,20 @@ def test_significant_but_small_shifts_and_small_windows_do_not_fire():
     assert small.status == "insufficient_data" and not small.tests and "minimum 100" in small.reason
 
 
+def test_abstained_requests_count_as_their_top_class_not_as_unknown(tmp_path):
+    """With TEXTCLF_MIN_CONFIDENCE set the service answers 'unknown' for unsure texts; the window compares the top
+    class (the log's predicted_label), which is what the reference holds. A log written before that column: label."""
+    texts = make_texts(per_class=10, seed=3)["text"].tolist()
+    frame = pd.DataFrame(_request_log(texts, "m/2", "unknown"))
+    frame["predicted_label"] = ["sport", "tech"] * (len(texts) // 2)
+    window = window_from_request_log_frame(frame, "m/2", tmp_path / "window.parquet")
+    labels = pd.read_parquet(window.path)["label"]
+    assert "unknown" not in set(labels) and set(labels) == {"sport", "tech"}
+    older = pd.DataFrame(_request_log(texts, "m/2", "sport"))  # no predicted_label column
+    window = window_from_request_log_frame(older, "m/2", tmp_path / "older.parquet")
+    assert set(pd.read_parquet(window.path)["label"]) == {"sport"}
+
+
 def test_psi_and_holm():
     assert psi(np.array([50, 50]), np.array([50, 50])) == pytest.approx(0.0)
     assert psi(np.array([100, 0]), np.array([0, 100])) > 4  # smoothing keeps it finite

@@ -235,6 +235,21 @@ def test_rows_from_a_served_request(content_type, body):
     assert [r["text"] for r in request.to_records(log_text=True)] == ["héllo 👋", "b"]
 
 
+def test_an_abstained_answer_logs_its_top_class_beside_the_answered_label():
+    answers = [
+        {"label": "unknown", "probability": 0.4, "probabilities": {"sport": 0.4, "tech": 0.35, "food": 0.25}},
+        {"label": "tech", "probability": 0.9, "probabilities": {"sport": 0.05, "tech": 0.9, "food": 0.05}},
+        {"label": "food", "probability": 0.7},  # no probabilities: the label is the top class
+    ]
+    body = json.dumps({"texts": ["a", "b", "c"]}).encode()
+    rows = ServedRequest(0.0, 1.0, "r", "application/json", [body], [json.dumps(answers).encode()]).to_records(False)
+    assert [(r["label"], r["predicted_label"]) for r in rows] == [
+        ("unknown", "sport"),
+        ("tech", "tech"),
+        ("food", "food"),
+    ]
+
+
 def test_unreadable_texts_still_log_every_prediction():
     request = ServedRequest(0.0, 1.0, None, "application/json", [b"not json"], [json.dumps(PREDICTIONS).encode()])
     rows = request.to_records(log_text=True)

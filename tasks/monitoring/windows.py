@@ -190,8 +190,13 @@ def window_from_request_log_frame(
         )
     text = served["text"] if "text" in served.columns else pd.Series([None] * len(served), index=served.index)
     text = text.where(text.notna(), None)
+    # The top class, not the answered label: where the server abstained the label is 'unknown', which the reference
+    # (the champion's predictions on its test split) never holds. Logs written before `predicted_label` have the label.
+    label = served["label"]
+    if "predicted_label" in served.columns:
+        label = served["predicted_label"].where(served["predicted_label"].notna(), label)
     frame = _window_frame(
-        text.to_numpy(), served["label"].to_numpy(), served["probability"].to_numpy(), served["length_chars"].to_numpy()
+        text.to_numpy(), label.to_numpy(), served["probability"].to_numpy(), served["length_chars"].to_numpy()
     )
     known = int(frame["text"].notna().sum())
     if known < len(frame):

@@ -71,6 +71,7 @@ COLUMNS = (
     "text",
     "length_chars",
     "label",
+    "predicted_label",
     "probability",
     "truncated",
     "model_version",
@@ -105,6 +106,7 @@ def schema() -> pa.Schema:
             ("text", pa.string()),
             ("length_chars", pa.int64()),
             ("label", pa.string()),
+            ("predicted_label", pa.string()),
             ("probability", pa.float64()),
             ("truncated", pa.bool_()),
             ("model_version", pa.string()),
@@ -232,6 +234,7 @@ class ServedRequest:
                 "text": text if log_text else None,
                 "length_chars": None if text is None else len(text),
                 "label": prediction.get("label"),
+                "predicted_label": top_class(prediction),
                 "probability": prediction.get("probability"),
                 "truncated": prediction.get("truncated"),
                 "model_version": prediction.get("model_version"),
@@ -239,6 +242,16 @@ class ServedRequest:
             }
             for text, prediction in zip(row_texts, predictions)
         ]
+
+
+def top_class(prediction: dict[str, Any]) -> str | None:
+    """The most probable class of an answer. It differs from the answered `label` when the server abstained
+    ('unknown', TEXTCLF_MIN_CONFIDENCE): the drift monitor compares top classes, so abstaining is not label drift."""
+    probabilities = prediction.get("probabilities")
+    if isinstance(probabilities, dict) and probabilities:
+        return str(max(probabilities, key=lambda name: probabilities[name]))
+    label = prediction.get("label")
+    return None if label is None else str(label)
 
 
 def _to_table(records: list[Record]) -> pa.Table:
