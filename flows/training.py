@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from flows.settings import Settings
 from tasks.contracts import REGISTERED_MODEL_NAME, RegisteredModelVersion, WindowingConfig
 from tasks.tracking import finished_on_exit, start_tracking_run_task
-from tasks.training.evaluate import evaluate_task
+from tasks.training.evaluate import EvaluationConfig, evaluate_task
 from tasks.training.fine_tune import FineTuneConfig, fine_tune_task
 from tasks.training.ingest import IngestConfig, ingest_task
 from tasks.training.preprocess import PreprocessConfig, preprocess_task
@@ -72,6 +72,12 @@ class TrainingParameters(BaseModel):
     timeout_minutes: int = Field(default=360, ge=1, le=7 * 24 * 60, description="Fine-tune time limit (minutes).")
 
 
+class EvaluationParameters(BaseModel):
+    """How the test split is evaluated: the coverage the suggested abstention threshold is chosen for."""
+
+    target_coverage: float = stage_field(EvaluationConfig, "target_coverage")
+
+
 def resolve_base_model(name: str) -> str:
     """The packaged MiniLM by its short name; anything else (a folder or a hub id) as given."""
     if name != PACKAGED_BASE_MODEL:
@@ -113,6 +119,7 @@ def training(
     dataset: DatasetParameters = DatasetParameters(),
     model: ModelParameters = ModelParameters(),
     training: TrainingParameters = TrainingParameters(),
+    evaluation: EvaluationParameters = EvaluationParameters(),
     registered_model_name: Annotated[
         str, Field(min_length=1, max_length=256, description="MLflow registered-model name.")
     ] = REGISTERED_MODEL_NAME,
@@ -143,7 +150,7 @@ def training(
         tuned = fine_tune_task.with_options(timeout_seconds=training.timeout_minutes * 60)(
             prepared, fine_tune_config, settings.fine_tune_dir, tracking
         )
-        evaluation = evaluate_task(
+        evaluated = evaluate_task(
             tuned,
             prepared,
             settings.evaluation_dir / tracking.run_id,
@@ -154,10 +161,11 @@ def training(
                 "hyperparameters": fine_tune_config.model_dump_json(exclude={"base_model"}),
                 "device": f"{tuned.device} ({tuned.precision})",
             },
+            config=EvaluationConfig(**evaluation.model_dump()),
         )
         version = register_task(
             tuned,
-            evaluation,
+            evaluated,
             snapshot,
             prepared,
             tracking,
@@ -167,7 +175,7 @@ def training(
         )
         create_markdown_artifact(
             key="evaluation-report",
-            markdown=evaluation.report_markdown
+            markdown=evaluated.report_markdown
             + f"\n\nRegistered **{version.name}** version **{version.version}** as `@{version.alias}`.\n",
             description="Test metrics of the fine-tuned model next to the TF-IDF baseline.",
         )

@@ -82,9 +82,11 @@ def test_flow_parameter_schema_has_descriptions_for_the_ui_form():
 
     schema = parameter_schema(training).model_dump_for_openapi()
     definitions = schema["definitions"]
-    assert set(schema["properties"]) == {"dataset", "model", "training", "registered_model_name"}
+    assert set(schema["properties"]) == {"dataset", "model", "training", "evaluation", "registered_model_name"}
     assert definitions["TrainingParameters"]["properties"]["epochs"]["minimum"] == 1
-    for model in ("DatasetParameters", "ModelParameters", "TrainingParameters"):
+    coverage = definitions["EvaluationParameters"]["properties"]["target_coverage"]
+    assert (coverage["default"], coverage["exclusiveMinimum"], coverage["maximum"]) == (0.95, 0, 1)
+    for model in ("DatasetParameters", "ModelParameters", "TrainingParameters", "EvaluationParameters"):
         for name, field in definitions[model]["properties"].items():
             assert field.get("description"), f"{model}.{name} has no description in the UI form"
 
