@@ -85,6 +85,9 @@ def test_encode_windows_adds_the_tokenizers_special_tokens_to_every_window(tiny_
     assert set(covered) == set(content)
     head = encode_windows(tokenizer, [long_text], Windowing("head", max_length=8))
     assert head.input_ids == [tokenizer(long_text, truncation=True, max_length=8)["input_ids"]]  # as the tokenizer cuts
+    # Each text's whole length, special tokens included (the evaluation's length slices read it; no second pass).
+    whole = [len(ids) for ids in tokenizer([long_text, "match goal"], truncation=False)["input_ids"]]
+    assert encoded.token_lengths == whole == [22, 4]
 
 
 # --- One chunked model, pooled the same everywhere -------------------------------------------------------------------

@@ -70,14 +70,23 @@ class TextClassifier:
                 logits[index] = self.model(**batch.to(self.device)).logits.float().cpu().numpy()
         return logits
 
+    def encode(self, texts: list[str]) -> EncodedWindows:
+        """The texts tokenized once and cut into the model's windows (its truncation strategy)."""
+        return encode_windows(self.tokenizer, list(texts), self.windowing)
+
+    def classify_encoded(self, encoded: EncodedWindows, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities of encoded texts, one row per text in input order (`chunks`: windows' logits
+        averaged)."""
+        if not encoded.truncated:
+            return np.zeros((0, len(self.label_names)), dtype=np.float32)
+        pooled = pool_logits(self.window_logits(encoded, batch_size), encoded.owner, len(encoded.truncated))
+        return softmax(pooled)
+
     def classify(self, texts: list[str], batch_size: int = 64) -> tuple[np.ndarray, list[bool]]:
         """Class probabilities, one row per text in input order, and per text whether it did not fit in one
         window. Each text is tokenized once; with `chunks` its windows' logits are averaged."""
-        encoded = encode_windows(self.tokenizer, list(texts), self.windowing)
-        if not len(texts):
-            return np.zeros((0, len(self.label_names)), dtype=np.float32), []
-        pooled = pool_logits(self.window_logits(encoded, batch_size), encoded.owner, len(texts))
-        return softmax(pooled), encoded.truncated
+        encoded = self.encode(texts)
+        return self.classify_encoded(encoded, batch_size), encoded.truncated
 
     def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Class probabilities, one row per text, in input order."""

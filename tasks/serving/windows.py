@@ -107,6 +107,7 @@ class EncodedWindows:
     input_ids: list[list[int]]
     owner: npt.NDArray[np.int64]
     truncated: list[bool]  # per text: it did not fit in one window
+    token_lengths: list[int]  # per text: its tokens, the tokenizer's special tokens included (as one window would)
 
     @property
     def windows_per_text(self) -> npt.NDArray[np.intp]:
@@ -141,12 +142,18 @@ def encode_windows(tokenizer: Any, texts: list[str], windowing: Windowing) -> En
     input_ids: list[list[int]] = []
     owner: list[int] = []
     truncated: list[bool] = []
+    specials = len(prefix) + len(suffix)
     for index, ids in enumerate(content):
         truncated.append(len(ids) > budget)
         for window in content_windows(ids, budget, windowing):
             input_ids.append([*prefix, *window, *suffix])
             owner.append(index)
-    return EncodedWindows(input_ids=input_ids, owner=np.asarray(owner, dtype=np.int64), truncated=truncated)
+    return EncodedWindows(
+        input_ids=input_ids,
+        owner=np.asarray(owner, dtype=np.int64),
+        truncated=truncated,
+        token_lengths=[len(ids) + specials for ids in content],
+    )
 
 
 def pool_logits(

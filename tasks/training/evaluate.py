@@ -263,8 +263,9 @@ def evaluate(
     label_ids = list(range(len(names)))
 
     started = time.perf_counter()
-    probabilities, truncated_flags = classifier.classify(texts, batch_size=config.batch_size)
-    truncated = np.asarray(truncated_flags, dtype=bool)
+    encoded = classifier.encode(texts)  # tokenized once: the predictions and the length slices both use it
+    probabilities = classifier.classify_encoded(encoded, batch_size=config.batch_size)
+    truncated = np.asarray(encoded.truncated, dtype=bool)
     batched_ms = (time.perf_counter() - started) * 1000 / max(1, len(texts))
     validation = data.split("validation")
     validation_confidence = classifier.predict_proba(validation["text"].tolist(), batch_size=config.batch_size).max(
@@ -288,7 +289,7 @@ def evaluate(
         {"precision": precision, "recall": recall, "f1": f1, "support": support, "baseline_f1": baseline_f1},
         index=pd.Index(names, name="class"),
     )
-    token_lengths = np.array([len(ids) for ids in classifier.tokenizer(texts, truncation=False)["input_ids"]])
+    token_lengths = np.asarray(encoded.token_lengths)
     slices = _slice_scores(_length_slices(token_lengths), labels, predicted, baseline)
     fits = pd.Series(np.where(truncated, "long (more than one window)", "short (fits one window)"))
     long_short = _slice_scores(fits, labels, predicted, baseline)
