@@ -123,6 +123,8 @@ class FineTunedModel(BaseModel):
     train_runtime_s: float
     resumed_from_checkpoint: str | None
     reused: bool = False
+    trainable_parameters: int | None = None  # trained weights (with peft=lora: the adapters and the head)
+    total_parameters: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate

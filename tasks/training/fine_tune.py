@@ -7,6 +7,7 @@ every CPU core. A checkpoint each epoch; re-running the same fine-tune resumes f
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -75,6 +76,24 @@ class FineTuneConfig(BaseModel):
     )
     device: Literal["auto", "cuda", "cpu"] = Field(
         default="auto", description="auto: CUDA (bf16/fp16) when a GPU is visible, else all CPU cores in fp32."
+    )
+    peft: Literal["none", "lora"] = Field(
+        default="none",
+        description="lora: train low-rank adapters (the peft library) and the classification head instead of every "
+        "weight; the adapters are merged into the saved model, which serves like any other.",
+    )
+    lora_rank: int = Field(default=8, ge=1, le=512, description="LoRA rank r (with peft=lora).")
+    lora_alpha: int = Field(default=16, ge=1, le=4096, description="LoRA scaling alpha (with peft=lora).")
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA branch (with peft=lora).")
+    lora_target_modules: str = Field(
+        default="",
+        max_length=1000,
+        description="Comma-separated module names the adapters wrap, e.g. 'q_proj,v_proj' (with peft=lora); empty: "
+        "peft's default for the architecture (the attention projections).",
+    )
+    load_in: Literal["full", "8bit", "4bit"] = Field(
+        default="full",
+        description="8bit/4bit: load the base model quantized (bitsandbytes, CUDA only; with peft=lora, QLoRA).",
     )
 
 
@@ -193,6 +212,77 @@ class _PaddingModelInputs:
         return self.pad([{k: v for k, v in f.items() if k not in self.BOOKKEEPING} for f in features])
 
 
+def with_padding_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Decoder tokenizers (Llama, Qwen, GPT-2) often have no padding token; batches need one: their end-of-text token
+    (else the unknown token) pads, as is usual for sequence classification with them."""
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ValueError(
+                f"The tokenizer of the base model ({type(tokenizer).__name__}) has no padding, end-of-text or unknown "
+                "token to pad batches with: set one (tokenizer.pad_token) in the model folder."
+            )
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
+def quantized_loading(config: FineTuneConfig, device: str) -> dict[str, Any]:
+    """from_pretrained arguments for `load_in` 8bit/4bit (bitsandbytes, CUDA only); a clear error where it cannot."""
+    if config.load_in == "full":
+        return {}
+    if device != "cuda":
+        raise ValueError(
+            f"load_in={config.load_in} quantizes the base model with bitsandbytes, which needs a CUDA GPU; this run is "
+            f"on the {device}. Use load_in=full here, or run on the gpu pool."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            f"load_in={config.load_in} needs the bitsandbytes package on the worker: pip install bitsandbytes "
+            "(or use load_in=full)."
+        )
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if config.load_in == "8bit":
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}  # type: ignore[no-untyped-call]
+    return {
+        "quantization_config": BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    }
+
+
+def with_lora_adapters(model: Any, config: FineTuneConfig) -> Any:
+    """The model with LoRA adapters on its target modules; only the adapters and the classification head (peft's
+    `modules_to_save` for sequence classification) are trained."""
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if config.load_in != "full":
+        model = prepare_model_for_kbit_training(model)  # type: ignore[no-untyped-call]
+    targets = [name.strip() for name in config.lora_target_modules.split(",") if name.strip()]
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets or None,
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:  # peft names the modules it could not find, or that it has no default for the model
+        raise ValueError(
+            f"LoRA cannot wrap {config.lora_target_modules or 'the default modules'} of {config.base_model}: {error} "
+            "Set lora_target_modules to names of its linear layers (e.g. 'query,value' for BERT, 'q_proj,v_proj' "
+            "for Llama/Qwen)."
+        ) from error
+
+
+def parameter_counts(model: Any) -> tuple[int, int]:
+    """(trainable, all) parameters of a model."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
 def build_trainer(
     config: FineTuneConfig,
     data: PreparedDataset,
@@ -219,7 +309,7 @@ def build_trainer(
     # every row) and `text_index`; the collator drops both before the batch reaches the model.
     tokenized = datasets.load_from_disk(str(data.tokenized_path))
     num_labels = len(data.label_names)
-    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    tokenizer = with_padding_token(AutoTokenizer.from_pretrained(config.base_model))
     set_seed(config.seed)  # before the model load: the fresh classification head is initialised here
     model = AutoModelForSequenceClassification.from_pretrained(
         config.base_model,
@@ -227,7 +317,12 @@ def build_trainer(
         id2label=dict(enumerate(data.label_names)),
         label2id={name: i for i, name in enumerate(data.label_names)},
         ignore_mismatched_sizes=True,  # a base model with another head: start a fresh one
+        **quantized_loading(config, device),
     )
+    # Decoder models (Llama, Qwen, GPT-2) classify from the last non-padding token: the model must know the padding.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if config.peft == "lora":
+        model = with_lora_adapters(model, config)
     steps_per_epoch = -(-len(tokenized["train"]) // config.batch_size)
     arguments = TrainingArguments(
         output_dir=str(checkpoint_dir),
@@ -318,9 +413,13 @@ def fine_tune(
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     runtime = time.perf_counter() - started
 
+    trainable, total = parameter_counts(trainer.model)
     staging = work_dir / ".model.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(str(staging))  # the best epoch's weights: load_best_model_at_end restored them
+    if config.peft == "lora":  # the adapters merged into the base weights: a plain transformers model, served as any
+        cast(Any, trainer.model).merge_and_unload().save_pretrained(str(staging))
+    else:
+        trainer.save_model(str(staging))  # the best epoch's weights: load_best_model_at_end restored them
     # build_trainer passes the tokenizer as the processing class
     cast("PreTrainedTokenizerBase", trainer.processing_class).save_pretrained(str(staging))
     (staging / LABELS_FILE).write_text(json.dumps(data.label_names, indent=2))
@@ -348,6 +447,8 @@ def fine_tune(
         train_samples_per_second=float(output.metrics.get("train_samples_per_second", 0.0)),
         train_runtime_s=runtime,
         resumed_from_checkpoint=resume_from.name if resume_from else None,
+        trainable_parameters=trainable,
+        total_parameters=total,
     )
     result_path.write_text(result.model_dump_json(indent=2))
     return result

@@ -143,6 +143,14 @@ def register(
                 "best_validation_macro_f1": model.best_validation_macro_f1,
                 "train_samples_per_second": model.train_samples_per_second,
                 "epochs_completed": model.epochs_completed,
+                **{
+                    name: float(count)
+                    for name, count in (
+                        ("trainable_parameters", model.trainable_parameters),
+                        ("total_parameters", model.total_parameters),
+                    )
+                    if count is not None
+                },
             },
         )
         client.log_artifacts(tracking.run_id, str(evaluation.artifacts_dir), "evaluation")
