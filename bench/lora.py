@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-alpha", type=int, default=16)
     parser.add_argument("--lora-target-modules", default="", help="empty: peft's default for the architecture")
+    parser.add_argument("--class-weighted-loss", action="store_true", help="for imbalanced data (drug-reviews)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
@@ -67,6 +68,7 @@ def fine_tune_config(args: argparse.Namespace, variant: str, base_model: str):
         batch_size=args.batch_size,
         learning_rate=args.lora_learning_rate if lora else args.learning_rate,
         early_stopping_patience=0,  # the same number of steps for both
+        class_weighted_loss=args.class_weighted_loss,
         device=args.device,
         peft="lora" if lora else "none",
         lora_rank=args.lora_rank,
