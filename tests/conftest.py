@@ -109,19 +109,40 @@ def servers(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def session_champion(servers, prepared_fixture, tuned_fixture, tmp_path_factory) -> tuple[str, int]:
-    """The tuned fixture model registered once per session as version 1 and @champion of `session-topics` on the test
-    MLflow server (its test split: the session fixture's 12 texts): the champion that batch scoring and the CLI's
-    `score` and `monitor` read. Tests must not move its aliases (a test that promotes registers its own model)."""
+def session_champion(servers, tuned_fixture, tiny_model_dir, tmp_path_factory) -> dict:
+    """The tuned fixture model registered once per session as @champion of `session-topics` on the test MLflow
+    server, with a test split of 108 held-out fixture texts (enough to be the drift monitor's reference; the session
+    fixture's split has 12): the champion that batch scoring, the drift monitor and the CLI's `score` and `monitor`
+    read. Its name, version and the snapshot it was registered with. Tests must not move its aliases (a test that
+    promotes registers its own model)."""
     from tasks.registry import move_aliases
-    from tests.fixtures import register_model_versions
+    from tasks.tracking import start_tracking_run
+    from tasks.training.evaluate import EvaluationConfig, evaluate
+    from tasks.training.ingest import IngestConfig, ingest
+    from tasks.training.preprocess import PreprocessConfig, preprocess
+    from tasks.training.register import RegisterConfig, register
 
     name = "session-topics"
-    (version,) = register_model_versions(
-        servers, prepared_fixture, tuned_fixture, tmp_path_factory.mktemp("session-champion"), name, ["good"]
+    root = tmp_path_factory.mktemp("session-champion")
+    make_texts(per_class=80, seed=11).to_csv(root / "topics.csv", index=False)
+    snapshot = ingest(IngestConfig(source=str(root / "topics.csv")), root / "snapshots")
+    prepared = preprocess(
+        snapshot, PreprocessConfig(tokenizer=str(tiny_model_dir), max_length=32, test_fraction=0.45), root / "cache"
     )
-    move_aliases(servers["mlflow"], name, version)
-    return name, version
+    evaluation = evaluate(tuned_fixture, prepared, root / "evaluation", config=EvaluationConfig(latency_samples=1))
+    tracking = start_tracking_run(servers["mlflow"], f"{name}-training", "train", idempotency_key=name)
+    version = register(
+        tuned_fixture,
+        evaluation,
+        snapshot,
+        prepared,
+        tracking,
+        RegisterConfig(registered_model_name=name),
+        {"purpose": "the session's champion"},
+        "test",
+    )
+    move_aliases(servers["mlflow"], name, version.version)
+    return {"name": name, "version": version.version, "snapshot": snapshot}
 
 
 @pytest.fixture()

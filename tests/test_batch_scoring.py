@@ -116,7 +116,7 @@ def test_a_failure_midway_leaves_no_partial_file(texts_frame, tmp_path):
 
 @pytest.fixture(scope="module")
 def champion(session_champion):
-    return session_champion
+    return session_champion["name"], session_champion["version"]
 
 
 @pytest.mark.integration

@@ -240,7 +240,7 @@ def test_every_flow_command_builds_without_clashing_options():
 
 @pytest.fixture(scope="module")
 def cli_champion(session_champion):
-    return session_champion
+    return session_champion["name"], session_champion["version"]
 
 
 @pytest.mark.e2e
@@ -293,7 +293,7 @@ def test_textclf_monitor_end_to_end_prints_the_decision_and_where_to_look(
     out = capsys.readouterr().out
     assert code == 0, out
     assert re.search(rf"{name} version {version}: (NO DRIFT|DRIFT)\n", out), out
-    assert "Window:       30 texts; reference (the champion's test split): 12 texts" in out
+    assert "Window:       30 texts; reference (the champion's test split): 108 texts" in out
     report = Path(re.search(r"Report:\s+(\S+)", out).group(1))
     assert report.exists() and report.read_text().strip()
     run_id = re.search(r"MLflow run:\s+\S+/runs/([0-9a-f]{32})", out).group(1)

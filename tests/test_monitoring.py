@@ -23,7 +23,7 @@ from tasks.monitoring.windows import reference_from_test_split, window_from_requ
 from tests.conftest import SHARED_DATA
 from tests.fixtures import make_texts
 
-NAME = "drift-topics"
+NAME = "session-topics"  # the session champion (tests/conftest.py)
 OTHER_WORDS = [
     "invoice",
     "tomorrow",
@@ -165,36 +165,10 @@ def _request_log(texts: list[str], model_version: str, label: str, with_text: bo
 
 
 @pytest.fixture(scope="module")
-def drift_champion(servers, tuned_fixture, tiny_model_dir, tmp_path_factory):
-    """The tiny fine-tuned model registered as @champion of `drift-topics`, with a test split of 108 held-out
-    fixture texts (the session fixture's split has only 12: too few to be a reference)."""
-    from tasks.registry import move_aliases
-    from tasks.tracking import start_tracking_run
-    from tasks.training.evaluate import EvaluationConfig, evaluate
-    from tasks.training.ingest import IngestConfig, ingest
-    from tasks.training.preprocess import PreprocessConfig, preprocess
-    from tasks.training.register import RegisterConfig, register
-
-    root = tmp_path_factory.mktemp("drift-champion")
-    make_texts(per_class=80, seed=11).to_csv(root / "topics.csv", index=False)
-    snapshot = ingest(IngestConfig(source=str(root / "topics.csv")), root / "snapshots")
-    prepared = preprocess(
-        snapshot, PreprocessConfig(tokenizer=str(tiny_model_dir), max_length=32, test_fraction=0.45), root / "cache"
-    )
-    evaluation = evaluate(tuned_fixture, prepared, root / "evaluation", config=EvaluationConfig(latency_samples=1))
-    tracking = start_tracking_run(servers["mlflow"], f"{NAME}-training", "train", idempotency_key=NAME)
-    version = register(
-        tuned_fixture,
-        evaluation,
-        snapshot,
-        prepared,
-        tracking,
-        RegisterConfig(registered_model_name=NAME),
-        {"purpose": "drift tests"},
-        "test",
-    )
-    move_aliases(servers["mlflow"], NAME, version.version)
-    return {"version": version.version, "snapshot": snapshot}
+def drift_champion(session_champion):
+    """The session's champion (tests/conftest.py): its test split of 108 held-out texts is the reference."""
+    assert session_champion["name"] == NAME
+    return session_champion
 
 
 def _texts_file(folder: Path, texts: list[str], name: str = "window.csv") -> Path:
