@@ -23,35 +23,19 @@ def _tiny_service_model(fixture_frame, folder: Path) -> Path:
     return model_dir
 
 
+def _run_benchmark(script: str, tmp_path, *arguments: str) -> dict:
+    """Run bench/<script> with --output and --work-dir under tmp_path; its JSON."""
+    output = tmp_path / "result.json"
+    command = [sys.executable, f"bench/{script}", *arguments, "--output", str(output), "--work-dir", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(output.read_text())
+
+
 @pytest.mark.integration
 def test_lora_benchmark_compares_lora_with_a_full_fine_tune(fixture_csv, tiny_model_dir, tmp_path):
-    output = tmp_path / "lora.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "bench/lora.py",
-            "--source",
-            str(fixture_csv),
-            "--base-model",
-            str(tiny_model_dir),
-            "--max-length",
-            "32",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "16",
-            "--output",
-            str(output),
-            "--work-dir",
-            str(tmp_path / "work"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(output.read_text())
+    options = ["--source", str(fixture_csv), "--base-model", str(tiny_model_dir), "--max-length", "32"]
+    result = _run_benchmark("lora.py", tmp_path, *options, "--epochs", "1", "--batch-size", "16")
     full, lora = result["variants"]["full"], result["variants"]["lora"]
     assert full["steps"] == lora["steps"] > 0  # same data, same batch size
     assert lora["trainable_parameters"] < full["trainable_parameters"] == full["total_parameters"]
@@ -59,6 +43,7 @@ def test_lora_benchmark_compares_lora_with_a_full_fine_tune(fixture_csv, tiny_mo
     assert 0 <= lora["test_macro_f1"] <= 1 and "test_macro_f1_points" in result["lora_over_full"]
 
 
+@pytest.mark.integration
 def test_fine_tune_benchmark_writes_both_variants(fixture_csv, tiny_model_dir, tmp_path):
     output = tmp_path / "result.json"
     done = subprocess.run(
