@@ -36,7 +36,7 @@ def test_every_deployment_is_registered_on_its_pool_with_a_typed_form(production
     pools = {p["name"]: p["type"] for p in httpx.post(f"{api}/work_pools/filter", json={}).json()}
     assert pools["gpu"] == pools["cpu"] == "process"
     training_form = _deployment(api, "training", "training")["parameter_openapi_schema"]
-    assert set(training_form["properties"]) == {"dataset", "model", "training", "registered_model_name"}
+    assert set(training_form["properties"]) == {"dataset", "model", "training", "evaluation", "registered_model_name"}
 
 
 def test_retraining_schedule_is_registered_with_its_cron(production_stack):
