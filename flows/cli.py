@@ -114,6 +114,10 @@ def _registers_a_candidate(flow_name: str, load: Callable[[], Any]) -> Callable[
             f"  MLflow run:       {mlflow_uri}/#/experiments/{experiment_id}/runs/{version.run_id}\n"
             f"  Prefect UI:       {ui}/runs/flow-run/{state.state_details.flow_run_id}\n"
         )
+        from tasks.training.evaluate import improvement_hints
+
+        for hint in improvement_hints(metrics):
+            print(f"  Hint: {hint}")
         return 0
 
     return run

@@ -78,3 +78,33 @@ def test_failed_evaluation_leaves_no_partial_folder(tuned_fixture, prepared_fixt
     with pytest.raises(RuntimeError, match="disk full"):
         evaluate(tuned_fixture, prepared, tmp_path / "eval")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_that_did_not_earn_its_cost_gets_hints_naming_the_options():
+    from tasks.training.evaluate import improvement_hints
+
+    fine = {"test_macro_f1": 0.95, "baseline_macro_f1": 0.90, "test_predicted_classes": 3}
+    assert improvement_hints(fine) == []
+    collapsed = {
+        "test_macro_f1": 0.264,
+        "baseline_macro_f1": 0.390,
+        "test_predicted_classes": 1,
+        "train_class_imbalance": 6.2,
+        "truncated_share": 0.35,
+    }
+    one_class, beaten = improvement_hints(collapsed)
+    assert "answers one class only" in one_class and "--class-weighted-loss" in one_class
+    assert "baseline beats the fine-tuned model (macro-F1 0.3900 vs 0.2640)" in beaten
+    assert "--class-weighted-loss (the largest class is 6x the smallest)" in beaten
+    assert "--truncation chunks or head+tail (35% of the test texts" in beaten and "textclf sweep" in beaten
+
+
+def test_the_report_says_what_to_try_and_records_the_predicted_classes(tuned_fixture, prepared_fixture, tmp_path):
+    from tasks.training.evaluate import EvaluationConfig, evaluate
+
+    _, prepared = prepared_fixture
+    result = evaluate(tuned_fixture, prepared, tmp_path / "eval", config=EvaluationConfig(latency_samples=1))
+    assert result.metrics["test_predicted_classes"] == 3 and result.metrics["train_class_imbalance"] >= 1
+    assert ("## What to try" in result.report_markdown) == (
+        result.metrics["test_macro_f1"] < result.metrics["baseline_macro_f1"]
+    )

@@ -175,6 +175,43 @@ def _plots(
     plt.close(figure)
 
 
+def _imbalance(label_ids: np.ndarray, num_labels: int) -> float:
+    """Largest class count over smallest (classes present in the split)."""
+    counts = np.bincount(label_ids, minlength=num_labels)
+    present = counts[counts > 0]
+    return float(present.max() / present.min()) if len(present) else 1.0
+
+
+def improvement_hints(metrics: dict[str, float]) -> list[str]:
+    """What to try when the fine-tuned model did not earn its cost: it answers one class only, or the TF-IDF
+    baseline beats it. Each hint names the option that sets it (the same in `textclf train` and the Prefect form)."""
+    hints = []
+    if metrics.get("test_predicted_classes", 2) <= 1:
+        hints.append(
+            "The fine-tuned model answers one class only on the test split: it learned the majority class. With "
+            "imbalanced classes set --class-weighted-loss; otherwise train longer (--epochs) or at a higher "
+            "--learning-rate."
+        )
+    model, baseline = metrics.get("test_macro_f1", 0.0), metrics.get("baseline_macro_f1", 0.0)
+    if model < baseline:
+        tries = []
+        if metrics.get("train_class_imbalance", 1.0) >= 3:
+            tries.append(
+                f"--class-weighted-loss (the largest class is {metrics['train_class_imbalance']:.0f}x the smallest)"
+            )
+        if metrics.get("truncated_share", 0.0) >= 0.2:
+            tries.append(
+                f"--truncation chunks or head+tail ({metrics['truncated_share']:.0%} of the test texts are longer "
+                "than one window)"
+            )
+        tries += ["more --epochs", "a search over the settings (textclf sweep)"]
+        hints.append(
+            f"The TF-IDF + logistic regression baseline beats the fine-tuned model (macro-F1 {baseline:.4f} vs "
+            f"{model:.4f}). Try " + "; ".join(tries) + "."
+        )
+    return hints
+
+
 def _report(
     metrics: dict[str, float],
     per_class: pd.DataFrame,
@@ -192,6 +229,9 @@ def _report(
     }[truncation]
     lines = ["# Model report", ""]
     lines += [f"- **{key}**: {value}" for key, value in context.items()]
+    hints = improvement_hints(metrics)
+    if hints:
+        lines += ["", "## What to try", "", *[f"- {hint}" for hint in hints]]
     lines += [
         "",
         "## Test metrics",
@@ -306,6 +346,8 @@ def evaluate(
         "latency_ms_per_text_batched": batched_ms,
         "latency_ms_single_text_p50": float(np.median(single)) if single else float("nan"),
         "truncated_share": float(truncated.mean()) if len(texts) else 0.0,
+        "test_predicted_classes": len(np.unique(predicted)),
+        "train_class_imbalance": _imbalance(train["label_id"].to_numpy(), len(names)),
     }
     for name, key in (("long (more than one window)", "long"), ("short (fits one window)", "short")):
         if name in long_short.index:
