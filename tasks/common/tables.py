@@ -8,10 +8,11 @@ line is named by its number. Errors are `TableReadError`, whose message says wha
 from __future__ import annotations
 
 import codecs
+import contextlib
 import io
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +35,18 @@ _SNIFF_BYTES = 1 << 16
 
 class TableReadError(ValueError):
     """A file cannot be read as its name says: the message names the file (and line) and how to fix it."""
+
+
+@contextlib.contextmanager
+def reraised_as(error_class: type[ValueError]) -> Iterator[None]:
+    """A TableReadError raised inside becomes the caller's own error class (same message, same cause), so each stage
+    keeps the error type its users catch (ingest's DatasetValidationError, scoring's ScoringSourceError)."""
+    try:
+        yield
+    except TableReadError as error:
+        if isinstance(error, error_class):
+            raise
+        raise error_class(str(error)) from error.__cause__
 
 
 @dataclass(frozen=True)
@@ -186,11 +199,7 @@ def iter_table_chunks(
     except TableReadError:
         raise
     except UnicodeDecodeError:  # strict decoding: name the line, as the whole-file reader does
-        decode(path.read_bytes(), path, Decoding(decoding.encoding, None, "strict", *_options(decoding)))
+        decode(path.read_bytes(), path, replace(decoding, fallback_encoding=None))
         raise
     except Exception as error:
         raise TableReadError(f"{path}: cannot be read as {suffix[1:].upper()}: {error}") from error
-
-
-def _options(decoding: Decoding) -> tuple[str | None, str | None]:
-    return decoding.encoding_option, decoding.encodings_option

@@ -4,7 +4,7 @@ chunks of bounded size, so memory stays bounded whatever the source's size. File
 reader (tasks/common/tables.py), decoding with `errors="replace"`.
 
 A source is anything with the attributes of `TextSource` (`tasks.contracts.ScoringSource` is one); this module
-imports nothing of the project, so that any stage can read texts the same way."""
+imports nothing of the project but tasks/common, so that any stage can read texts the same way."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from tasks.common.tables import TABLE_SUFFIXES, Decoding, TableReadError, iter_table_chunks, read_text_file
+from tasks.common.tables import TABLE_SUFFIXES, Decoding, TableReadError, iter_table_chunks, read_text_file, reraised_as
 
 
 class TextSource(Protocol):
@@ -64,19 +64,13 @@ SCORING_DECODING = Decoding(errors="replace")
 
 def _table_chunks(path: Path, config: TextSource, chunk_size: int) -> Iterator[pd.DataFrame]:
     columns = [c for c in (config.text_column, config.id_column) if c]
-    try:
+    with reraised_as(ScoringSourceError):
         yield from iter_table_chunks(path, chunk_size, SCORING_DECODING, columns)
-    except ScoringSourceError:
-        raise
-    except TableReadError as error:
-        raise ScoringSourceError(str(error)) from error.__cause__
 
 
 def _text_file(path: Path) -> str:
-    try:
+    with reraised_as(ScoringSourceError):
         return read_text_file(path, SCORING_DECODING)
-    except TableReadError as error:
-        raise ScoringSourceError(str(error)) from None
 
 
 def iter_text_chunks(config: TextSource, chunk_size: int) -> Iterator[pd.DataFrame]:

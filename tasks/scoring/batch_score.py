@@ -31,9 +31,6 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 PARTIAL_MARK = ".partial-"
-# The service's request budget (texts are cut to its MAX_TEXT_CHARS: the model reads far fewer tokens anyway).
-ENDPOINT_MAX_TEXT_CHARS = MAX_TEXT_CHARS
-ENDPOINT_MAX_REQUEST_CHARS = MAX_REQUEST_CHARS
 ENDPOINT_RETRIES = 5  # 503 "at capacity" answers retried after their Retry-After
 
 
@@ -88,11 +85,11 @@ def endpoint_scorer(url: str, token: str | None = None, batch_size: int = 64) ->
         return answers
 
     def requests_of(texts: list[str]) -> Iterator[list[str]]:
-        """At most `batch_size` texts and ENDPOINT_MAX_REQUEST_CHARS characters a request (the service's limits)."""
+        """At most `batch_size` texts and MAX_REQUEST_CHARS characters a request (the service's limits)."""
         batch: list[str] = []
         chars = 0
-        for text in (t[:ENDPOINT_MAX_TEXT_CHARS] for t in texts):
-            if batch and (len(batch) == batch_size or chars + len(text) > ENDPOINT_MAX_REQUEST_CHARS):
+        for text in (t[:MAX_TEXT_CHARS] for t in texts):  # cut to the service's limit: the model reads far fewer tokens
+            if batch and (len(batch) == batch_size or chars + len(text) > MAX_REQUEST_CHARS):
                 yield batch
                 batch, chars = [], 0
             batch.append(text)

@@ -15,7 +15,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common.atomic import atomic_file
-from tasks.common.tables import ARCHIVE_SUFFIXES, TABLE_SUFFIXES, Decoding, TableReadError, read_table, read_text_file
+from tasks.common.tables import ARCHIVE_SUFFIXES, TABLE_SUFFIXES, Decoding, read_table, read_text_file, reraised_as
 from tasks.contracts import DatasetSnapshot, DatasetValidationError
 
 if TYPE_CHECKING:
@@ -95,17 +95,13 @@ def _decoding(config: IngestConfig) -> Decoding:
 
 
 def _read_table(path: Path, config: IngestConfig) -> pd.DataFrame:
-    try:
+    with reraised_as(DatasetValidationError):
         return read_table(path, _decoding(config))
-    except TableReadError as error:
-        raise DatasetValidationError(str(error)) from error.__cause__
 
 
 def _read_text_file(path: Path, config: IngestConfig) -> str:
-    try:
+    with reraised_as(DatasetValidationError):
         return read_text_file(path, _decoding(config))
-    except TableReadError as error:
-        raise DatasetValidationError(str(error)) from None
 
 
 def _from_table(frame: pd.DataFrame, origin: str, config: IngestConfig, split: str | None) -> pd.DataFrame:
