@@ -6,18 +6,17 @@ Per served text (a `classify` request answered 200): `time` (UTC, when the reque
 the body, validation, waiting for its adaptive batch, the forward pass and writing the answer).
 
 - `RequestLogMiddleware` (ASGI, added by service.py) keeps references to the request body and the 200 answer of
-  each `/classify` request and hands them, unparsed, to a `RequestLogWriter`: the request path does one
-  `SimpleQueue.put`, no parsing, no I/O, no lock.
-- `RequestLogWriter` is one background thread: it turns what it is given into rows (JSON parsing, SHA-256) and
-  writes a Parquet part file when it holds `max_records` rows or its oldest row is `flush_seconds` old, under a
-  hidden temporary name renamed to `requests-<UTC time>-<pid>-<seq>.parquet`, so readers only see whole files.
-  `close()` writes everything left (the middleware calls it at the ASGI lifespan shutdown, after the server has
-  finished its in-flight requests; an `atexit` hook is the fallback).
-- Crash safety: every row the thread takes in is first appended to a hidden journal file
-  (`.journal-<pid>-<seq>.jsonl`, one JSON row per line, plain `write`s, which the kernel keeps when the process is
-  SIGKILLed or OOM-killed); a journal is dropped once its rows are in a Parquet file. A writer that starts (the
-  next server, or the worker BentoML restarts) turns the journals of dead processes into Parquet files. What a
-  kill can lose is what had not reached the thread yet: milliseconds of traffic (bench/request_log_crash.py).
+  each `/classify` request and, before the answer's last byte goes out, hands them to `RequestLogWriter.put`.
+- `put` turns them into rows (JSON parsing, SHA-256: tens of microseconds for a news-length text) and appends
+  them to a hidden journal file (`.journal-<pid>-<seq>.jsonl`, one JSON row per line, one plain `write`, which the
+  kernel keeps when the process is SIGKILLed or OOM-killed), then queues them. So a row is durable before its
+  client sees the answer: a kill loses no answered row.
+- One background thread writes a Parquet part file when it holds `max_records` rows or its oldest row is
+  `flush_seconds` old, under a hidden temporary name renamed to `requests-<UTC time>-<pid>-<seq>.parquet`, so
+  readers only see whole files, and then starts a new journal with only the rows not yet written. A writer that
+  starts (the next server, or the worker BentoML restarts) turns the journals of dead processes into Parquet
+  files. `close()` writes everything left (the middleware calls it at the ASGI lifespan shutdown, after the server
+  has finished its in-flight requests; an `atexit` hook is the fallback).
 - `read_request_log(log_dir, since, until)` reads them back as one pandas DataFrame (the drift flow's input).
 
 Settings (tasks/serving/settings.py `RequestLogEnv`, part of `ServingSettings`, which service.py reads once and
@@ -286,8 +285,9 @@ def _micros(value: dt.datetime | float | str | None) -> int | None:
 
 
 class RequestLogWriter:
-    """Rows in through `put` (no I/O, no lock: one `SimpleQueue.put`), Parquet part files out from one background
-    thread, each at most `max_records` rows, at the latest `flush_seconds` after its oldest row arrived."""
+    """Rows in through `put` (parsed and journaled on the caller's thread, so they survive a kill once `put`
+    returns), Parquet part files out from one background thread, each at most `max_records` rows, at the latest
+    `flush_seconds` after its oldest row arrived."""
 
     def __init__(
         self,
@@ -304,7 +304,10 @@ class RequestLogWriter:
         self.files_written = 0
         self.records_lost = 0
         self.records_recovered = 0
-        self._queue: queue.SimpleQueue[ServedRequest | Iterable[Record] | _Stop] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[Record] | _Stop] = queue.SimpleQueue()
+        # held while appending to the journal and queueing (callers), and while swapping journals (the thread):
+        # every queued row is in the journal the thread drops only once that row is in a Parquet file
+        self._journal_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._sequence = itertools.count(1)
@@ -338,11 +341,17 @@ class RequestLogWriter:
         return self
 
     def put(self, item: ServedRequest | Iterable[Record]) -> None:
-        """Queue one served request (or ready rows). Never blocks, never does I/O."""
-        if self._closed and not self.running:  # after close(): rare (shutdown), written on the caller's thread
-            self._write_now(self._records(item))
+        """Log one served request (or ready rows): parsed into rows and appended to the journal here, so they are
+        safe from a kill when this returns; written to Parquet by the thread later. One small `write`, no fsync."""
+        records = self._records(item)
+        if not records:
             return
-        self._queue.put(item)
+        if self._closed and not self.running:  # after close(): rare (shutdown), written on the caller's thread
+            self._write_now(records)
+            return
+        with self._journal_lock:
+            self._journal_append(records)
+            self._queue.put(records)
 
     def close(self, timeout: float = 60.0) -> None:
         """Write every queued row and stop the thread. Safe to call more than once."""
@@ -359,8 +368,10 @@ class RequestLogWriter:
             except queue.Empty:
                 break
             if not isinstance(item, _Stop):
-                left += self._records(item)
+                left += item
         self._write_now(left)
+        if not self.records_lost and self._journal_fd is not None:  # never started: its journal is written now
+            self._journal_swap([])
         try:
             atexit.unregister(self.close)
         except Exception:
@@ -402,15 +413,29 @@ class RequestLogWriter:
                 error,
             )
 
-    def _journal_restart(self, remaining: list[Record]) -> None:
-        """The rows in the journal were written to Parquet: a new journal holds only `remaining`."""
-        old_fd, old_file = self._journal_fd, self._journal_file
-        self._journal_fd = self._journal_file = None
-        self._journal_append(remaining)
+    def _journal_swap(self, remaining: list[Record]) -> bool:
+        """The thread wrote rows of the journal to Parquet: a new journal holds `remaining` (the rows it still
+        buffers) and what callers queued meanwhile, which it takes from the queue into `remaining`; then the old
+        journal goes. Returns whether the stop signal was among what it took."""
+        stopping = False
+        with self._journal_lock:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Stop):
+                    stopping = True
+                else:
+                    remaining += item
+            old_fd, old_file = self._journal_fd, self._journal_file
+            self._journal_fd = self._journal_file = None
+            self._journal_append(remaining)
         if old_fd is not None:
             os.close(old_fd)
             if old_file is not None:
                 old_file.unlink(missing_ok=True)
+        return stopping
 
     def recover_journals(self) -> int:
         """Write the rows of journals left by processes that are gone (killed before they wrote them to Parquet)
@@ -443,7 +468,7 @@ class RequestLogWriter:
         oldest = 0.0  # monotonic time the oldest buffered row arrived
         stopping = False
         while not stopping:
-            item: ServedRequest | Iterable[Record] | _Stop | None
+            item: list[Record] | _Stop | None
             try:
                 if buffer:
                     item = self._queue.get(timeout=max(0.001, oldest + self.flush_seconds - time.monotonic()))
@@ -454,29 +479,36 @@ class RequestLogWriter:
             if isinstance(item, _Stop):
                 stopping = True
             elif item is not None:
-                records = self._records(item)
-                if records and not buffer:
+                if not buffer:
                     oldest = time.monotonic()
-                self._journal_append(records)
-                buffer += records
-            written = False
-            while len(buffer) >= self.max_records:
-                if not self._write(buffer[: self.max_records]):
+                buffer += item
+            while True:  # until a round writes nothing: a journal swap can take in more rows from the queue
+                written = False
+                while len(buffer) >= self.max_records:
+                    if not self._write(buffer[: self.max_records]):
+                        break
+                    buffer, written = buffer[self.max_records :], True
+                    oldest = time.monotonic()
+                if buffer and (stopping or time.monotonic() - oldest >= self.flush_seconds):
+                    if self._write(buffer):
+                        buffer, written = [], True
+                    elif not stopping:
+                        oldest = time.monotonic()  # keep the rows, try again one interval later
+                if not written:
                     break
-                buffer, written = buffer[self.max_records :], True
-                oldest = time.monotonic()
-            if buffer and (stopping or time.monotonic() - oldest >= self.flush_seconds):
-                if self._write(buffer):
-                    buffer, written = [], True
-                elif not stopping:
-                    oldest = time.monotonic()  # keep the rows, try again one interval later
-            if written:
-                self._journal_restart(buffer)
-        if buffer:
+                had_buffer = bool(buffer)
+                stopping = self._journal_swap(buffer) or stopping  # buffer now holds what callers queued too
+                if buffer and not had_buffer:
+                    oldest = time.monotonic()
+        while True:  # what could not be written yet (max_records chunks), and rows queued after the stop signal
             lost_before = self.records_lost
-            self._write_now(buffer)  # what could not be written (max_records chunks), one last try
-            if self.records_lost == lost_before:
-                self._journal_restart([])
+            self._write_now(buffer)
+            if self.records_lost != lost_before:
+                break  # the journal keeps them for the next writer
+            buffer = []
+            self._journal_swap(buffer)
+            if not buffer:
+                break
         # a journal left here (rows that could not be written) is recovered by the next writer that starts
         if self._journal_fd is not None:
             os.close(self._journal_fd)
@@ -505,6 +537,14 @@ class RequestLogWriter:
 # ----------------------------------------------------------------------------------------------------------
 # ASGI middleware
 # ----------------------------------------------------------------------------------------------------------
+
+
+def content_type(scope: Scope) -> str:
+    """The request's Content-Type header ('' without one)."""
+    for key, value in scope.get("headers", ()):
+        if key.lower() == b"content-type":
+            return str(value.decode("latin-1"))
+    return ""
 
 
 class RequestLogMiddleware:
@@ -542,7 +582,6 @@ class RequestLogMiddleware:
         response: list[bytes] = []
         status = 0
         request_id: str | None = None
-        finished = 0.0
 
         async def logged_receive() -> Message:
             message = await receive()
@@ -551,7 +590,7 @@ class RequestLogMiddleware:
             return message
 
         async def logged_send(message: Message) -> None:
-            nonlocal status, request_id, finished
+            nonlocal status, request_id
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
@@ -562,18 +601,14 @@ class RequestLogMiddleware:
             elif kind == "http.response.body" and status == 200:
                 response.append(message.get("body", b""))
                 if not message.get("more_body", False):
-                    finished = time.perf_counter()
+                    latency_ms = (time.perf_counter() - started) * 1000.0
+                    # journaled before the client can see the answer: a kill after it loses no answered row
+                    self.writer.put(
+                        ServedRequest(started_at, latency_ms, request_id, content_type(scope), body, response)
+                    )
             await send(message)
 
         await self.app(scope, logged_receive, logged_send)
-        if status == 200 and finished:
-            content_type = ""
-            for key, value in scope.get("headers", ()):
-                if key.lower() == b"content-type":
-                    content_type = value.decode("latin-1")
-            self.writer.put(
-                ServedRequest(started_at, (finished - started) * 1000.0, request_id, content_type, body, response)
-            )
 
     def _lifespan_send(self, send: Send) -> Send:
         async def lifespan_send(message: Message) -> None:
