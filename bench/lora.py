@@ -79,14 +79,20 @@ def fine_tune_config(args: argparse.Namespace, variant: str, base_model: str):
 
 def run_variant(args: argparse.Namespace) -> dict:
     """In the child: fine-tune and evaluate one variant; its own peak memory."""
+    from flows.training import resolve_base_model
+
+    return fine_tune_and_evaluate(args, fine_tune_config(args, args.variant, resolve_base_model(args.base_model)))
+
+
+def fine_tune_and_evaluate(args: argparse.Namespace, config) -> dict:
+    """The product's fine-tune and evaluate stages on the prepared data (`args.prepared`), with this process's
+    peak memory and the figures the variant benchmarks compare."""
     import torch
 
-    from flows.training import resolve_base_model
     from tasks.contracts import PreparedDataset
     from tasks.training.evaluate import EvaluationConfig, evaluate
 
     prepared = PreparedDataset.model_validate_json(args.prepared.read_text())
-    config = fine_tune_config(args, args.variant, resolve_base_model(args.base_model))
     root = args.work_dir / f"{args.variant}-{time.time_ns()}"  # a fresh run: never a finished one reused
     started = time.perf_counter()
     from tasks.training.fine_tune import fine_tune
@@ -132,17 +138,15 @@ def prepare(args: argparse.Namespace) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.variant:
-        print("RESULT " + json.dumps(run_variant(args)))
-        return 0
+def run_variants(script: str, args: argparse.Namespace, argv: list[str] | None, variants: tuple[str, ...]):
+    """Prepare the data once, then run `script --variant V` for each variant in a child process of its own, in
+    alternating order over `args.repeats`: (every run by variant, the median run by samples/s by variant)."""
     args.work_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare(args)
-    runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    runs: dict[str, list[dict]] = {variant: [] for variant in variants}
     for repeat in range(args.repeats):
-        for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:
-            child = [sys.executable, __file__, "--variant", variant, "--prepared", str(prepared)]
+        for variant in variants if repeat % 2 == 0 else variants[::-1]:
+            child = [sys.executable, script, "--variant", variant, "--prepared", str(prepared)]
             child += [a for a in (argv if argv is not None else sys.argv[1:])]
             done = subprocess.run(child, cwd=REPO, capture_output=True, text=True)
             if done.returncode != 0:
@@ -150,10 +154,19 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"the {variant} variant failed (exit {done.returncode})")
             line = next(line for line in done.stdout.splitlines()[::-1] if line.startswith("RESULT "))
             runs[variant].append(json.loads(line.removeprefix("RESULT ")))
-            print(f"{variant}: {runs[variant][-1]}")
+            print(f"{variant}: {runs[variant][-1]}", flush=True)
     median = {
         variant: sorted(rs, key=lambda r: r["train_samples_per_second"])[len(rs) // 2] for variant, rs in runs.items()
     }
+    return runs, median
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.variant:
+        print("RESULT " + json.dumps(run_variant(args)))
+        return 0
+    runs, median = run_variants(__file__, args, argv, VARIANTS)
     full, lora = median["full"], median["lora"]
     result = {
         "benchmark": "lora",

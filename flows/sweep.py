@@ -66,6 +66,7 @@ def train_trial(
         class_weighted_loss=bool(params["class_weighted_loss"]),
         early_stopping_patience=config.settings.early_stopping_patience,
         seed=config.study.parameters.seed,
+        processes=1,  # one process per trial: the pruning callback runs in it (trials run side by side instead)
     )
     model = fine_tune(prepared, fine_tune_config, config.fine_tune_dir, tracking=tracking, callbacks=callbacks)
     return prepared, model

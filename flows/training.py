@@ -69,12 +69,14 @@ class TrainingParameters(BaseModel):
     early_stopping_patience: int = stage_field(FineTuneConfig, "early_stopping_patience")
     seed: int = stage_field(FineTuneConfig, "seed")
     device: Literal["auto", "cuda", "cpu"] = stage_field(FineTuneConfig, "device")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = stage_field(FineTuneConfig, "precision")
     peft: Literal["none", "lora"] = stage_field(FineTuneConfig, "peft")
     lora_rank: int = stage_field(FineTuneConfig, "lora_rank")
     lora_alpha: int = stage_field(FineTuneConfig, "lora_alpha")
     lora_dropout: float = stage_field(FineTuneConfig, "lora_dropout")
     lora_target_modules: str = stage_field(FineTuneConfig, "lora_target_modules")
     load_in: Literal["full", "8bit", "4bit"] = stage_field(FineTuneConfig, "load_in")
+    processes: int = stage_field(FineTuneConfig, "processes")
     timeout_minutes: int = Field(default=360, ge=1, le=7 * 24 * 60, description="Fine-tune time limit (minutes).")
 
 

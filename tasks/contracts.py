@@ -125,6 +125,7 @@ class FineTunedModel(BaseModel):
     reused: bool = False
     trainable_parameters: int | None = None  # trained weights (with peft=lora: the adapters and the head)
     total_parameters: int | None = None
+    processes: int = 1  # data-parallel training processes (torchrun)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate

@@ -44,6 +44,16 @@ def test_lora_benchmark_compares_lora_with_a_full_fine_tune(fixture_csv, tiny_mo
 
 
 @pytest.mark.integration
+def test_precision_benchmark_compares_bf16_with_fp32(fixture_csv, tiny_model_dir, tmp_path):
+    options = ["--source", str(fixture_csv), "--base-model", str(tiny_model_dir), "--max-length", "32"]
+    result = _run_benchmark("precision.py", tmp_path, *options, "--epochs", "1", "--batch-size", "16")
+    fp32, bf16 = result["variants"]["fp32"], result["variants"]["bf16"]
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert fp32["steps"] == bf16["steps"] > 0 and bf16["train_samples_per_second"] > 0
+    assert set(result["bf16_over_fp32"]) == {"train_samples_per_second", "test_macro_f1_points"}
+
+
+@pytest.mark.integration
 def test_fine_tune_benchmark_writes_both_variants(fixture_csv, tiny_model_dir, tmp_path):
     output = tmp_path / "result.json"
     done = subprocess.run(

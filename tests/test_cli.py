@@ -80,6 +80,7 @@ def test_train_help_shows_every_training_parameter_with_its_stage_default():
         "--timeout-minutes INT",
         "--weight-decay FLOAT",
         "--device {auto,cuda,cpu}",
+        "--precision {auto,fp32,bf16,fp16}",
         "--registered-model-name TEXT",
         "default: all-MiniLM-L6-v2",
         "(default: 3; 1 <= value <= 100)",

@@ -16,6 +16,7 @@ import torch
 from tasks.training.fine_tune import (
     FineTuneConfig,
     class_weights,
+    cpu_has_native_bf16,
     fine_tune,
     last_complete_checkpoint,
     run_key,
@@ -25,11 +26,13 @@ from tasks.training.fine_tune import (
 def test_fine_tune_learns_the_fixture_and_writes_a_complete_model(tuned_fixture, prepared_fixture):
     _, prepared = prepared_fixture
     assert tuned_fixture.best_validation_macro_f1 > 0.8
-    # The fixture asks for device "auto": CUDA in bf16 (or fp16) where a GPU is visible, else the CPU in fp32.
+    # The fixture asks for device "auto": CUDA in bf16 (or fp16) where a GPU is visible, else the CPU, in bf16 where
+    # it has native bf16 instructions (this project's CI machine has AVX512-BF16), else fp32.
     if torch.cuda.is_available():
         assert tuned_fixture.device == "cuda" and tuned_fixture.precision in ("bf16", "fp16")
     else:
-        assert tuned_fixture.device == "cpu" and tuned_fixture.precision == "fp32"
+        expected = "bf16" if cpu_has_native_bf16() else "fp32"
+        assert tuned_fixture.device == "cpu" and tuned_fixture.precision == expected
     files = {p.name for p in tuned_fixture.model_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "labels.json", "textclf.json"} <= files
     assert json.loads((tuned_fixture.model_dir / "labels.json").read_text()) == prepared.label_names
@@ -78,9 +81,50 @@ def test_device_falls_back_to_cpu_with_all_cores():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     device, precision, threads, cores = done.stdout.split()
-    assert (device, precision) == ("cpu", "fp32")
+    assert (device, precision) == ("cpu", "bf16" if cpu_has_native_bf16() else "fp32")
     assert threads == cores
     assert "CUDA was requested but no GPU is visible" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 avx512_vnni", True),  # Cooper Lake and later
+        ("flags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile", True),  # Sapphire Rapids (AMX)
+        ("Features\t: fp asimd sve bf16 i8mm", True),  # Arm (Graviton 3)
+        ("flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni", False),  # AVX-512 without bf16: emulated
+        ("Features\t: fp asimd", False),
+    ],
+)
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: some cpu\n{flags}\n")
+    assert cpu_has_native_bf16(cpuinfo) is native
+    assert cpu_has_native_bf16(tmp_path / "absent") is False
+
+
+def test_an_explicit_precision_is_kept_and_fp16_on_the_cpu_is_refused_by_name():
+    # In a child that sees no GPU (CUDA_VISIBLE_DEVICES=""), so it checks the CPU's choices on a GPU machine too.
+    child = (
+        "from tasks.training.fine_tune import choose_device\n"
+        "print(*choose_device('cpu', 'fp32'), *choose_device('auto', 'bf16'))\n"
+        "try:\n"
+        "    choose_device('cpu', 'fp16')\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    chosen, refused = done.stdout.splitlines()
+    assert chosen.split() == ["cpu", "fp32", "cpu", "bf16"]
+    assert refused.startswith("precision fp16 needs a GPU and none is visible")
 
 
 @pytest.mark.gpu
