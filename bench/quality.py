@@ -67,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base-model", default=None, help="Default: the training flow's (packaged MiniLM).")
     parser.add_argument("--epochs", type=int, default=None, help="Default: the training flow's.")
     parser.add_argument("--max-length", type=int, default=None, help="Default: the training flow's.")
+    parser.add_argument("--learning-rate", type=float, default=None, help="Default: the training flow's.")
+    parser.add_argument(
+        "--class-weighted-loss", action="store_true", help="Weight the loss by inverse class frequency."
+    )
     parser.add_argument("--truncation", default=None, help="Default: the training flow's.")
     parser.add_argument(
         "--max-rows",
@@ -152,7 +156,17 @@ def run_one(name: str, parameters, left_out: dict, args, servers: dict) -> dict:
             if v is not None
         }
     )
-    train = TrainingParameters(**({"epochs": args.epochs} if args.epochs else {}))
+    train = TrainingParameters(
+        **{
+            k: v
+            for k, v in {
+                "epochs": args.epochs,
+                "learning_rate": args.learning_rate,
+                "class_weighted_loss": args.class_weighted_loss or None,
+            }.items()
+            if v is not None
+        }
+    )
     started = time.perf_counter()
     state = training(parameters, model, train, registered_model_name=f"quality-{name}", return_state=True)
     wall = time.perf_counter() - started
@@ -174,8 +188,10 @@ def run_one(name: str, parameters, left_out: dict, args, servers: dict) -> dict:
                 "learning_rate",
                 "batch_size",
                 "chunks_per_training_text",
+                "class_weighted_loss",
             )
         },
+        "device": f"{run.data.tags.get('device')} ({run.data.tags.get('precision')})",  # what it trained on
         "test_size": int(metrics["test_size"]),
         "test_accuracy": round(metrics["test_accuracy"], 4),
         "test_macro_f1": round(metrics["test_macro_f1"], 4),

@@ -58,6 +58,9 @@ def test_training_flow_registers_a_candidate_that_predicts_labels(
     # The tiny model really learned the separable fixture (its topic words decide the label), not just ran.
     assert run.data.metrics["test_macro_f1"] >= 0.9, run.data.metrics["test_macro_f1"]
     assert run.data.tags["data_version"] and run.data.tags["code_version"]
+    # What it trained on, as chosen (params hold the requested "auto"): one process, on this machine's device.
+    assert run.data.tags["training_processes"] == "1" and run.data.params["precision"] == "auto"
+    assert run.data.tags["precision"] in ("fp32", "bf16", "fp16") and run.data.tags["device"] in ("cpu", "cuda")
     artifacts = {a.path for a in client.list_artifacts(version.run_id, "evaluation")}
     for name in ("report.md", "confusion_matrix.png", "reliability_diagram.png", "per_class_f1.png", "metrics.json"):
         assert f"evaluation/{name}" in artifacts

@@ -129,6 +129,7 @@ def register(
             "preprocess_cache_hit": str(data.cache_hit).lower(),
             "device": model.device,
             "precision": model.precision,
+            "training_processes": str(model.processes),
         }
         flow_run_id = client.get_run(tracking.run_id).data.tags.get(FLOW_RUN_TAG)
         if flow_run_id:  # lets the promotion automation find the version a training flow run registered
