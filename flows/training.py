@@ -75,6 +75,7 @@ class TrainingParameters(BaseModel):
     lora_alpha: int = stage_field(FineTuneConfig, "lora_alpha")
     lora_dropout: float = stage_field(FineTuneConfig, "lora_dropout")
     lora_target_modules: str = stage_field(FineTuneConfig, "lora_target_modules")
+    lora_merge: bool = stage_field(FineTuneConfig, "lora_merge")
     load_in: Literal["full", "8bit", "4bit"] = stage_field(FineTuneConfig, "load_in")
     processes: int = stage_field(FineTuneConfig, "processes")
     timeout_minutes: int = Field(default=360, ge=1, le=7 * 24 * 60, description="Fine-tune time limit (minutes).")

@@ -82,6 +82,7 @@ def test_train_help_shows_every_training_parameter_with_its_stage_default():
         "--device {auto,cuda,cpu}",
         "--precision {auto,fp32,bf16,fp16}",
         "--processes INT",
+        "--lora-merge, --no-lora-merge",
         "--registered-model-name TEXT",
         "default: all-MiniLM-L6-v2",
         "(default: 3; 1 <= value <= 100)",

@@ -139,3 +139,87 @@ def test_the_registered_lora_model_answers_the_same_in_the_pyfunc_and_the_servic
     assert [a["label"] for a in answers.json()] == expected
     metrics = mlflow.MlflowClient(servers["mlflow"]).get_run(tracking.run_id).data.metrics
     assert metrics["trainable_parameters"] == lora_tuned.trainable_parameters < metrics["total_parameters"]
+
+
+@pytest.fixture(scope="module")
+def lora_adapter_only(tmp_path_factory, decoder_prepared, decoder_dir):
+    _, prepared = decoder_prepared
+    config = FineTuneConfig(
+        base_model=str(decoder_dir),
+        epochs=10,
+        batch_size=8,
+        learning_rate=1e-2,
+        early_stopping_patience=0,
+        lora_merge=False,
+        **LORA,
+    )
+    return fine_tune(prepared, config, tmp_path_factory.mktemp("lora-adapter"))
+
+
+def test_lora_saved_as_adapters_only_is_small_and_predicts_like_the_merged_model(
+    lora_adapter_only, lora_tuned, decoder_prepared, decoder_dir, tmp_path
+):
+    from tasks.serving.classifier import TextClassifier, is_adapter_folder, save_merged
+
+    folder = lora_adapter_only.model_dir
+    files = {p.name for p in folder.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "labels.json", "textclf.json"} <= files
+    assert "model.safetensors" not in files and is_adapter_folder(folder)
+    adapters = (folder / "adapter_model.safetensors").stat().st_size
+    assert adapters < 0.5 * (lora_tuned.model_dir / "model.safetensors").stat().st_size
+    # The same training (same seed, data and settings) saved two ways: the same answers.
+    _, prepared = decoder_prepared
+    texts = prepared.split("test")["text"].tolist()
+    from_adapters = TextClassifier(folder).predict_proba(texts)
+    merged = TextClassifier(lora_tuned.model_dir).predict_proba(texts)
+    assert np.allclose(from_adapters, merged, atol=1e-3)
+    # What the Bento store gets: a plain folder with merged weights, no peft needed to serve it.
+    save_merged(folder, tmp_path / "merged")
+    assert not is_adapter_folder(tmp_path / "merged") and (tmp_path / "merged" / "model.safetensors").exists()
+    assert np.allclose(TextClassifier(tmp_path / "merged").predict_proba(texts), merged, atol=1e-3)
+
+
+def test_an_adapter_folder_whose_base_model_is_gone_is_named(lora_adapter_only, tmp_path):
+    import json
+    import shutil
+
+    from tasks.serving.classifier import TextClassifier
+
+    moved = tmp_path / "adapters"
+    shutil.copytree(lora_adapter_only.model_dir, moved)
+    settings = json.loads((moved / "textclf.json").read_text())
+    (moved / "textclf.json").write_text(json.dumps({**settings, "base_model": str(tmp_path / "no-such-base")}))
+    with pytest.raises(ValueError, match=r"LoRA adapters only, and their base model .*no-such-base.*lora_merge=true"):
+        TextClassifier(moved)
+
+
+@pytest.mark.integration
+def test_the_registered_adapter_only_model_answers_the_same_in_the_pyfunc_and_the_service(
+    servers, lora_adapter_only, decoder_prepared, tmp_path
+):
+    import mlflow
+
+    from tasks.promotion.bento import import_to_bento_store
+    from tasks.tracking import start_tracking_run
+    from tasks.training.evaluate import EvaluationConfig, evaluate
+    from tasks.training.register import RegisterConfig, register
+    from tests.fixtures import service_in_process
+
+    snapshot, prepared = decoder_prepared
+    evaluation = evaluate(lora_adapter_only, prepared, tmp_path / "eval", config=EvaluationConfig(latency_samples=1))
+    tracking = start_tracking_run(servers["mlflow"], "lora-adapter-training", "train", idempotency_key="adapter")
+    name = "lora-adapter-topics"
+    version = register(
+        lora_adapter_only, evaluation, snapshot, prepared, tracking, RegisterConfig(registered_model_name=name), {}, "t"
+    )
+    texts = prepared.split("test")["text"].tolist()
+    mlflow.set_tracking_uri(servers["mlflow"])
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
+    expected = pyfunc.predict(__import__("pandas").DataFrame({"text": texts}))["label"].tolist()
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{name}/{version.version}")).read_text()
+    assert "peft==" in requirements  # the pyfunc applies the adapters where it loads
+    tag = import_to_bento_store(lora_adapter_only.model_dir, "text-classifier", name, version.version)
+    with service_in_process(tag) as client:
+        answers = client.post("/classify", json={"texts": texts})
+    assert answers.status_code == 200, answers.text
+    assert [a["label"] for a in answers.json()] == expected

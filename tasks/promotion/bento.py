@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from tasks.common.ports import free_port
 from tasks.common.processes import start_process, stop_process_tree
 from tasks.registry import DownloadedModel
+from tasks.serving.classifier import save_merged
 
 BENTO_MODEL_NAME = "text-classifier"
 PROJECT_DIR = Path(__file__).resolve().parents[2]  # where bentofile.yaml and service.py live
@@ -129,7 +130,7 @@ def import_to_bento_store(model_dir: Path, bento_model_name: str, registered_mod
         if model.info.labels == labels:
             return str(model.tag)
     with bentoml.models.create(bento_model_name, labels=labels) as model:
-        shutil.copytree(model_dir, model.path, dirs_exist_ok=True)
+        save_merged(model_dir, Path(model.path))  # adapters only (lora_merge=false): the Bento gets merged weights
     return str(model.tag)
 
 

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.common.atomic import atomic_file
 from tasks.contracts import RUNTIME_ARTIFACT_PATH, RUNTIME_TAG, RUNTIME_URI_TAG
 from tasks.promotion.scores import score_labels
+from tasks.serving.classifier import load_sequence_classifier
 from tasks.serving.onnx_runtime import (
     ONNX_DIR,
     ONNX_FILES,
@@ -126,13 +127,13 @@ def export_onnx(model_dir: Path, target: Path, opset: int = ONNX_OPSET) -> Path:
     tokenizer makes them (BERT: input_ids, attention_mask, token_type_ids), output `logits`. Written to a temporary
     file, then renamed."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     try:  # plain matmul attention exports to a graph that ONNX Runtime fuses and quantizes better than SDPA
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager")
-    except (ValueError, TypeError, ImportError):
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        model = load_sequence_classifier(model_dir, attn_implementation="eager")
+    except (ValueError, TypeError, ImportError):  # a second try without it (an adapter error is raised again)
+        model = load_sequence_classifier(model_dir)
     model = model.to("cpu").eval()
     sample = tokenizer(
         ["a short text", "a somewhat longer text, padded to the longest"], padding=True, return_tensors="pt"

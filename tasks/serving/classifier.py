@@ -22,6 +22,57 @@ from tasks.serving.windows import EncodedWindows, Windowing, encode_windows, poo
 LABELS_FILE = "labels.json"
 MODEL_SETTINGS_FILE = "textclf.json"  # max length, truncation strategy, base model, data version
 PREDICTION_COLUMNS = ("label", "probability")
+ADAPTER_CONFIG = "adapter_config.json"  # a LoRA model saved as adapters only (fine-tune lora_merge=false)
+
+
+def is_adapter_folder(model_dir: Path) -> bool:
+    return (Path(model_dir) / ADAPTER_CONFIG).exists()
+
+
+def load_sequence_classifier(model_dir: str | Path, **kwargs: Any) -> Any:
+    """The folder's transformers sequence classifier. An adapter folder (LoRA adapters and the head, saved with
+    lora_merge=false) loads its base model (textclf.json `base_model`: a local folder or a hub id, which must be
+    loadable here), applies the adapters with peft and merges them, so it runs as fast as a plain model."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not is_adapter_folder(model_dir):
+        return AutoModelForSequenceClassification.from_pretrained(model_dir, **kwargs)
+    from peft import PeftModel
+
+    base = json.loads((model_dir / MODEL_SETTINGS_FILE).read_text()).get("base_model")
+    labels = json.loads((model_dir / LABELS_FILE).read_text())
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+            ignore_mismatched_sizes=True,  # the head comes from the adapter folder
+            **kwargs,
+        )
+    except OSError as error:
+        raise ValueError(
+            f"{model_dir} holds LoRA adapters only, and their base model {base!r} cannot be loaded here ({error}). "
+            "Make that folder or hub model available where the model is scored, or fine-tune with lora_merge=true "
+            "to register merged weights."
+        ) from error
+    model.config.pad_token_id = AutoTokenizer.from_pretrained(model_dir).pad_token_id  # as in training
+    return PeftModel.from_pretrained(model, model_dir).merge_and_unload()
+
+
+def save_merged(model_dir: Path, target: Path) -> None:
+    """An adapter folder written to `target` as a plain model folder (merged weights, the same tokenizer, labels
+    and settings); a plain folder copied as it is."""
+    import shutil
+
+    if not is_adapter_folder(model_dir):
+        shutil.copytree(model_dir, target, dirs_exist_ok=True)
+        return
+    shutil.copytree(
+        model_dir, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("adapter_config.json", "adapter_model.*")
+    )
+    load_sequence_classifier(model_dir).save_pretrained(str(target))
 
 
 class TextClassifier:
@@ -40,10 +91,9 @@ class TextClassifier:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         if self.runtime == PYTORCH:
             import torch
-            from transformers import AutoModelForSequenceClassification
 
             self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir).to(self.device).eval()
+            self.model = load_sequence_classifier(self.model_dir).to(self.device).eval()
         else:
             self.device = "cpu"
             self.model = OnnxLogits(onnx_file(self.model_dir, self.runtime))

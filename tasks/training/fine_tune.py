@@ -104,6 +104,12 @@ class FineTuneConfig(BaseModel):
         description="Comma-separated module names the adapters wrap, e.g. 'q_proj,v_proj' (with peft=lora); empty: "
         "peft's default for the architecture (the attention projections).",
     )
+    lora_merge: bool = Field(
+        default=True,
+        description="With peft=lora: true saves the adapters merged into the base weights (a plain model, served as "
+        "any); false saves only the adapters and the head with the base model's reference (a small registry entry; "
+        "the base model must load where the model is scored; the Bento gets the merged weights).",
+    )
     load_in: Literal["full", "8bit", "4bit"] = Field(
         default="full",
         description="8bit/4bit: load the base model quantized (bitsandbytes, CUDA only; with peft=lora, QLoRA).",
@@ -520,8 +526,10 @@ def fine_tune(
         return result
     staging = work_dir / ".model.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    if config.peft == "lora":  # the adapters merged into the base weights: a plain transformers model, served as any
+    if config.peft == "lora" and config.lora_merge:  # the adapters merged into the base: a plain transformers model
         cast(Any, trainer.model).merge_and_unload().save_pretrained(str(staging))
+    elif config.peft == "lora":  # adapter_config.json (it names the base model) and the adapters and head only
+        cast(Any, trainer.model).save_pretrained(str(staging))
     else:
         trainer.save_model(str(staging))  # the best epoch's weights: load_best_model_at_end restored them
     # build_trainer passes the tokenizer as the processing class

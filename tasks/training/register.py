@@ -58,8 +58,11 @@ def save_pyfunc_model(model: FineTunedModel, examples: list[str], target: Path) 
     import mlflow.pyfunc
     from mlflow.models import infer_signature
 
-    from tasks.serving.classifier import TextClassifier
+    from tasks.serving.classifier import TextClassifier, is_adapter_folder
     from tasks.serving.mlflow_model import MlflowTextClassifier
+
+    # LoRA adapters saved alone (lora_merge=false) are applied with peft when the model loads
+    requirements = [*MODEL_REQUIREMENTS, *(["peft"] if is_adapter_folder(model.model_dir) else [])]
 
     # An unnamed string column: both a plain list of texts and a one-column DataFrame satisfy it.
     example_input = list(examples)
@@ -71,7 +74,7 @@ def save_pyfunc_model(model: FineTunedModel, examples: list[str], target: Path) 
         code_paths=[str(_code_package(target.parent))],
         signature=infer_signature(example_input, example_output),
         input_example=example_input,
-        pip_requirements=[f"{name}=={metadata.version(name)}" for name in MODEL_REQUIREMENTS],
+        pip_requirements=[f"{name}=={metadata.version(name)}" for name in requirements],
     )
 
 
