@@ -36,25 +36,49 @@ DEFAULT_WORK = REPO / "bench" / "results" / "work-lora"  # git-ignored (bench/re
 VARIANTS = ("full", "lora")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default="drug-reviews", help="dataset: packaged name, file or folder")
+def variant_arguments(
+    description: str, variants: tuple[str, ...], source: str, epochs: int, output: Path, work: Path
+) -> argparse.ArgumentParser:
+    """The options every fine-tune variant benchmark shares (this one and bench/precision.py)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--source", default=source, help="dataset: packaged name, file or folder")
     parser.add_argument("--base-model", default="all-MiniLM-L6-v2", help="packaged name, local folder or hub id")
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="the full fine-tune's")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--output", type=Path, default=output)
+    parser.add_argument("--work-dir", type=Path, default=work)
+    parser.add_argument("--variant", choices=variants, help=argparse.SUPPRESS)  # a child process: one variant
+    parser.add_argument("--prepared", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def result_document(benchmark: str, args: argparse.Namespace, runs: dict, median: dict, comparison: dict) -> dict:
+    """The JSON a variant benchmark writes: machine, settings, the median run of each variant, every run, and the
+    comparison of the variants under its own key."""
+    return {
+        "benchmark": benchmark,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "settings": {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("variant", "prepared")
+        },
+        "variants": median,
+        "runs": runs,
+        **comparison,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = variant_arguments(__doc__.split("\n\n")[0], VARIANTS, "drug-reviews", 3, DEFAULT_OUTPUT, DEFAULT_WORK)
     parser.add_argument("--lora-learning-rate", type=float, default=1e-3)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-alpha", type=int, default=16)
     parser.add_argument("--lora-target-modules", default="", help="empty: peft's default for the architecture")
     parser.add_argument("--class-weighted-loss", action="store_true", help="for imbalanced data (drug-reviews)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK)
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # a child process: one variant
-    parser.add_argument("--prepared", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -168,22 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs, median = run_variants(__file__, args, argv, VARIANTS)
     full, lora = median["full"], median["lora"]
-    result = {
-        "benchmark": "lora",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
-        "settings": {
-            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("variant", "prepared")
-        },
-        "variants": median,
-        "runs": runs,
+    comparison = {
         "lora_over_full": {
             "trainable_parameters": lora["trainable_parameters"] / full["trainable_parameters"],
             "peak_rss": lora["peak_rss_mb"] / full["peak_rss_mb"],
             "train_samples_per_second": lora["train_samples_per_second"] / full["train_samples_per_second"],
             "test_macro_f1_points": 100 * (lora["test_macro_f1"] - full["test_macro_f1"]),
-        },
+        }
     }
+    result = result_document("lora", args, runs, median, comparison)
     write_json_atomically(args.output, result)
     print(json.dumps(result["lora_over_full"], indent=2))
     return 0

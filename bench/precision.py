@@ -15,14 +15,12 @@ Run from the repository root:  .venv/bin/python bench/precision.py          (abo
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import sys
 from pathlib import Path
 
 import offline_env  # noqa: F401  (first: no hub look-ups, no telemetry; see bench/offline_env.py)
-from lora import fine_tune_and_evaluate, run_variants
+from lora import fine_tune_and_evaluate, result_document, run_variants, variant_arguments
 from results_json import write_json_atomically
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,19 +33,8 @@ VARIANTS = ("fp32", "bf16")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default="bbc-news", help="dataset: packaged name, file or folder")
-    parser.add_argument("--base-model", default="all-MiniLM-L6-v2", help="packaged name, local folder or hub id")
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--device", default="cpu", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK)
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # a child process: one variant
-    parser.add_argument("--prepared", type=Path, help=argparse.SUPPRESS)
+    parser = variant_arguments(__doc__.split("\n\n")[0], VARIANTS, "bbc-news", 1, DEFAULT_OUTPUT, DEFAULT_WORK)
+    parser.set_defaults(device="cpu")
     return parser.parse_args(argv)
 
 
@@ -74,20 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs, median = run_variants(__file__, args, argv, VARIANTS)
     fp32, bf16 = median["fp32"], median["bf16"]
-    result = {
-        "benchmark": "precision",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
-        "settings": {
-            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("variant", "prepared")
-        },
-        "variants": median,
-        "runs": runs,
+    comparison = {
         "bf16_over_fp32": {
             "train_samples_per_second": bf16["train_samples_per_second"] / fp32["train_samples_per_second"],
             "test_macro_f1_points": 100 * (bf16["test_macro_f1"] - fp32["test_macro_f1"]),
-        },
+        }
     }
+    result = result_document("precision", args, runs, median, comparison)
     write_json_atomically(args.output, result)
     print(json.dumps(result["bf16_over_fp32"], indent=2))
     return 0

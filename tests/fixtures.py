@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -186,3 +190,61 @@ def service_in_process(model_tag: str, **settings: str) -> Iterator[TestClient]:
             yield client
     finally:
         sys.modules.pop(name, None)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_without_gpu(code: str) -> subprocess.CompletedProcess[str]:
+    """Python `code` in a child that sees no GPU (CUDA_VISIBLE_DEVICES=""), so a CPU check holds on a GPU machine."""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+_FINE_TUNE_CHILD = (
+    "import sys; from pathlib import Path\n"
+    "from tasks.training.fine_tune import FineTuneConfig, fine_tune\n"
+    "from tasks.contracts import PreparedDataset\n"
+    "fine_tune(PreparedDataset.model_validate_json(sys.argv[1]), FineTuneConfig.model_validate_json(sys.argv[2]),"
+    " Path(sys.argv[3]))\n"
+)
+
+
+def fine_tune_until_first_checkpoint(prepared, config, output_root: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`fine_tune` in a child process (its stderr to `log`), returned once its first complete checkpoint exists, so
+    the caller can kill it mid-run."""
+    from tasks.training.fine_tune import last_complete_checkpoint, run_key
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _FINE_TUNE_CHILD,
+            prepared.model_dump_json(),
+            config.model_dump_json(),
+            str(output_root),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        cwd=ROOT,
+    )
+    checkpoints = output_root / run_key(prepared, config) / "checkpoints"
+    deadline = time.monotonic() + 300
+    try:
+        while last_complete_checkpoint(checkpoints) is None:
+            assert process.poll() is None, f"the fine-tune ended before it was interrupted: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process

@@ -4,7 +4,6 @@ fine-tune stage), against one process on the same data and seed; and a SIGKILL o
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import pytest
 from tasks.common.processes import descendants, process_alive
 from tasks.serving.classifier import TextClassifier
 from tasks.training.fine_tune import FineTuneConfig, fine_tune, last_complete_checkpoint, run_key
+from tests.fixtures import fine_tune_until_first_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration  # several processes, each training the tiny BERT
 
 
@@ -72,26 +71,9 @@ def test_a_sigkilled_process_fails_the_run_and_a_rerun_resumes_from_its_checkpoi
     _, prepared = prepared_fixture
     config = _config(tiny_model_dir, 2, epochs=12)
     work = tmp_path / run_key(prepared, config)
-    child = (
-        "import sys; from pathlib import Path\n"
-        "from tasks.training.fine_tune import FineTuneConfig, fine_tune\n"
-        "from tasks.contracts import PreparedDataset\n"
-        "fine_tune(PreparedDataset.model_validate_json(sys.argv[1]), FineTuneConfig.model_validate_json(sys.argv[2]),"
-        " Path(sys.argv[3]))\n"
-    )
     log = tmp_path / "child.log"
-    process = subprocess.Popen(
-        [sys.executable, "-c", child, prepared.model_dump_json(), config.model_dump_json(), str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-        cwd=ROOT,
-    )
+    process = fine_tune_until_first_checkpoint(prepared, config, tmp_path, log)
     try:
-        deadline = time.monotonic() + 300
-        while last_complete_checkpoint(work / "checkpoints") is None:
-            assert process.poll() is None, f"the fine-tune ended before it was interrupted: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
         ranks = _rank_pids(process.pid)
         assert len(ranks) == 2, ranks
         subprocess.run(["kill", "-KILL", str(ranks[1])], check=True)  # one process dies, as on an OOM kill

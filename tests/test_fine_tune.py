@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +16,7 @@ from tasks.training.fine_tune import (
     last_complete_checkpoint,
     run_key,
 )
+from tests.fixtures import fine_tune_until_first_checkpoint, run_without_gpu
 
 
 def test_fine_tune_learns_the_fixture_and_writes_a_complete_model(tuned_fixture, prepared_fixture):
@@ -65,21 +61,12 @@ def test_class_weighted_loss_trains(prepared_fixture, tiny_model_dir, tmp_path):
 def test_device_falls_back_to_cpu_with_all_cores():
     # Asking for CUDA where there is no GPU must fall back to the CPU, on every core this process may use. Run in a
     # child with no visible GPU (CUDA_VISIBLE_DEVICES=""), so the test checks the fallback on a GPU machine too.
-    child = (
+    done = run_without_gpu(
         "import os, torch\n"
         "from tasks.training.fine_tune import choose_device\n"
         "torch.set_num_threads(1)\n"
         "print(*choose_device('cuda'), torch.get_num_threads(), len(os.sched_getaffinity(0)))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", child],
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
     device, precision, threads, cores = done.stdout.split()
     assert (device, precision) == ("cpu", "bf16" if cpu_has_native_bf16() else "fp32")
     assert threads == cores
@@ -104,8 +91,7 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, native):
 
 
 def test_an_explicit_precision_is_kept_and_fp16_on_the_cpu_is_refused_by_name():
-    # In a child that sees no GPU (CUDA_VISIBLE_DEVICES=""), so it checks the CPU's choices on a GPU machine too.
-    child = (
+    done = run_without_gpu(  # checks the CPU's choices on a GPU machine too
         "from tasks.training.fine_tune import choose_device\n"
         "print(*choose_device('cpu', 'fp32'), *choose_device('auto', 'bf16'))\n"
         "try:\n"
@@ -113,15 +99,6 @@ def test_an_explicit_precision_is_kept_and_fp16_on_the_cpu_is_refused_by_name():
         "except ValueError as error:\n"
         "    print(error)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", child],
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
     chosen, refused = done.stdout.splitlines()
     assert chosen.split() == ["cpu", "fp32", "cpu", "bf16"]
     assert refused.startswith("precision fp16 needs a GPU and none is visible")
@@ -151,29 +128,9 @@ def test_interrupted_fine_tune_resumes_from_its_last_checkpoint(prepared_fixture
         base_model=str(tiny_model_dir), epochs=60, batch_size=8, learning_rate=1e-3, early_stopping_patience=0
     )
     work = tmp_path / run_key(prepared, config)
-    child = (
-        "import sys; from pathlib import Path\n"
-        "from tasks.training.fine_tune import FineTuneConfig, fine_tune\n"
-        "from tasks.training.preprocess import PreparedDataset\n"
-        "fine_tune(PreparedDataset.model_validate_json(sys.argv[1]), FineTuneConfig.model_validate_json(sys.argv[2]),"
-        " Path(sys.argv[3]))\n"
-    )
-    log = tmp_path / "child.log"
-    process = subprocess.Popen(
-        [sys.executable, "-c", child, prepared.model_dump_json(), config.model_dump_json(), str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while last_complete_checkpoint(work / "checkpoints") is None:
-            assert process.poll() is None, f"the fine-tune ended before it was interrupted: {log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-    finally:
-        process.send_signal(signal.SIGKILL)  # like a pre-empted machine: no clean shutdown
-        process.wait()
+    process = fine_tune_until_first_checkpoint(prepared, config, tmp_path, tmp_path / "child.log")
+    process.send_signal(signal.SIGKILL)  # like a pre-empted machine: no clean shutdown
+    process.wait()
     assert not (work / "result.json").exists()
     interrupted_at = last_complete_checkpoint(work / "checkpoints")
     steps_done = int(interrupted_at.name.split("-")[1])

@@ -110,8 +110,9 @@ def test_quantized_loading_says_it_needs_a_gpu_and_bitsandbytes(decoder_dir):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("saved_as", ["lora_tuned", "lora_adapter_only"])  # merged weights; adapters and base reference
 def test_the_registered_lora_model_answers_the_same_in_the_pyfunc_and_the_service(
-    servers, lora_tuned, decoder_prepared, tmp_path
+    servers, decoder_prepared, tmp_path, request, saved_as
 ):
     import mlflow
 
@@ -121,24 +122,28 @@ def test_the_registered_lora_model_answers_the_same_in_the_pyfunc_and_the_servic
     from tasks.training.register import RegisterConfig, register
     from tests.fixtures import service_in_process
 
+    tuned = request.getfixturevalue(saved_as)
     snapshot, prepared = decoder_prepared
-    evaluation = evaluate(lora_tuned, prepared, tmp_path / "eval", config=EvaluationConfig(latency_samples=1))
-    tracking = start_tracking_run(servers["mlflow"], "lora-training", "train", idempotency_key="lora")
-    name = "lora-topics"
+    evaluation = evaluate(tuned, prepared, tmp_path / "eval", config=EvaluationConfig(latency_samples=1))
+    tracking = start_tracking_run(servers["mlflow"], f"{saved_as}-training", "train", idempotency_key=saved_as)
+    name = f"{saved_as.replace('_', '-')}-topics"
     version = register(
-        lora_tuned, evaluation, snapshot, prepared, tracking, RegisterConfig(registered_model_name=name), {}, "test"
+        tuned, evaluation, snapshot, prepared, tracking, RegisterConfig(registered_model_name=name), {}, "test"
     )
     texts = prepared.split("test")["text"].tolist()
     mlflow.set_tracking_uri(servers["mlflow"])
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
     expected = pyfunc.predict(__import__("pandas").DataFrame({"text": texts}))["label"].tolist()
-    tag = import_to_bento_store(lora_tuned.model_dir, "text-classifier", name, version.version)
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{name}/{version.version}")).read_text()
+    # adapters alone are applied with peft where the pyfunc loads; merged weights need no peft
+    assert ("peft==" in requirements) is (saved_as == "lora_adapter_only")
+    tag = import_to_bento_store(tuned.model_dir, "text-classifier", name, version.version)
     with service_in_process(tag) as client:
         answers = client.post("/classify", json={"texts": texts})
     assert answers.status_code == 200, answers.text
     assert [a["label"] for a in answers.json()] == expected
     metrics = mlflow.MlflowClient(servers["mlflow"]).get_run(tracking.run_id).data.metrics
-    assert metrics["trainable_parameters"] == lora_tuned.trainable_parameters < metrics["total_parameters"]
+    assert metrics["trainable_parameters"] == tuned.trainable_parameters < metrics["total_parameters"]
 
 
 @pytest.fixture(scope="module")
@@ -191,35 +196,3 @@ def test_an_adapter_folder_whose_base_model_is_gone_is_named(lora_adapter_only, 
     (moved / "textclf.json").write_text(json.dumps({**settings, "base_model": str(tmp_path / "no-such-base")}))
     with pytest.raises(ValueError, match=r"LoRA adapters only, and their base model .*no-such-base.*lora_merge=true"):
         TextClassifier(moved)
-
-
-@pytest.mark.integration
-def test_the_registered_adapter_only_model_answers_the_same_in_the_pyfunc_and_the_service(
-    servers, lora_adapter_only, decoder_prepared, tmp_path
-):
-    import mlflow
-
-    from tasks.promotion.bento import import_to_bento_store
-    from tasks.tracking import start_tracking_run
-    from tasks.training.evaluate import EvaluationConfig, evaluate
-    from tasks.training.register import RegisterConfig, register
-    from tests.fixtures import service_in_process
-
-    snapshot, prepared = decoder_prepared
-    evaluation = evaluate(lora_adapter_only, prepared, tmp_path / "eval", config=EvaluationConfig(latency_samples=1))
-    tracking = start_tracking_run(servers["mlflow"], "lora-adapter-training", "train", idempotency_key="adapter")
-    name = "lora-adapter-topics"
-    version = register(
-        lora_adapter_only, evaluation, snapshot, prepared, tracking, RegisterConfig(registered_model_name=name), {}, "t"
-    )
-    texts = prepared.split("test")["text"].tolist()
-    mlflow.set_tracking_uri(servers["mlflow"])
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
-    expected = pyfunc.predict(__import__("pandas").DataFrame({"text": texts}))["label"].tolist()
-    requirements = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{name}/{version.version}")).read_text()
-    assert "peft==" in requirements  # the pyfunc applies the adapters where it loads
-    tag = import_to_bento_store(lora_adapter_only.model_dir, "text-classifier", name, version.version)
-    with service_in_process(tag) as client:
-        answers = client.post("/classify", json={"texts": texts})
-    assert answers.status_code == 200, answers.text
-    assert [a["label"] for a in answers.json()] == expected
