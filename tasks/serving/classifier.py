@@ -70,7 +70,7 @@ def save_merged(model_dir: Path, target: Path) -> None:
         shutil.copytree(model_dir, target, dirs_exist_ok=True)
         return
     shutil.copytree(
-        model_dir, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("adapter_config.json", "adapter_model.*")
+        model_dir, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ADAPTER_CONFIG, "adapter_model.*")
     )
     load_sequence_classifier(model_dir).save_pretrained(str(target))
 

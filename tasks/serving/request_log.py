@@ -54,6 +54,7 @@ from urllib.parse import parse_qs
 
 from tasks.common.processes import process_alive
 from tasks.serving.asgi import ASGIApp, Message, Receive, Scope, Send
+from tasks.serving.http_guard import header
 from tasks.serving.settings import DEFAULT_FLUSH_SECONDS, DEFAULT_MAX_RECORDS, RequestLogEnv
 
 if TYPE_CHECKING:
@@ -539,14 +540,6 @@ class RequestLogWriter:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def content_type(scope: Scope) -> str:
-    """The request's Content-Type header ('' without one)."""
-    for key, value in scope.get("headers", ()):
-        if key.lower() == b"content-type":
-            return str(value.decode("latin-1"))
-    return ""
-
-
 class RequestLogMiddleware:
     """Logs every POST to `paths` answered 200. The writer starts at the ASGI lifespan start-up (or with the
     first request) and is closed at the lifespan shutdown, which the server runs after its in-flight requests
@@ -604,7 +597,9 @@ class RequestLogMiddleware:
                     latency_ms = (time.perf_counter() - started) * 1000.0
                     # journaled before the client can see the answer: a kill after it loses no answered row
                     self.writer.put(
-                        ServedRequest(started_at, latency_ms, request_id, content_type(scope), body, response)
+                        ServedRequest(
+                            started_at, latency_ms, request_id, header(scope, b"content-type") or "", body, response
+                        )
                     )
             await send(message)
 

@@ -140,9 +140,10 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 
 def choose_device(requested: str, precision: str = "auto") -> tuple[str, str]:
-    """(device, precision): CUDA with bf16 where supported, else fp16; the CPU on all its cores, in bf16 where it
-    has native bf16 instructions (1.4-1.5x the fp32 samples/s of MiniLM on this project's AVX512-BF16 CI machine,
-    bench/precision.py), else fp32. An explicit precision is kept, fp16 on a CPU refused."""
+    """(device, precision): CUDA with bf16 where supported, else fp16; the CPU on all its cores (its share of them in
+    one of several data-parallel processes), in bf16 where it has native bf16 instructions (1.4-1.5x the fp32
+    samples/s of MiniLM on this project's AVX512-BF16 CI machine, bench/precision.py), else fp32. An explicit
+    precision is kept, fp16 on a CPU refused."""
     import torch
 
     if requested in ("auto", "cuda") and torch.cuda.is_available():
@@ -153,7 +154,8 @@ def choose_device(requested: str, precision: str = "auto") -> tuple[str, str]:
         logger.warning("CUDA was requested but no GPU is visible; fine-tuning on the CPU instead.")
     if precision == "fp16":
         raise ValueError("precision fp16 needs a GPU and none is visible: use precision auto, bf16 or fp32 on the CPU.")
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    # every core; one of several data-parallel processes on the CPU gets its share of them
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // data_parallel_process()[1]))
     if precision == "auto":
         precision = "bf16" if cpu_has_native_bf16() else "fp32"
     elif precision == "bf16" and not cpu_has_native_bf16():
@@ -493,10 +495,6 @@ def fine_tune(
             if callbacks:
                 raise ValueError("callbacks run in the task's process only: use processes=1 with them (the sweep does)")
             return run_data_parallel(data, config, output_root, tracking, processes, work_dir)
-    elif device == "cpu":  # each process on its share of the cores
-        import torch
-
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes))
     resume_from = last_complete_checkpoint(checkpoint_dir)
     if resume_from:
         logger.info("Resuming fine-tune from %s", resume_from)
