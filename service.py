@@ -107,13 +107,20 @@ Text = Annotated[
 class Prediction(BaseModel):
     label: str = Field(
         description=f"The predicted class, or '{UNKNOWN_LABEL}' when the server abstains: its "
-        f"TEXTCLF_MIN_CONFIDENCE is set and `probability` is below it (unset: never '{UNKNOWN_LABEL}')."
+        f"TEXTCLF_MIN_CONFIDENCE is set and `probability` is below it (unset: never '{UNKNOWN_LABEL}'). A multi-label "
+        "model: its most probable class (its answer is `labels`)."
+    )
+    labels: list[str] = Field(
+        description="The classes the text is answered with, most probable first. A multi-label model: every class "
+        "whose probability reaches its threshold (chosen per class on the validation split), maybe none. A "
+        f"single-label model: `label` alone (none when it is '{UNKNOWN_LABEL}')."
     )
     probability: float = Field(
         description=f"Probability of the most probable class (also when `label` is '{UNKNOWN_LABEL}')."
     )
     probabilities: dict[str, float] = Field(
-        description=f"Probability of every class (also when `label` is '{UNKNOWN_LABEL}')."
+        description=f"Probability of every class (also when `label` is '{UNKNOWN_LABEL}'): a softmax over the classes, "
+        "or for a multi-label model each class's own sigmoid probability (they need not sum to 1)."
     )
     truncated: bool = Field(
         description="True when the text did not fit in one window of the model's max length: it "
@@ -214,16 +221,22 @@ class TextClassifierService:
         # to find its media type (a fifth of the server's CPU time under load; +14 % requests/s, bench/serving_load.py).
         probabilities, truncated = self.classifier.classify(texts)
         names = self.classifier.label_names
-        return [
-            Prediction(
-                label=answer_label(names[int(row.argmax())], float(row.max()), MIN_CONFIDENCE),
-                probability=float(row.max()),
-                probabilities={name: float(p) for name, p in zip(names, row)},
-                truncated=cut,
-                model_version=self.model_version,
+        multi_label = self.classifier.multi_label
+        answers = []
+        for row, classes, cut in zip(probabilities, self.classifier.label_sets(probabilities), truncated):
+            top = names[int(row.argmax())]
+            label = top if multi_label else answer_label(top, float(row.max()), MIN_CONFIDENCE)
+            answers.append(
+                Prediction(
+                    label=label,
+                    labels=classes if multi_label or label != UNKNOWN_LABEL else [],
+                    probability=float(row.max()),
+                    probabilities={name: float(p) for name, p in zip(names, row)},
+                    truncated=cut,
+                    model_version=self.model_version,
+                )
             )
-            for row, cut in zip(probabilities, truncated)
-        ]
+        return answers
 
 
 # In the server process: unknown paths share one metric label, lone requests after a load are not corked, and client

@@ -255,7 +255,13 @@ class Features:
 def concat(a, b):
     from tasks.monitoring.statistics import Sample
 
-    return Sample(**{name: np.concatenate([getattr(a, name), getattr(b, name)]) for name in a.__dict__})
+    return Sample(
+        **{
+            name: np.concatenate([getattr(a, name), getattr(b, name)])
+            for name in a.__dict__
+            if getattr(a, name) is not None
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

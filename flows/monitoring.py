@@ -187,7 +187,14 @@ def drift_monitoring(
         else:
             since, until = since_until(window_hours)
             window = window_from_request_log_task(
-                request_log_dir, since, until, version, work / "window.parquet", max_window_texts, seed
+                request_log_dir,
+                since,
+                until,
+                version,
+                work / "window.parquet",
+                max_window_texts,
+                seed,
+                multi_label=reference.multi_label,
             )
             described = f"request log {request_log_dir or '(service default)'}, last {window_hours:g} h"
         report = detect_drift_task(

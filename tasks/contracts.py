@@ -6,7 +6,7 @@ contracts in pyproject.toml keep it so)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 # ---------------------------------------------------------------------------------------------------- ingest
 # A snapshot is a Parquet file of text, label, split under the snapshot folder, named by its content version.
+# single_label: `label` is one class per text; multi_label: `label` is the list of a text's classes (maybe empty).
+ProblemType = Literal["single_label", "multi_label"]
 
 
 class DatasetValidationError(ValueError):
@@ -30,8 +32,9 @@ class DatasetSnapshot(BaseModel):
     version: str
     source: str
     num_rows: int
-    label_counts: dict[str, int]
+    label_counts: dict[str, int]  # multi_label: texts that carry each class
     has_splits: bool
+    problem_type: ProblemType = "single_label"
 
 
 # ---------------------------------------------------------------------------------------------------- preprocess
@@ -84,6 +87,11 @@ class PreparedDataset(BaseModel):
     duplicates_removed: int
     windowing: WindowingConfig
     cache_hit: bool
+    problem_type: ProblemType = "single_label"
+
+    @property
+    def multi_label(self) -> bool:
+        return self.problem_type == "multi_label"
 
     @property
     def max_length(self) -> int:
@@ -101,7 +109,10 @@ class PreparedDataset(BaseModel):
         import pandas as pd
 
         frame = pd.read_parquet(self.splits_path)
-        return frame[frame["split"] == name].reset_index(drop=True)
+        frame = frame[frame["split"] == name].reset_index(drop=True)
+        if self.multi_label:  # Parquet lists come back as numpy arrays
+            frame["label"] = frame["label"].map(lambda labels: [str(label) for label in labels])
+        return frame
 
 
 # ---------------------------------------------------------------------------------------------------- fine-tune

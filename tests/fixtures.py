@@ -46,6 +46,28 @@ def make_texts(per_class: int = 40, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)
 
 
+def make_multi_label_texts(per_combination: int = 25, seed: int = 0) -> pd.DataFrame:
+    """Short synthetic texts about one or two topics (or none: filler only), labelled with the list of their topics,
+    so that a tiny model can learn which topics a text mentions."""
+    rng = random.Random(seed)
+    topics = sorted(TOPICS)
+    combinations = [[t] for t in topics] + [[a, b] for i, a in enumerate(topics) for b in topics[i + 1 :]] + [[]]
+    rows, seen = [], set()
+    for labels in combinations:
+        made = 0
+        while made < per_combination:
+            tokens = [rng.choice(FILLER) for _ in range(rng.randint(2, 5))]
+            for topic in labels:
+                tokens += [rng.choice(TOPICS[topic]) for _ in range(rng.randint(2, 4))]
+            rng.shuffle(tokens)
+            text = " ".join(tokens)
+            if text not in seen:
+                seen.add(text)
+                rows.append({"text": text, "labels": labels})
+                made += 1
+    return pd.DataFrame(rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
 def make_tiny_bert(folder: Path, texts: list[str]) -> Path:
     """A 2-layer BERT with a whole-word vocabulary made from the fixture texts. Seconds on a CPU, and the same
     model every time (sorted vocabulary, seeded weights), so tests that train it are deterministic."""

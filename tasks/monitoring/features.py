@@ -39,18 +39,32 @@ class TextModels:
         return cls(classifier.tokenizer, classifier.model.base_model, classifier.max_length)
 
 
-def predict_labels(model_dir: Path, texts: list[str]) -> tuple[list[str], npt.NDArray[np.floating[Any]]]:
-    """The champion's label for each text and its probability (the top-class probability)."""
+NO_LABEL = "(none)"  # a multi-label model's window label for a text answered with no class
+
+
+def window_label(label_set: list[str]) -> str:
+    """A multi-label answer's one label for the label-distribution test: its most probable class, or NO_LABEL.
+    Every window (test split, scored source, request log) derives it the same way."""
+    return str(label_set[0]) if len(label_set) else NO_LABEL
+
+
+def predict_labels(
+    model_dir: Path, texts: list[str]
+) -> tuple[list[str], npt.NDArray[np.floating[Any]], list[list[str]] | None]:
+    """The champion's label for each text and its probability (the top-class probability); for a multi-label
+    champion also the classes each text is answered with (its label is then `window_label` of them)."""
     from tasks.serving.classifier import TextClassifier
 
     if not texts:
-        return [], np.zeros(0)
+        return [], np.zeros(0), None
     classifier = TextClassifier(model_dir)
     probabilities = classifier.predict_proba(texts)
-    best = probabilities.argmax(axis=1)
-    labels = [classifier.label_names[i] for i in best]
     confidence: npt.NDArray[np.floating[Any]] = probabilities.max(axis=1)
-    return labels, confidence
+    if classifier.multi_label:
+        sets = classifier.label_sets(probabilities)
+        return [window_label(s) for s in sets], confidence, sets
+    best = probabilities.argmax(axis=1)
+    return [classifier.label_names[i] for i in best], confidence, None
 
 
 def unknown_token_counts(
@@ -107,8 +121,12 @@ def measure_window(
     embeddings of at most `max_embedding_texts` of them (a uniform sample)."""
     known = frame["text"].notna().to_numpy()
     lengths = frame["length_chars"].dropna().to_numpy(float)
+    label_sets = None
+    if "labels" in frame.columns and frame["labels"].notna().all() and len(frame):
+        label_sets = [[str(c) for c in row] for row in frame["labels"]]
     sample = Sample(
         labels=frame["label"].astype(str).to_numpy(),
+        label_sets=label_sets,
         confidence=frame["probability"].to_numpy(float),
         length=lengths if len(lengths) else None,
     )

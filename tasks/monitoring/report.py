@@ -243,6 +243,7 @@ def drift_metrics(report: DriftReport) -> dict[str, float]:
     }
     names = {
         "label": "drift_label",
+        "label_rates": "drift_label_rates",
         "confidence": "drift_confidence_ks",
         "low_confidence": "drift_low_confidence",
         "length": "drift_length",

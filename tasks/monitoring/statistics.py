@@ -1,10 +1,11 @@
 """The statistics of drift monitoring: two samples (the reference and the window) in, a decision out.
 
-Six two-sample tests, each with a test statistic, a p-value and an effect size:
+Six two-sample tests (seven for multi-label models), each with a test statistic, a p-value and an effect size:
 
 | test | p-value | effect size (must also reach its threshold) |
 |---|---|---|
 | `label`: predicted-label distribution | chi-square test of homogeneity (Monte Carlo when counts are small) | PSI |
+| `label_rates` (multi-label models): share of texts answered with each class | Fisher exact test per class, Bonferroni over the classes | largest change of a class's share |
 | `confidence`: top-class probability | Kolmogorov-Smirnov two-sample | KS distance D |
 | `low_confidence`: share of predictions below a probability | Fisher exact test | change of the share |
 | `length`: text length in characters | Kolmogorov-Smirnov two-sample | PSI on reference deciles |
@@ -36,6 +37,7 @@ Labels = npt.NDArray[np.str_] | npt.NDArray[np.object_]  # one predicted label p
 Numbers = npt.NDArray[np.floating[Any]] | npt.NDArray[np.integer[Any]]  # one number per text (or per bin)
 TEST_TITLES = {
     "label": "Predicted-label distribution",
+    "label_rates": "Per-label answer rates (multi-label)",
     "confidence": "Confidence (top-class probability)",
     "low_confidence": "Share of low-confidence predictions",
     "length": "Text length (characters)",
@@ -70,6 +72,12 @@ class DriftThresholds(BaseModel):
     )
     label_psi: float = Field(
         default=0.2, ge=0, description="PSI of the predicted-label distribution that counts as drift."
+    )
+    label_rate_change: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Multi-label models: change of the share of texts answered with one class that counts as drift.",
     )
     confidence_ks: float = Field(
         default=0.1,
@@ -168,6 +176,7 @@ class Sample:
     """One side of the comparison as arrays; None where a quantity is not known (e.g. no raw texts)."""
 
     labels: Labels | None = None  # predicted label per text
+    label_sets: list[list[str]] | None = None  # multi-label models: the classes each text was answered with
     confidence: Numbers | None = None  # top-class probability per text
     length: Numbers | None = None  # characters per text
     unknown: Numbers | None = None  # unknown tokens per text
@@ -189,6 +198,28 @@ def psi(reference_counts: npt.ArrayLike, window_counts: npt.ArrayLike, smoothing
     w = np.asarray(window_counts, dtype=float) + smoothing
     r, w = r / r.sum(), w / w.sum()
     return float(np.sum((w - r) * np.log(w / r)))
+
+
+def label_rates_test(reference: list[list[str]], window: list[list[str]]) -> tuple[float, float, str, float, float]:
+    """Per class, Fisher's exact test of the share of texts answered with it (reference vs window); the p-value is
+    the smallest one times the number of classes (Bonferroni), the effect the largest absolute change of a share.
+    Returns (p, effect, the class that changed most, its reference share, its window share)."""
+    from scipy.stats import fisher_exact
+
+    classes = sorted({c for row in reference for c in row} | {c for row in window for c in row})
+    if not classes or not reference or not window:
+        return 1.0, 0.0, "", 0.0, 0.0
+    best = (1.0, 0.0, "", 0.0, 0.0)
+    smallest = 1.0
+    for name in classes:
+        ref_in = sum(name in row for row in reference)
+        win_in = sum(name in row for row in window)
+        _, p = fisher_exact([[ref_in, len(reference) - ref_in], [win_in, len(window) - win_in]])
+        smallest = min(smallest, float(p))
+        ref_share, win_share = ref_in / len(reference), win_in / len(window)
+        if abs(win_share - ref_share) > best[1]:
+            best = (1.0, abs(win_share - ref_share), name, ref_share, win_share)
+    return min(1.0, smallest * len(classes)), best[1], best[2], best[3], best[4]
 
 
 def label_test(
@@ -367,6 +398,24 @@ def compare_samples(
         )
     else:
         tests.append(missing("label", "PSI"))
+
+    if reference.label_sets is not None and window.label_sets is not None:
+        p, change, name, ref_share, win_share = label_rates_test(reference.label_sets, window.label_sets)
+        tests.append(
+            DriftTest(
+                name="label_rates",
+                title=TEST_TITLES["label_rates"],
+                method="Fisher exact test per class, Bonferroni over the classes"
+                + (f" (largest change: '{name}')" if name else ""),
+                statistic=change,
+                p_value=p,
+                effect_name="largest share change",
+                effect=change,
+                threshold=t.label_rate_change,
+                reference_value=ref_share,
+                window_value=win_share,
+            )
+        )
 
     if reference.confidence is not None and window.confidence is not None:
         ks = ks_2samp(reference.confidence, window.confidence)

@@ -18,10 +18,10 @@ from tasks.common.atomic import atomic_file
 from tasks.common.text import clean_text
 from tasks.common.text_sources import iter_text_chunks
 from tasks.contracts import ScoringSource
-from tasks.monitoring.features import predict_labels
+from tasks.monitoring.features import predict_labels, window_label
 from tasks.serving.request_log import COLUMNS as REQUEST_LOG_COLUMNS  # the writer's columns, declared once
 
-WINDOW_COLUMNS = ("text", "label", "probability", "length_chars")
+WINDOW_COLUMNS = ("text", "label", "probability", "length_chars")  # and `labels` for a multi-label champion
 RAW_TEXT_NOTE = (
     "The request log holds no raw texts for this window (raw-text logging is off), so embedding "
     "drift and unknown-token drift were not measured. Turn on raw-text logging in the service "
@@ -44,6 +44,7 @@ class Window(BaseModel):
     duplicates_dropped: int = 0
     rows_seen: int = 0
     notes: tuple[str, ...] = ()
+    multi_label: bool = False  # the champion is multi-label: the frame has `labels`, compared per class
 
     def frame(self) -> pd.DataFrame:
         return pd.read_parquet(self.path)
@@ -54,8 +55,14 @@ def _write_parquet_atomically(frame: pd.DataFrame, path: Path) -> None:
         frame.to_parquet(temporary, index=False)
 
 
-def _window_frame(text: ArrayLike, label: ArrayLike, probability: ArrayLike, length: ArrayLike) -> pd.DataFrame:
-    return pd.DataFrame(
+def _window_frame(
+    text: ArrayLike,
+    label: ArrayLike,
+    probability: ArrayLike,
+    length: ArrayLike,
+    label_sets: list[list[str]] | None = None,
+) -> pd.DataFrame:
+    frame = pd.DataFrame(
         {
             "text": pd.Series(text, dtype=object),
             "label": pd.Series(label, dtype=object).astype(str),
@@ -63,6 +70,16 @@ def _window_frame(text: ArrayLike, label: ArrayLike, probability: ArrayLike, len
             "length_chars": pd.Series(length, dtype="Int64"),  # null where the request log could not read the text
         }
     )
+    if label_sets is not None:  # a multi-label champion: the classes of each answer, compared per class
+        frame["labels"] = pd.Series([list(map(str, s)) for s in label_sets], dtype=object)
+    return frame
+
+
+def _label_lists(values: pd.Series) -> list[list[str]] | None:
+    """A column of label lists (Parquet gives numpy arrays) as lists; None when it is not one (single-label)."""
+    if not len(values) or values.isna().any() or isinstance(values.iloc[0], str):
+        return None
+    return [[str(c) for c in row] for row in values]
 
 
 def reference_from_test_split(test_split: Path, model_version: str, target: Path) -> Window:
@@ -76,11 +93,13 @@ def reference_from_test_split(test_split: Path, model_version: str, target: Path
             f"test_predictions.parquet. Register models with the training flow, which writes it."
         )
     texts = frame["text"].astype(str)
+    sets = _label_lists(frame["predicted"])
     window = _window_frame(
         texts.to_numpy(),
-        frame["predicted"].astype(str).to_numpy(),
+        [window_label(s) for s in sets] if sets is not None else frame["predicted"].astype(str).to_numpy(),
         frame["probability"].to_numpy(),
         texts.str.len().to_numpy(),
+        sets,
     )
     _write_parquet_atomically(window, target)
     return Window(
@@ -90,6 +109,7 @@ def reference_from_test_split(test_split: Path, model_version: str, target: Path
         rows_seen=len(frame),
         model_version=model_version,
         description=f"test split of {model_version} ({len(window)} held-out texts)",
+        multi_label=sets is not None,
     )
 
 
@@ -135,8 +155,8 @@ def window_from_source(
     notes = []
     if read - duplicates > max_texts:
         notes.append(f"{read - duplicates} distinct texts in the source; a uniform sample of {max_texts} was compared.")
-    labels, confidence = predict_labels(model_dir, texts)
-    frame = _window_frame(texts, labels, confidence, [len(t) for t in texts])
+    labels, confidence, sets = predict_labels(model_dir, texts)
+    frame = _window_frame(texts, labels, confidence, [len(t) for t in texts], sets)
     _write_parquet_atomically(frame, target)
     return Window(
         path=target,
@@ -147,6 +167,7 @@ def window_from_source(
         model_version=model_version,
         notes=tuple(notes),
         description=f"{source.source}: {read} texts read, {len(frame)} distinct compared",
+        multi_label=sets is not None,
     )
 
 
@@ -157,6 +178,7 @@ def window_from_request_log_frame(
     max_texts: int = 10_000,
     seed: int = 0,
     description: str = "request log",
+    multi_label: bool = False,
 ) -> Window:
     """Requests of the log (columns of `tasks.serving.request_log.read_request_log`) served by `model_version`,
     deduplicated by text hash, as a window. Texts are kept where the log has them (raw-text logging on)."""
@@ -195,8 +217,14 @@ def window_from_request_log_frame(
     label = served["label"]
     if "predicted_label" in served.columns:
         label = served["predicted_label"].where(served["predicted_label"].notna(), label)
+    # A multi-label champion's answers: every answered class (a single-label answer's `labels` is [label]).
+    sets = _label_lists(served["labels"]) if multi_label and "labels" in served.columns else None
     frame = _window_frame(
-        text.to_numpy(), label.to_numpy(), served["probability"].to_numpy(), served["length_chars"].to_numpy()
+        text.to_numpy(),
+        [window_label(s) for s in sets] if sets is not None else label.to_numpy(),
+        served["probability"].to_numpy(),
+        served["length_chars"].to_numpy(),
+        sets,
     )
     known = int(frame["text"].notna().sum())
     if known < len(frame):
@@ -220,6 +248,7 @@ def window_from_request_log_frame(
         model_version=model_version,
         notes=tuple(notes),
         description=f"{description}: {rows} requests, {len(frame)} distinct served by {model_version}",
+        multi_label=sets is not None,
     )
 
 
@@ -239,9 +268,11 @@ def window_from_request_log(
     target: Path,
     max_texts: int = 10_000,
     seed: int = 0,
+    multi_label: bool = False,
 ) -> Window:
     """The service's request log between `since` and `until` (read with tasks.serving.request_log.read_request_log);
-    `log_dir` None: the folder the service writes to by default."""
+    `log_dir` None: the folder the service writes to by default. `multi_label`: the champion is multi-label (the
+    reference window says so), so each row's answered classes (`labels`) are compared per class."""
     from tasks.serving.request_log import read_request_log
 
     log_dir = Path(log_dir) if log_dir is not None else default_request_log_dir()
@@ -259,6 +290,7 @@ def window_from_request_log(
         max_texts,
         seed,
         description=f"request log {log_dir} from {since:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M} UTC",
+        multi_label=multi_label,
     )
 
 

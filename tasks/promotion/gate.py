@@ -14,7 +14,7 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.promotion.scores import TestScores, score_labels
+from tasks.promotion.scores import TestScores, answer_classes, as_answers, is_label_sets, score_answers
 from tasks.registry import mlflow_client
 from tasks.tracking import TrackingRef, log_metrics, log_params
 
@@ -93,8 +93,9 @@ def score_versions(
     if test.empty:
         raise ValueError("The test data is empty: there is nothing to score the model versions on.")
     texts = test["text"].astype(str).tolist()
-    truth = test["label"].astype(str).tolist()
-    labels = [str(label) for label in labels] if labels is not None else sorted(set(truth))
+    truth = as_answers(test["label"].tolist())  # label lists for a multi-label model's test split
+    multi_label = is_label_sets(truth)
+    labels = [str(label) for label in labels] if labels is not None else answer_classes(truth)
     client = mlflow_client(tracking_uri)
     scores: dict[int, TestScores] = {}
     for version in dict.fromkeys(int(v) for v in versions):
@@ -107,10 +108,20 @@ def score_versions(
                     artifact_uri=source, dst_path=staging, tracking_uri=tracking_uri
                 )
                 predicted = mlflow.pyfunc.load_model(local).predict(texts)
-        predicted_labels = (
-            (predicted["label"] if isinstance(predicted, pd.DataFrame) else pd.Series(predicted)).astype(str).tolist()
-        )
-        scores[version] = score_labels(truth, predicted_labels, labels)
+        if multi_label:
+            if not isinstance(predicted, pd.DataFrame) or "labels" not in predicted.columns:
+                raise ValueError(
+                    f"Version {version} is not a multi-label model (its answers have no `labels`), but the test split "
+                    "holds label lists: compare versions trained on the same kind of labels."
+                )
+            answered = as_answers(predicted["labels"].tolist())
+        else:
+            answered = (
+                (predicted["label"] if isinstance(predicted, pd.DataFrame) else pd.Series(predicted))
+                .astype(str)
+                .tolist()
+            )
+        scores[version] = score_answers(truth, answered, labels)
     return scores
 
 

@@ -27,8 +27,9 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -38,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common.atomic import atomic_file
 from tasks.contracts import RUNTIME_ARTIFACT_PATH, RUNTIME_TAG, RUNTIME_URI_TAG
-from tasks.promotion.scores import score_labels
+from tasks.promotion.scores import answer_classes, as_answers, is_label_sets, score_answers
 from tasks.serving.classifier import load_sequence_classifier
 from tasks.serving.onnx_runtime import (
     ONNX_DIR,
@@ -220,19 +221,26 @@ def _classify(classifier: TextClassifier, texts: list[str], batch_size: int) -> 
     return probabilities, len(texts) / seconds if seconds > 0 else float("inf")
 
 
+def _same(answer: Any, reference: Any) -> bool:
+    if isinstance(answer, str):
+        return bool(answer == reference)
+    return set(answer) == set(reference)
+
+
 def judge_variant(
     runtime: str,
-    labels: list[str],
-    reference: list[str],
-    truth: list[str],
+    labels: list[Any],
+    reference: list[Any],
+    truth: list[Any],
     classes: list[str],
     reference_f1: float,
     config: RuntimeGateConfig,
 ) -> tuple[bool, str, float, float, float]:
-    """(passed, reason, agreement, macro-F1, macro-F1 drop) of one variant's labels against PyTorch's. Pure."""
+    """(passed, reason, agreement, macro-F1, macro-F1 drop) of one variant's labels against PyTorch's. Pure. A
+    multi-label model's answers are label lists: they agree when they hold the same classes."""
 
-    agreement = float(np.mean([a == b for a, b in zip(labels, reference)])) if reference else 0.0
-    macro_f1 = score_labels(truth, labels, classes).macro_f1
+    agreement = float(np.mean([_same(a, b) for a, b in zip(labels, reference)])) if reference else 0.0
+    macro_f1 = score_answers(truth, labels, classes).macro_f1
     drop = reference_f1 - macro_f1
     problems = []
     if agreement + TOLERANCE < config.min_label_agreement:
@@ -249,6 +257,15 @@ def judge_variant(
     )
 
 
+def _answers(classifier: TextClassifier, multi_label: bool) -> Callable[[npt.NDArray[np.float32]], list[Any]]:
+    """Probabilities to the answers the gate compares: the top class, or a multi-label model's label lists (each
+    class at its threshold)."""
+    names, sets = classifier.label_names, classifier.label_sets
+    if multi_label:
+        return sets
+    return lambda probabilities: [names[i] for i in probabilities.argmax(axis=1)]
+
+
 def gate_runtimes(
     model_dir: Path,
     variants: dict[str, Path | str],
@@ -262,16 +279,16 @@ def gate_runtimes(
 
     if isinstance(test, (str, Path)):
         test = pd.read_parquet(test)
-    texts, truth = test["text"].astype(str).tolist(), test["label"].astype(str).tolist()
+    texts, truth = test["text"].astype(str).tolist(), as_answers(test["label"].tolist())
     if not texts:
         raise ValueError("The test split is empty: there is nothing to gate the runtimes on.")
-    classes = sorted(set(truth))
+    classes = answer_classes(truth)
     reference = TextClassifier(model_dir, runtime=PYTORCH)
-    names = reference.label_names
     ref_probabilities, ref_speed = _classify(reference, texts, config.runtime_batch_size)
+    answers = _answers(reference, is_label_sets(truth))
     del reference
-    ref_labels = [names[i] for i in ref_probabilities.argmax(axis=1)]
-    ref_f1 = score_labels(truth, ref_labels, classes).macro_f1
+    ref_labels = answers(ref_probabilities)
+    ref_f1 = score_answers(truth, ref_labels, classes).macro_f1
     scores = [
         VariantScore(
             runtime=PYTORCH,
@@ -304,7 +321,7 @@ def gate_runtimes(
                     )
                 )
                 continue
-            labels = [names[i] for i in probabilities.argmax(axis=1)]
+            labels = answers(probabilities)
             passed, reason, agreement, macro_f1, drop = judge_variant(
                 runtime, labels, ref_labels, truth, classes, ref_f1, config
             )

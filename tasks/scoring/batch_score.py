@@ -56,17 +56,24 @@ class ScoringSummary(BaseModel):
 
 
 Scorer = Callable[[list[str]], np.ndarray]  # texts -> probabilities (one row per text, columns = label_names)
+# The classes each scored text is answered with, from the probabilities the scorer just returned: a multi-label
+# model's classes at their thresholds (the `labels` column); None for a single-label model (its `label` says it).
+LabelSets = Callable[[np.ndarray], list[list[str]]]
 
 
-def in_process_scorer(model_dir: Path, batch_size: int = 64) -> tuple[Scorer, list[str]]:
+def in_process_scorer(model_dir: Path, batch_size: int = 64) -> tuple[Scorer, list[str], LabelSets | None]:
     from tasks.serving.classifier import TextClassifier
 
     classifier = TextClassifier(model_dir)
-    return (lambda texts: classifier.predict_proba(texts, batch_size)), classifier.label_names
+    sets = classifier.label_sets if classifier.multi_label else None
+    return (lambda texts: classifier.predict_proba(texts, batch_size)), classifier.label_names, sets
 
 
-def endpoint_scorer(url: str, token: str | None = None, batch_size: int = 64) -> tuple[Scorer, list[str], str]:
-    """Score through the Bento's `/classify` in requests of `batch_size` texts (its documented limit is 64)."""
+def endpoint_scorer(
+    url: str, token: str | None = None, batch_size: int = 64
+) -> tuple[Scorer, list[str], str, LabelSets]:
+    """Score through the Bento's `/classify` in requests of `batch_size` texts (its documented limit is 64). The
+    label sets are the classes the server answered each text with (`labels`: a multi-label model's thresholds)."""
     import httpx
 
     client = httpx.Client(
@@ -100,13 +107,21 @@ def endpoint_scorer(url: str, token: str | None = None, batch_size: int = 64) ->
     probe = classify(["probe"])[0]  # the label set and model version come from the service itself
     labels, version = list(probe["probabilities"]), probe["model_version"]
 
+    answered: list[list[str]] = []
+
     def score(texts: list[str]) -> npt.NDArray[np.float32]:
         rows: list[list[float]] = []
+        answered.clear()
         for request in requests_of(texts):
-            rows += [[answer["probabilities"][label] for label in labels] for answer in classify(request)]
+            for answer in classify(request):
+                rows.append([answer["probabilities"][label] for label in labels])
+                answered.append([str(c) for c in answer.get("labels", [answer["label"]])])
         return np.asarray(rows, dtype=np.float32).reshape(len(texts), len(labels))
 
-    return score, labels, version
+    def label_sets(probabilities: np.ndarray) -> list[list[str]]:
+        return list(answered)  # of the texts `score` was just called with
+
+    return score, labels, version, label_sets
 
 
 def _prediction_table(
@@ -117,6 +132,7 @@ def _prediction_table(
     model_version: str,
     scored_at: pd.Timestamp,
     min_confidence: float | None = None,
+    label_sets: list[list[str]] | None = None,
 ) -> pa.Table:
     import pyarrow as pa
 
@@ -130,11 +146,20 @@ def _prediction_table(
             [None if b < 0 else UNKNOWN_LABEL if u else labels[b] for b, u in zip(best, unknown)], pa.string()
         ),
         "probability": pa.array([None if b < 0 else float(full[i, b]) for i, b in enumerate(best)], pa.float32()),
+        **({} if label_sets is None else {"labels": _labels_column(label_sets, blank)}),
         **{f"proba_{label}": pa.array(full[:, j], pa.float32(), mask=blank) for j, label in enumerate(labels)},
         "model_version": pa.array([model_version] * len(chunk), pa.string()),
         "scored_at": pa.array([scored_at] * len(chunk), pa.timestamp("us", tz="UTC")),
     }
     return pa.table(columns)
+
+
+def _labels_column(label_sets: list[list[str]], blank: np.ndarray) -> pa.Array:
+    """One list of classes per row (null for a blank text), in the rows' order."""
+    import pyarrow as pa
+
+    answers = iter(label_sets)
+    return pa.array([None if b else next(answers) for b in blank], pa.list_(pa.string()))
 
 
 def score_to_parquet(
@@ -147,10 +172,14 @@ def score_to_parquet(
     low_confidence_threshold: float = 0.5,
     progress: bool = True,
     min_confidence: float | None = None,
+    label_sets: LabelSets | None = None,
+    count_label_sets: bool = True,
 ) -> ScoringSummary:
     """Stream, score and append chunk by chunk; rename the finished file into place. Blank texts are kept as
     rows with no label (so output rows always equal input rows) and counted. With `min_confidence`, a text whose
-    top-class probability is below it gets the label "unknown" (its probability columns are kept)."""
+    top-class probability is below it gets the label "unknown" (its probability columns are kept). With
+    `label_sets` a `labels` column holds each text's classes, and (with `count_label_sets`, a multi-label model)
+    `label_counts` counts the texts answered with each class."""
     min_confidence = check_min_confidence(min_confidence)
     check_label_names(labels, min_confidence)
     import pyarrow.parquet as pq
@@ -172,14 +201,17 @@ def score_to_parquet(
             blank = np.array([not has_visible_character(t) for t in texts], dtype=bool)
             kept = [t for t, b in zip(texts, blank) if not b]
             probabilities = scorer(kept) if kept else np.zeros((0, len(labels)), dtype=np.float32)
+            sets = label_sets(probabilities) if label_sets is not None and kept else [] if label_sets else None
             table = _prediction_table(
-                chunk, probabilities, blank, labels, model_version, pd.Timestamp.now(tz="UTC"), min_confidence
+                chunk, probabilities, blank, labels, model_version, pd.Timestamp.now(tz="UTC"), min_confidence, sets
             )
             if writer is None:
                 writer = pq.ParquetWriter(partial, table.schema)
             writer.write_table(table)
             best = probabilities.max(axis=1) if len(kept) else np.zeros(0)
-            if kept:
+            if kept and sets is not None and count_label_sets:
+                counts.update(c for row in sets for c in row)
+            elif kept:
                 unknown = abstains(best, min_confidence)
                 counts.update(UNKNOWN_LABEL if u else labels[i] for i, u in zip(probabilities.argmax(axis=1), unknown))
                 abstained += int(unknown.sum())
@@ -226,7 +258,7 @@ def score_in_process(
 
     if "+" not in model_version:
         model_version = f"{model_version}+{folder_runtime(model_dir)}"
-    scorer, labels = in_process_scorer(model_dir)
+    scorer, labels, sets = in_process_scorer(model_dir)
     return score_to_parquet(
         config,
         scorer,
@@ -236,6 +268,7 @@ def score_in_process(
         chunk_size,
         low_confidence_threshold,
         min_confidence=min_confidence,
+        label_sets=sets,
     )
 
 
@@ -248,8 +281,9 @@ def score_through_endpoint(
     token: str | None = None,
     min_confidence: float | None = None,
 ) -> ScoringSummary:
-    """Labels come from the answered probabilities with this `min_confidence`, whatever the server's own setting."""
-    scorer, labels, version = endpoint_scorer(url, token)
+    """Labels come from the answered probabilities with this `min_confidence`, whatever the server's own setting;
+    the `labels` column holds the classes the server answered (a multi-label model's: at its thresholds)."""
+    scorer, labels, version, sets = endpoint_scorer(url, token)
     return score_to_parquet(
         config,
         scorer,
@@ -259,6 +293,8 @@ def score_through_endpoint(
         chunk_size,
         low_confidence_threshold,
         min_confidence=min_confidence,
+        label_sets=sets,
+        count_label_sets=False,  # counted by `label`, with this call's min_confidence (the docstring above)
     )
 
 

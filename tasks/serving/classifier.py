@@ -17,11 +17,13 @@ import numpy as np
 import pandas as pd
 
 from tasks.serving.onnx_runtime import PYTORCH, OnnxLogits, check_runtime, folder_runtime, onnx_file
-from tasks.serving.windows import EncodedWindows, Windowing, encode_windows, pool_logits, softmax
+from tasks.serving.windows import EncodedWindows, Windowing, encode_windows, pool_logits, sigmoid, softmax
 
 LABELS_FILE = "labels.json"
 MODEL_SETTINGS_FILE = "textclf.json"  # max length, truncation strategy, base model, data version
 PREDICTION_COLUMNS = ("label", "probability")
+MULTI_LABEL = "multi_label"  # textclf.json `problem_type` of a model that answers any number of classes per text
+DEFAULT_THRESHOLD = 0.5  # a multi-label class without a threshold chosen on validation
 ADAPTER_CONFIG = "adapter_config.json"  # a LoRA model saved as adapters only (fine-tune lora_merge=false)
 
 
@@ -98,8 +100,16 @@ class TextClassifier:
             self.device = "cpu"
             self.model = OnnxLogits(onnx_file(self.model_dir, self.runtime))
         self.label_names: list[str] = json.loads((self.model_dir / LABELS_FILE).read_text())
-        self.windowing = Windowing.from_dict(json.loads((self.model_dir / MODEL_SETTINGS_FILE).read_text()))
+        settings = json.loads((self.model_dir / MODEL_SETTINGS_FILE).read_text())
+        self.windowing = Windowing.from_dict(settings)
         self.max_length = self.windowing.max_length
+        # multi_label: sigmoid probabilities, and a class is answered when its probability reaches its threshold
+        # (chosen per class on the validation split by the fine-tune; textclf.json `thresholds`).
+        self.multi_label = settings.get("problem_type") == MULTI_LABEL
+        chosen = settings.get("thresholds") or {}
+        self.thresholds = np.asarray(
+            [float(chosen.get(name, DEFAULT_THRESHOLD)) for name in self.label_names], dtype=np.float32
+        )
 
     def window_logits(self, encoded: EncodedWindows, batch_size: int = 64) -> np.ndarray:
         """The model's logits for every window, in window order; windows are batched by length to pad little.
@@ -126,11 +136,23 @@ class TextClassifier:
 
     def classify_encoded(self, encoded: EncodedWindows, batch_size: int = 64) -> np.ndarray:
         """Class probabilities of encoded texts, one row per text in input order (`chunks`: windows' logits
-        averaged)."""
+        averaged): a softmax over the classes, or for a multi-label model each class's sigmoid."""
         if not encoded.truncated:
             return np.zeros((0, len(self.label_names)), dtype=np.float32)
         pooled = pool_logits(self.window_logits(encoded, batch_size), encoded.owner, len(encoded.truncated))
-        return softmax(pooled)
+        return sigmoid(pooled) if self.multi_label else softmax(pooled)
+
+    def label_sets(self, probabilities: np.ndarray) -> list[list[str]]:
+        """Per text, the classes it is answered with, most probable first: for a multi-label model every class whose
+        probability reaches its threshold (maybe none), else the most probable class."""
+        answers = []
+        for row in np.asarray(probabilities):
+            if self.multi_label:
+                above = np.flatnonzero(row >= self.thresholds)
+                answers.append([self.label_names[i] for i in above[np.argsort(-row[above], kind="stable")]])
+            else:
+                answers.append([self.label_names[int(row.argmax())]])
+        return answers
 
     def classify(self, texts: list[str], batch_size: int = 64) -> tuple[np.ndarray, list[bool]]:
         """Class probabilities, one row per text in input order, and per text whether it did not fit in one
@@ -143,7 +165,8 @@ class TextClassifier:
         return self.classify(texts, batch_size)[0]
 
     def predict(self, texts: list[str], batch_size: int = 64) -> pd.DataFrame:
-        """Label, its probability, and one `proba_<label>` column per class."""
+        """Label (the most probable class), its probability, and one `proba_<label>` column per class; a
+        multi-label model adds `labels`, the classes at or above their thresholds (its answer)."""
         probabilities = self.predict_proba(texts, batch_size)
         best = probabilities.argmax(axis=1)
         frame = pd.DataFrame(
@@ -152,6 +175,8 @@ class TextClassifier:
                 "probability": probabilities[np.arange(len(texts)), best].astype(float),
             }
         )
+        if self.multi_label:
+            frame["labels"] = self.label_sets(probabilities)
         for index, name in enumerate(self.label_names):
             frame[f"proba_{name}"] = probabilities[:, index].astype(float)
         return frame

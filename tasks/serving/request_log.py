@@ -1,7 +1,7 @@
 """The Bento service's request log: one row per classified text, written off the request path as Parquet files.
 
 Per served text (a `classify` request answered 200): `time` (UTC, when the request reached the server),
-`request_id`, `text_sha256`, `text` (null unless TEXTCLF_REQUEST_LOG_TEXT=true), `length_chars`, `label`,
+`request_id`, `text_sha256`, `text` (null unless TEXTCLF_REQUEST_LOG_TEXT=true), `length_chars`, `label`, `labels`,
 `probability`, `truncated`, `model_version` and `latency_ms` (the whole request as the server saw it: reading
 the body, validation, waiting for its adaptive batch, the forward pass and writing the answer).
 
@@ -71,6 +71,7 @@ COLUMNS = (
     "text",
     "length_chars",
     "label",
+    "labels",
     "predicted_label",
     "probability",
     "truncated",
@@ -106,6 +107,7 @@ def schema() -> pa.Schema:
             ("text", pa.string()),
             ("length_chars", pa.int64()),
             ("label", pa.string()),
+            ("labels", pa.list_(pa.string())),  # the answer's classes (a multi-label model's: all above threshold)
             ("predicted_label", pa.string()),
             ("probability", pa.float64()),
             ("truncated", pa.bool_()),
@@ -234,6 +236,7 @@ class ServedRequest:
                 "text": text if log_text else None,
                 "length_chars": None if text is None else len(text),
                 "label": prediction.get("label"),
+                "labels": prediction.get("labels"),
                 "predicted_label": top_class(prediction),
                 "probability": prediction.get("probability"),
                 "truncated": prediction.get("truncated"),

@@ -172,3 +172,9 @@ def softmax(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.floating[An
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities: npt.NDArray[np.floating[Any]] = shifted / shifted.sum(axis=1, keepdims=True)
     return probabilities
+
+
+def sigmoid(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.floating[Any]]:
+    """Element-wise logistic function (multi-label models: each class's own probability), in the dtype of `logits`."""
+    probabilities: npt.NDArray[np.floating[Any]] = 0.5 * (1.0 + np.tanh(0.5 * logits))  # no overflow for large |x|
+    return probabilities

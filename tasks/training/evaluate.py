@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +27,9 @@ from tasks.serving.abstention import (
     plot_accuracy_coverage,
     threshold_for_coverage,
 )
+
+if TYPE_CHECKING:
+    from tasks.serving.classifier import TextClassifier
 
 
 class EvaluationConfig(BaseModel):
@@ -83,6 +87,30 @@ def tfidf_baseline(train: pd.DataFrame, test: pd.DataFrame, seed: int = 0) -> np
     )
     pipeline.fit(train["text"], train["label_id"])
     predicted: npt.NDArray[np.int64] = pipeline.predict(test["text"])  # the label ids, as trained on
+    return predicted
+
+
+def tfidf_one_vs_rest_baseline(
+    train: pd.DataFrame, test: pd.DataFrame, num_labels: int, seed: int = 0
+) -> npt.NDArray[np.int64]:
+    """The multi-label baseline: the same TF-IDF features, one logistic regression per class (one-vs-rest), a class
+    predicted at probability 0.5. A class every training text has (or none has) is predicted constant."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+
+    targets = np.stack(train["label_vector"].to_numpy()).astype(int)
+    predicted = np.zeros((len(test), num_labels), dtype=np.int64)
+    varying = np.flatnonzero(targets.min(axis=0) != targets.max(axis=0))
+    predicted[:, targets.min(axis=0) == 1] = 1
+    if len(varying):
+        pipeline = make_pipeline(
+            TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1, max_features=200_000),
+            OneVsRestClassifier(LogisticRegression(max_iter=2000, C=10.0, random_state=seed)),
+        )
+        pipeline.fit(train["text"], targets[:, varying])
+        predicted[:, varying] = np.asarray(pipeline.predict(test["text"])).reshape(len(test), len(varying))
     return predicted
 
 
@@ -160,6 +188,15 @@ def _plots(
     figure.tight_layout()
     figure.savefig(folder / "reliability_diagram.png", dpi=120)
     plt.close(figure)
+
+    _per_class_plot(folder, label_names, per_class)
+
+
+def _per_class_plot(folder: Path, label_names: list[str], per_class: pd.DataFrame) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(max(5.0, 0.8 * len(label_names) + 2), 4))
     positions = np.arange(len(label_names))
@@ -297,6 +334,8 @@ def evaluate(
     from tasks.serving.classifier import TextClassifier
 
     classifier = TextClassifier(model.model_dir)
+    if data.multi_label:
+        return evaluate_multi_label(classifier, data, output_dir, context or {}, config)
     train, test = data.split("train"), data.split("test")
     texts, labels = test["text"].tolist(), test["label_id"].to_numpy()
     names = data.label_names
@@ -402,6 +441,151 @@ def evaluate(
                 classifier.max_length,
             )
         )
+    return EvaluationResult(metrics=metrics, artifacts_dir=output_dir, report_path=output_dir / "report.md")
+
+
+def multi_label_scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """Multi-label scores of 0/1 matrices (one row per text, one column per class): micro and macro F1 (macro over
+    every class, one absent from both counting F1 0 as sklearn's zero_division does), weighted F1, subset accuracy
+    (every class of a text right) and Hamming loss (share of wrong text-class cells)."""
+    from sklearn.metrics import accuracy_score, f1_score, hamming_loss
+
+    return {
+        "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+        "micro_f1": float(f1_score(truth, predicted, average="micro", zero_division=0)),
+        "weighted_f1": float(f1_score(truth, predicted, average="weighted", zero_division=0)),
+        "subset_accuracy": float(accuracy_score(truth, predicted)),
+        "hamming_loss": float(hamming_loss(truth, predicted)),
+    }
+
+
+def _multi_label_report(
+    metrics: dict[str, float], per_class: pd.DataFrame, long_short: pd.DataFrame, context: dict[str, str]
+) -> str:
+    lines = ["# Model report (multi-label)", ""]
+    lines += [f"- **{key}**: {value}" for key, value in context.items()]
+    hints = improvement_hints(metrics)
+    if hints:
+        lines += ["", "## What to try", "", *[f"- {hint}" for hint in hints]]
+    rows = [
+        ("micro F1", "micro_f1"),
+        ("macro F1", "macro_f1"),
+        ("weighted F1", "weighted_f1"),
+        ("subset accuracy", "subset_accuracy"),
+        ("Hamming loss (lower is better)", "hamming_loss"),
+    ]
+    lines += [
+        "",
+        "## Test metrics",
+        "",
+        "A class is answered when its sigmoid probability reaches its threshold, chosen per class on the validation "
+        "split (column `threshold` below); the baseline is TF-IDF + one logistic regression per class at 0.5.",
+        "",
+        "| metric | fine-tuned | TF-IDF + one-vs-rest logistic regression |",
+        "|---|---:|---:|",
+        *[f"| {title} | {metrics['test_' + key]:.4f} | {metrics['baseline_' + key]:.4f} |" for title, key in rows],
+        "",
+        f"- Labels per text: {metrics['test_label_cardinality']:.2f} true, {metrics['test_predicted_cardinality']:.2f} "
+        f"predicted; texts with no label: {metrics['test_texts_without_labels']:.0f}",
+        f"- Latency: {metrics['latency_ms_per_text_batched']:.2f} ms a text in batches",
+        f"- Test texts: {int(metrics['test_size'])}",
+        "",
+        "## Per class",
+        "",
+        per_class.to_markdown(floatfmt=".4f"),
+        "",
+        "## Long and short texts",
+        "",
+        long_short.to_markdown(floatfmt=".4f"),
+        "",
+        "## Known limits",
+        "",
+        "- Scores come from one test split; small classes have wide uncertainty.",
+        "- Thresholds were chosen on the validation split; a class rare there has a noisy threshold.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def evaluate_multi_label(
+    classifier: TextClassifier,
+    data: PreparedDataset,
+    output_dir: Path,
+    context: dict[str, str],
+    config: EvaluationConfig,
+) -> EvaluationResult:
+    """The multi-label evaluation: the model's answers (each class at its validation threshold) against the true
+    label sets of the test split, next to a one-vs-rest TF-IDF baseline."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    names = data.label_names
+    train, test = data.split("train"), data.split("test")
+    texts = test["text"].tolist()
+    truth = np.stack(test["label_vector"].to_numpy()).astype(int)
+    started = time.perf_counter()
+    encoded = classifier.encode(texts)
+    probabilities = classifier.classify_encoded(encoded, batch_size=config.batch_size)
+    batched_ms = (time.perf_counter() - started) * 1000 / max(1, len(texts))
+    predicted = (probabilities >= classifier.thresholds).astype(int)
+    baseline = tfidf_one_vs_rest_baseline(train, test, len(names))
+    truncated = np.asarray(encoded.truncated, dtype=bool)
+
+    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, zero_division=0)
+    baseline_f1 = precision_recall_fscore_support(truth, baseline, zero_division=0)[2]
+    per_class = pd.DataFrame(
+        {
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": support,
+            "threshold": classifier.thresholds,
+            "baseline_f1": baseline_f1,
+        },
+        index=pd.Index(names, name="class"),
+    )
+    model_scores, baseline_scores = multi_label_scores(truth, predicted), multi_label_scores(truth, baseline)
+    train_positives = np.stack(train["label_vector"].to_numpy()).sum(axis=0)
+    metrics: dict[str, float] = {
+        **{f"test_{key}": value for key, value in model_scores.items()},
+        **{f"baseline_{key}": value for key, value in baseline_scores.items()},
+        "test_accuracy": model_scores["subset_accuracy"],  # what single-label reports call accuracy
+        "baseline_accuracy": baseline_scores["subset_accuracy"],
+        "test_size": float(len(texts)),
+        "test_label_cardinality": float(truth.sum(axis=1).mean()) if len(texts) else 0.0,
+        "test_predicted_cardinality": float(predicted.sum(axis=1).mean()) if len(texts) else 0.0,
+        "test_texts_without_labels": float((truth.sum(axis=1) == 0).sum()),
+        "test_predicted_classes": float((predicted.sum(axis=0) > 0).sum()),
+        "train_class_imbalance": float(train_positives.max() / max(1.0, train_positives.min())),
+        "latency_ms_per_text_batched": batched_ms,
+        "truncated_share": float(truncated.mean()) if len(texts) else 0.0,
+    }
+    for name, row in per_class.iterrows():
+        metrics.update({f"test_{k}_{name}": float(row[k]) for k in ("precision", "recall", "f1", "threshold")})
+        metrics[f"baseline_f1_{name}"] = float(row["baseline_f1"])
+    long_short_rows = {}
+    for title, mask in (("long (more than one window)", truncated), ("short (fits one window)", ~truncated)):
+        if mask.any():
+            scores = multi_label_scores(truth[mask], predicted[mask])
+            long_short_rows[title] = {"texts": int(mask.sum()), **scores}
+            key = "long" if title.startswith("long") else "short"
+            metrics[f"test_macro_f1_{key}_texts"] = scores["macro_f1"]
+    long_short = pd.DataFrame.from_dict(long_short_rows, orient="index")
+
+    with atomic_directory(output_dir) as staging:
+        _per_class_plot(staging, names, per_class)
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        per_class.to_csv(staging / "per_class.csv")
+        long_short.to_csv(staging / "long_short_texts.csv")
+        answers = classifier.label_sets(probabilities)
+        pd.DataFrame(
+            {
+                "text": texts,
+                "label": test["label"].tolist(),  # the true label lists: the promotion gate scores on them
+                "predicted": answers,
+                "probability": probabilities.max(axis=1) if len(texts) else np.zeros(0),
+            }
+        ).to_parquet(staging / "test_predictions.parquet", index=False)
+        (staging / "report.md").write_text(_multi_label_report(metrics, per_class, long_short, context))
     return EvaluationResult(metrics=metrics, artifacts_dir=output_dir, report_path=output_dir / "report.md")
 
 

@@ -220,9 +220,22 @@ def class_weights(labels: list[int], num_labels: int) -> torch.Tensor:
     return counts.sum() / (num_labels * counts)
 
 
-def pooled_macro_f1(text_index: Sequence[int]) -> Callable[[EvalPrediction], dict[str, float]]:
+def positive_weights(vectors: list[list[float]]) -> torch.Tensor:
+    """Multi-label class weighting: per class, its negatives over its positives (the `pos_weight` of the binary
+    cross-entropy), so a rare class's few positives weigh as much as its many negatives."""
+    import torch
+
+    targets = torch.tensor(vectors, dtype=torch.float32)
+    positives = targets.sum(dim=0).clamp(min=1)
+    return (len(targets) - positives).clamp(min=1) / positives
+
+
+def pooled_macro_f1(
+    text_index: Sequence[int], multi_label: bool = False
+) -> Callable[[EvalPrediction], dict[str, float]]:
     """Validation metrics per text, not per window: a text's windows' logits are averaged first, exactly as the
-    classifier does when it predicts (tasks/serving/windows.py). The eval dataloader keeps the dataset's order."""
+    classifier does when it predicts (tasks/serving/windows.py). The eval dataloader keeps the dataset's order.
+    Multi-label: a class is predicted at probability 0.5 here (the per-class thresholds are chosen after training)."""
     import numpy as np
 
     from tasks.serving.windows import pool_logits
@@ -234,7 +247,10 @@ def pooled_macro_f1(text_index: Sequence[int]) -> Callable[[EvalPrediction], dic
         texts = int(owner.max()) + 1 if len(owner) else 0
         pooled = pool_logits(logits, owner, texts)
         first_window = np.unique(owner, return_index=True)[1]
-        return _scores(pooled.argmax(axis=-1), np.asarray(eval_prediction.label_ids)[first_window])
+        labels = np.asarray(eval_prediction.label_ids)[first_window]
+        if multi_label:
+            return _multi_label_scores((pooled >= 0).astype(int), labels.astype(int))  # logit 0 = probability 0.5
+        return _scores(pooled.argmax(axis=-1), labels)
 
     return compute
 
@@ -246,6 +262,41 @@ def _scores(predicted: npt.NDArray[np.integer[Any]], labels: npt.NDArray[np.inte
         "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
         "accuracy": float(accuracy_score(labels, predicted)),
     }
+
+
+def _multi_label_scores(
+    predicted: npt.NDArray[np.integer[Any]], labels: npt.NDArray[np.integer[Any]]
+) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {
+        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+        "micro_f1": float(f1_score(labels, predicted, average="micro", zero_division=0)),
+        "accuracy": float(accuracy_score(labels, predicted)),  # subset accuracy: every class of the text right
+    }
+
+
+THRESHOLD_GRID = tuple(round(0.05 * step, 2) for step in range(1, 20))  # 0.05 .. 0.95
+
+
+def choose_thresholds(probabilities: np.ndarray, targets: np.ndarray, label_names: list[str]) -> dict[str, float]:
+    """Per class, the probability threshold of THRESHOLD_GRID with the best F1 on the validation split (ties: the one
+    nearest 0.5). A coarse grid, not every observed probability: on a small validation split the exact best point
+    overfits it. A class without validation positives keeps 0.5."""
+    from sklearn.metrics import f1_score
+
+    chosen = {}
+    for column, name in enumerate(label_names):
+        truth = targets[:, column].astype(int)
+        if not truth.any():
+            chosen[name] = 0.5
+            continue
+        scored = [
+            (float(f1_score(truth, probabilities[:, column] >= t, zero_division=0)), -abs(t - 0.5), t)
+            for t in THRESHOLD_GRID
+        ]
+        chosen[name] = max(scored)[2]
+    return chosen
 
 
 def _mlflow_callback(tracking: TrackingRef) -> TrainerCallback:
@@ -391,9 +442,11 @@ def build_trainer(
     num_labels = len(data.label_names)
     tokenizer = with_padding_token(AutoTokenizer.from_pretrained(config.base_model))
     set_seed(config.seed)  # before the model load: the fresh classification head is initialised here
+    multi_label = data.multi_label
     model = AutoModelForSequenceClassification.from_pretrained(
         config.base_model,
         num_labels=num_labels,
+        **({"problem_type": "multi_label_classification"} if multi_label else {}),
         id2label=dict(enumerate(data.label_names)),
         label2id={name: i for i, name in enumerate(data.label_names)},
         ignore_mismatched_sizes=True,  # a base model with another head: start a fresh one
@@ -433,7 +486,12 @@ def build_trainer(
         dataloader_pin_memory=device == "cuda",
         disable_tqdm=False,
     )
-    weights = class_weights(tokenized["train"]["labels"], num_labels).to(device) if config.class_weighted_loss else None
+    weights = None
+    if config.class_weighted_loss:
+        train_labels = tokenized["train"]["labels"]
+        weights = (positive_weights(train_labels) if multi_label else class_weights(train_labels, num_labels)).to(
+            device
+        )
 
     def weighted_loss(
         outputs: _ClassifierOutput,
@@ -442,6 +500,8 @@ def build_trainer(
     ) -> torch.Tensor:
         import torch.nn.functional as F
 
+        if multi_label:  # one binary cross-entropy per class, on fp32 logits (also under bf16 autocast)
+            return F.binary_cross_entropy_with_logits(outputs.logits.float(), labels.float(), pos_weight=weights)
         return F.cross_entropy(outputs.logits.float(), labels, weight=weights)
 
     class WindowTrainer(Trainer):
@@ -468,8 +528,8 @@ def build_trainer(
         eval_dataset=tokenized["validation"],
         processing_class=tokenizer,
         data_collator=_PaddingModelInputs(tokenizer),
-        compute_metrics=pooled_macro_f1(tokenized["validation"]["text_index"]),
-        compute_loss_func=weighted_loss if weights is not None else None,
+        compute_metrics=pooled_macro_f1(tokenized["validation"]["text_index"], multi_label),
+        compute_loss_func=weighted_loss if weights is not None or multi_label else None,
         callbacks=callbacks,
     )
 
@@ -533,19 +593,32 @@ def fine_tune(
     # build_trainer passes the tokenizer as the processing class
     cast("PreTrainedTokenizerBase", trainer.processing_class).save_pretrained(str(staging))
     (staging / LABELS_FILE).write_text(json.dumps(data.label_names, indent=2))
-    (staging / MODEL_SETTINGS_FILE).write_text(
-        json.dumps(
-            {
-                **data.windowing.windowing().as_dict(),
-                "base_model": config.base_model,
-                "data_version": data.data_version,
-            }
-        )
-    )
+    settings = {
+        **data.windowing.windowing().as_dict(),
+        "base_model": config.base_model,
+        "data_version": data.data_version,
+        "problem_type": data.problem_type,
+    }
+    (staging / MODEL_SETTINGS_FILE).write_text(json.dumps(settings))
+    if data.multi_label:  # the thresholds are part of the model: every place that predicts applies the same ones
+        settings["thresholds"] = validation_thresholds(staging, data)
+        (staging / MODEL_SETTINGS_FILE).write_text(json.dumps(settings))
     shutil.rmtree(model_dir, ignore_errors=True)
     staging.rename(model_dir)
     result_path.write_text(result.model_dump_json(indent=2))
     return result
+
+
+def validation_thresholds(model_dir: Path, data: PreparedDataset) -> dict[str, float]:
+    """The per-class thresholds of a multi-label model, chosen on the validation split with the saved model itself
+    (the classifier every consumer predicts with), never on the test split."""
+    import numpy as np
+
+    from tasks.serving.classifier import TextClassifier
+
+    validation = data.split("validation")
+    probabilities = TextClassifier(model_dir).predict_proba(validation["text"].tolist())
+    return choose_thresholds(probabilities, np.stack(validation["label_vector"].to_numpy()), data.label_names)
 
 
 class DataParallelJob(BaseModel):

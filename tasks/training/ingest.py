@@ -3,20 +3,23 @@ immutable Parquet snapshot named by its content hash (the dataset version)."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import io
+import json
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common.atomic import atomic_file
 from tasks.common.tables import ARCHIVE_SUFFIXES, TABLE_SUFFIXES, Decoding, read_table, read_text_file, reraised_as
-from tasks.contracts import DatasetSnapshot, DatasetValidationError
+from tasks.contracts import DatasetSnapshot, DatasetValidationError, ProblemType
 
 if TYPE_CHECKING:
     from prefect import State, Task
@@ -55,7 +58,22 @@ class IngestConfig(BaseModel):
         ),
     )
     text_column: str = Field(default="text", description="Column holding the text.")
-    label_column: str = Field(default="label", description="Column holding the label.")
+    label_column: str = Field(
+        default="label",
+        description="Column holding the label (multi_label: the text's labels, as a list or a delimited string).",
+    )
+    problem_type: ProblemType = Field(
+        default="single_label",
+        description="single_label: one class per text (softmax). multi_label: any number of classes per text, "
+        "none included (sigmoid outputs, one threshold per class chosen on the validation split).",
+    )
+    label_delimiter: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=10,
+        description="multi_label: the separator of the labels in a text cell, e.g. ',' or '|'. Unset: the label "
+        "column holds lists (JSONL arrays, Parquet lists, hub sequences, or JSON/Python list strings in CSV).",
+    )
     split_column: str | None = Field(
         default=None,
         description="Column holding train/validation/test in a single file. Unset: a column named 'split' is used if present.",
@@ -237,6 +255,10 @@ def _read_hub(name: str, config: IngestConfig) -> pd.DataFrame:
         label_feature = part.features.get(config.label_column)
         if isinstance(label_feature, datasets.ClassLabel) and config.label_column in frame:
             frame[config.label_column] = frame[config.label_column].map(label_feature.int2str)
+        elif isinstance(getattr(label_feature, "feature", None), datasets.ClassLabel) and config.label_column in frame:
+            # a sequence of class ids per text (a multi-label hub dataset, such as go_emotions)
+            classes = label_feature.feature
+            frame[config.label_column] = [[classes.int2str(int(i)) for i in ids] for ids in frame[config.label_column]]
         split = SPLIT_NAMES.get(str(split_name).lower()) if len(splits) > 1 else None
         frames.append(_from_table(frame, f"hub:{name}[{split_name}]", config, split=split))
     return pd.concat(frames, ignore_index=True)
@@ -287,8 +309,62 @@ def _is_blank(values: pd.Series) -> pd.Series:
     return values.isna() | values.astype(str).str.strip().eq("")
 
 
+def _is_list(value: object) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
+
+
+def label_set(value: object, delimiter: str | None) -> list[str]:
+    """One multi-label cell as its sorted, distinct labels. A list (JSONL array, Parquet list, hub sequence) as it
+    is; a string split at `delimiter`, or read as a JSON or Python list literal ('["a", "b"]', what pandas writes for
+    a list column in a CSV); a blank cell is no label. Raises ValueError for a string that is neither."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        items = [str(item).strip() for item in value]
+    elif value is None or pd.isna(value) or str(value).strip() == "":
+        items = []
+    else:
+        text = str(value).strip()
+        if delimiter is not None:
+            items = [item.strip() for item in text.split(delimiter)]
+        elif text.startswith("["):
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                try:
+                    parsed = ast.literal_eval(text)
+                except (ValueError, SyntaxError) as error:
+                    raise ValueError(f"{text[:80]!r} looks like a list but is not a JSON or Python list") from error
+            if not isinstance(parsed, (list, tuple)):
+                raise ValueError(f"{text[:80]!r} is not a list")
+            items = [str(item).strip() for item in parsed]
+        else:
+            raise ValueError(f"{text[:80]!r} is a string and no label delimiter is set")
+    return sorted({item for item in items if item})
+
+
+def _validate_label_sets(frame: pd.DataFrame, config: IngestConfig) -> pd.DataFrame:
+    parsed: list[list[str]] = []
+    problems: list[str | None] = []
+    for value in frame["label"]:
+        try:
+            parsed.append(label_set(value, config.label_delimiter))
+            problems.append(None)
+        except ValueError as error:
+            parsed.append([])
+            problems.append(str(error))
+    wrong = frame[[problem is not None for problem in problems]]
+    if len(wrong):
+        first = next(problem for problem in problems if problem is not None)
+        raise DatasetValidationError(
+            f"{len(wrong)} label cell(s) in column {config.label_column!r} are not a list of labels ({first}): "
+            f"{_where(wrong)}. Set {setting('label_delimiter')} to the separator of the labels (e.g. ',' for "
+            f"'sport,politics'), or give lists (JSONL arrays, Parquet lists)."
+        )
+    return frame.assign(label=parsed)
+
+
 def validate(frame: pd.DataFrame, config: IngestConfig) -> pd.DataFrame:
-    """Check the rows and return them normalised (text and label as str, split as train/validation/test or None)."""
+    """Check the rows and return them normalised (text as str; label as str, or for multi_label as a sorted list of
+    str; split as train/validation/test or None)."""
     if frame.empty:
         raise DatasetValidationError(f"Dataset source {config.source!r} has no rows.")
     blank_text = frame[_is_blank(frame["text"])]
@@ -297,13 +373,25 @@ def validate(frame: pd.DataFrame, config: IngestConfig) -> pd.DataFrame:
             f"{len(blank_text)} empty or whitespace-only text(s) in column {config.text_column!r}: "
             f"{_where(blank_text)}. Fill or remove those rows."
         )
-    blank_label = frame[_is_blank(frame["label"])]
-    if len(blank_label):
-        raise DatasetValidationError(
-            f"{len(blank_label)} missing label(s) in column {config.label_column!r}: {_where(blank_label)}. "
-            f"Label or remove those rows."
-        )
-    frame = frame.assign(text=frame["text"].astype(str), label=frame["label"].astype(str).str.strip())
+    multi_label = config.problem_type == "multi_label"
+    if multi_label:
+        frame = _validate_label_sets(frame, config)
+    else:
+        lists = frame[frame["label"].map(_is_list)]
+        if len(lists):
+            raise DatasetValidationError(
+                f"{len(lists)} label cell(s) in column {config.label_column!r} hold lists ({_where(lists)}): a text "
+                f"with several labels needs {setting('problem_type')} set to multi_label."
+            )
+        blank_label = frame[_is_blank(frame["label"])]
+        if len(blank_label):
+            raise DatasetValidationError(
+                f"{len(blank_label)} missing label(s) in column {config.label_column!r}: {_where(blank_label)}. "
+                f"Label or remove those rows."
+            )
+    frame = frame.assign(text=frame["text"].astype(str))
+    if not multi_label:
+        frame = frame.assign(label=frame["label"].astype(str).str.strip())
     if frame["split"].notna().any():
         raw = frame["split"].astype(str).str.strip().str.lower()
         unknown = frame[frame["split"].isna() | ~raw.isin(SPLIT_NAMES)]
@@ -317,13 +405,14 @@ def validate(frame: pd.DataFrame, config: IngestConfig) -> pd.DataFrame:
             raise DatasetValidationError(f"Dataset source {config.source!r} has splits but no train rows.")
     else:
         frame = frame.assign(split=None)
-    counts = frame["label"].value_counts()
+    counts = label_counts(frame["label"])
     if len(counts) < 2:
+        only = f"({counts.index[0]!r}) " if len(counts) else ""
         raise DatasetValidationError(
-            f"Only one class ({counts.index[0]!r}) in column {config.label_column!r}: a classifier needs at least two."
+            f"Only one class {only}in column {config.label_column!r}: a classifier needs at least two."
         )
     pool = frame[frame["split"].isin(["train", "validation"])] if frame["split"].notna().any() else frame
-    pool_counts = pool["label"].value_counts().reindex(counts.index, fill_value=0)
+    pool_counts = label_counts(pool["label"]).reindex(counts.index, fill_value=0)
     too_few = pool_counts[pool_counts < config.min_examples_per_class]
     if len(too_few):
         listed = ", ".join(f"{label!r} ({count})" for label, count in too_few.items())
@@ -340,17 +429,29 @@ def validate(frame: pd.DataFrame, config: IngestConfig) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def content_version(frame: pd.DataFrame) -> str:
+def label_counts(labels: pd.Series) -> pd.Series:
+    """Texts per class; a multi-label column (lists) counts each text once for each of its classes."""
+    if len(labels) and _is_list(labels.iloc[0]):
+        return labels.explode().dropna().value_counts()
+    return labels.value_counts()
+
+
+def content_version(frame: pd.DataFrame, problem_type: ProblemType = "single_label") -> str:
     """The dataset version: a hash of the rows' content, stable across pandas/pyarrow versions."""
     digest = hashlib.sha256()
+    if problem_type == "multi_label":  # the same cells read as label lists are another dataset
+        digest.update(b"multi_label\x1e")
     for text, label, split in frame[SNAPSHOT_COLUMNS].itertuples(index=False):
-        digest.update(f"{text}\x1f{label}\x1f{split or ''}\x1e".encode())
+        shown = "\x1d".join(label) if _is_list(label) else label
+        digest.update(f"{text}\x1f{shown}\x1f{split or ''}\x1e".encode())
     return digest.hexdigest()[:16]
 
 
-def write_snapshot(frame: pd.DataFrame, snapshot_dir: Path, source: str) -> DatasetSnapshot:
+def write_snapshot(
+    frame: pd.DataFrame, snapshot_dir: Path, source: str, problem_type: ProblemType = "single_label"
+) -> DatasetSnapshot:
     table = frame[SNAPSHOT_COLUMNS].reset_index(drop=True)
-    version = content_version(table)
+    version = content_version(table, problem_type)
     path = snapshot_dir / f"{version}.parquet"
     if not path.exists():  # content-addressed: an existing file already holds exactly these rows
         with atomic_file(path) as temporary:
@@ -360,15 +461,16 @@ def write_snapshot(frame: pd.DataFrame, snapshot_dir: Path, source: str) -> Data
         version=version,
         source=source,
         num_rows=len(table),
-        label_counts={str(k): int(v) for k, v in table["label"].value_counts().sort_index().items()},
+        label_counts={str(k): int(v) for k, v in label_counts(table["label"]).sort_index().items()},
         has_splits=bool(table["split"].notna().any()),
+        problem_type=problem_type,
     )
 
 
 def ingest(config: IngestConfig, snapshot_dir: Path) -> DatasetSnapshot:
     """Read, validate and snapshot a dataset. Nothing is written unless validation passes."""
     frame = validate(read_source(config), config)
-    return write_snapshot(frame, snapshot_dir, config.source)
+    return write_snapshot(frame, snapshot_dir, config.source, config.problem_type)
 
 
 def _retry_only_remote(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 # Bump when cleaning or splitting changes, so that old caches are not reused.
-PREPROCESS_VERSION = "2"
+PREPROCESS_VERSION = "3"
 SPLITS = ("train", "validation", "test")
 # When a text occurs in several splits, keep the copy in the split that matters most for honest scores.
 SPLIT_PRIORITY = {"test": 0, "validation": 1, "train": 2}
@@ -51,6 +51,29 @@ def drop_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return kept, len(frame) - len(kept)
 
 
+def multi_hot(label_sets: pd.Series, label_names: list[str]) -> np.ndarray:
+    """One row per text, one 0/1 column per class of `label_names` (float32, what the multi-label loss takes)."""
+    index = {name: i for i, name in enumerate(label_names)}
+    matrix = np.zeros((len(label_sets), len(label_names)), dtype=np.float32)
+    for row, labels in enumerate(label_sets):
+        matrix[row, [index[label] for label in labels]] = 1.0
+    return matrix
+
+
+def _carve(train: pd.DataFrame, size: int, seed: int) -> pd.Index:
+    """`size` rows of `train`, stratified: by class, or for label lists by iterative stratification (Sechidis et al.
+    2011, the iterative-stratification package), which keeps each class's share in both parts."""
+    if len(train) and not isinstance(train["label"].iloc[0], str):
+        from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+        names = sorted({label for labels in train["label"] for label in labels})
+        splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=size, random_state=seed)
+        _, carved = next(splitter.split(np.zeros(len(train)), multi_hot(train["label"], names)))
+        return train.index[carved]
+    _, carved = train_test_split(train.index, test_size=size, stratify=train["label"], random_state=seed)
+    return pd.Index(carved)
+
+
 def split_dataset(frame: pd.DataFrame, config: PreprocessConfig) -> pd.DataFrame:
     """Stratified, seeded train/validation/test split. Splits the source already has are kept as they are;
     only the missing ones are carved out of train."""
@@ -61,9 +84,10 @@ def split_dataset(frame: pd.DataFrame, config: PreprocessConfig) -> pd.DataFrame
             continue
         train = frame[frame["split"] == "train"]
         # Fractions are of the whole dataset, so the two carved splits have comparable sizes.
-        size = max(int(round(fraction * len(frame))), train["label"].nunique())
+        classes = train["label"].nunique() if isinstance(train["label"].iloc[0], str) else 1
+        size = max(int(round(fraction * len(frame))), classes)
         try:
-            _, carved = train_test_split(train.index, test_size=size, stratify=train["label"], random_state=config.seed)
+            carved = _carve(train, size, config.seed)
         except ValueError as error:
             raise DatasetValidationError(
                 f"Cannot carve a stratified {name} split out of {len(train)} training rows: {error}. "
@@ -120,7 +144,9 @@ def training_windows(owner: np.ndarray, per_text: int) -> np.ndarray:
 
 
 def _split_rows(frame: pd.DataFrame, split: str) -> pd.DataFrame:
-    rows = frame.loc[frame["split"] == split, ["text", "label_id"]].rename(columns={"label_id": "labels"})
+    """The split's texts and their targets (`labels`: a class id, or a multi-hot vector for label lists)."""
+    target = "label_vector" if "label_vector" in frame.columns else "label_id"
+    rows = frame.loc[frame["split"] == split, ["text", target]].rename(columns={target: "labels"})
     return rows.reset_index(drop=True).rename_axis("text_index").reset_index()
 
 
@@ -130,22 +156,30 @@ def _build(
     import datasets
 
     frame = pd.read_parquet(snapshot.path)
+    multi_label = snapshot.problem_type == "multi_label"
+    if multi_label:  # Parquet gives numpy arrays back
+        frame["label"] = frame["label"].map(lambda labels: sorted(str(label) for label in labels))
     frame["text"] = frame["text"].map(clean_text)
     frame = frame[frame["text"] != ""]
     frame, duplicates = drop_duplicates(frame)
     frame = split_dataset(frame.reset_index(drop=True), config)
     assert not frame.groupby("text")["split"].nunique().gt(1).any(), "a text is in two splits"
 
-    label_names = sorted(frame["label"].unique())
-    missing_in_train = set(label_names) - set(frame.loc[frame["split"] == "train", "label"])
+    def classes(labels: pd.Series) -> set[str]:
+        return {label for row in labels for label in row} if multi_label else set(labels)
+
+    label_names = sorted(classes(frame["label"]))
+    missing_in_train = set(label_names) - classes(frame.loc[frame["split"] == "train", "label"])
     if missing_in_train:
         raise DatasetValidationError(
             f"Class(es) {sorted(missing_in_train)} appear only outside the train split; the model cannot learn them. "
             f"Add training examples for them or drop them."
         )
-    label_ids = {label: index for index, label in enumerate(label_names)}
-    frame["label_id"] = frame["label"].map(label_ids)
     frame = frame.reset_index(drop=True)
+    if multi_label:
+        frame["label_vector"] = list(multi_hot(frame["label"], label_names))
+    else:
+        frame["label_id"] = frame["label"].map({label: index for index, label in enumerate(label_names)})
     frame.to_parquet(target / "splits.parquet", index=False)
     (target / "labels.json").write_text(json.dumps(label_names, indent=2))
 
@@ -189,6 +223,7 @@ def _build(
         "label_names": label_names,
         "split_sizes": {split: int(frame["split"].eq(split).sum()) for split in SPLITS},
         "duplicates_removed": int(duplicates),
+        "problem_type": snapshot.problem_type,
     }
 
 

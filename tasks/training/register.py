@@ -133,6 +133,7 @@ def register(
             "device": model.device,
             "precision": model.precision,
             "training_processes": str(model.processes),
+            "problem_type": data.problem_type,
         }
         flow_run_id = client.get_run(tracking.run_id).data.tags.get(FLOW_RUN_TAG)
         if flow_run_id:  # lets the promotion automation find the version a training flow run registered
