@@ -22,8 +22,10 @@ def _tsv_rows(path: Path) -> list[list[str]]:
 
 def atis_frame(shared: Path = DEFAULT_SHARED, multi_intent: str = "keep", min_examples: int = 2) -> pd.DataFrame | None:
     """ATIS intents with the source's own train/dev/test split (dev -> validation). `multi_intent`: "keep" the
-    combined `a#b` labels as classes (the protocol of the published 97.5 % anchor, Chen et al. 2019) or map them
-    to their "first" intent. Classes with fewer than `min_examples` rows in train and validation are left out
+    combined `a#b` labels as classes (the protocol of the published 97.5 % anchor, Chen et al. 2019), map them
+    to their "first" intent, or "split" them into label lists (a multi-label dataset of the 18 atomic intents: a
+    test row's combination need not occur in training, only its intents; rows with an intent that has fewer than
+    `min_examples` rows in train and validation are left out, and counted). Classes with fewer than `min_examples` rows in train and validation are left out
     (four 1-row combined intents, none in the test split), and so are test rows whose label never occurs in train
     or validation, which a single-label classifier cannot learn: `attrs["unlearnable_test_rows"]` counts them."""
     files = {split: shared / "atis" / f"{split}.tsv" for split in ATIS_SPLITS}
@@ -39,6 +41,17 @@ def atis_frame(shared: Path = DEFAULT_SHARED, multi_intent: str = "keep", min_ex
         for row in _tsv_rows(path)
     ]
     frame = pd.DataFrame(rows)
+    if multi_intent == "split":
+        frame["label"] = frame["label"].str.split("#")
+        atomic = frame.loc[frame["split"] != "test", "label"].explode().value_counts()
+        learnable = set(atomic[atomic >= min_examples].index)
+        usable = frame["label"].map(lambda intents: set(intents) <= learnable)
+        kept = frame[usable].reset_index(drop=True)
+        kept.attrs.update(
+            unlearnable_test_rows=int(((frame["split"] == "test") & ~usable).sum()),
+            source_test_rows=int((frame["split"] == "test").sum()),
+        )
+        return kept
     learning_counts = frame.loc[frame["split"] != "test", "label"].value_counts()
     learnable = set(learning_counts[learning_counts >= min_examples].index)
     unlearnable = (frame["split"] == "test") & ~frame["label"].isin(learnable)

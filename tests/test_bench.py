@@ -218,7 +218,7 @@ def test_quality_benchmark_runs_the_training_flow_on_each_real_dataset(tiny_mode
             sys.executable,
             "bench/quality.py",
             "--datasets",
-            "atis,sms-spam,drug-reviews",
+            "atis,sms-spam,drug-reviews,atis-multi-label",
             "--base-model",
             str(tiny_model_dir),
             "--max-length",
@@ -241,7 +241,7 @@ def test_quality_benchmark_runs_the_training_flow_on_each_real_dataset(tiny_mode
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(output.read_text())
-    assert set(result["results"]) == {"atis", "sms-spam", "drug-reviews"}
+    assert set(result["results"]) == {"atis", "sms-spam", "drug-reviews", "atis-multi-label"}
     for figures in result["results"].values():
         assert figures["status"] == "completed" and 0 <= figures["test_macro_f1"] <= 1
         assert 0 <= figures["baseline_macro_f1"] <= 1 and figures["wall_seconds"] > 0
@@ -249,6 +249,8 @@ def test_quality_benchmark_runs_the_training_flow_on_each_real_dataset(tiny_mode
     assert result["results"]["atis"]["unlearnable_test_rows"] >= 1
     assert "test_spam_f1" in result["results"]["sms-spam"]
     assert {"atis_accuracy_at_least_0.975", "sms_accuracy_at_least_0.992"} <= set(result["targets"])
+    multi = result["results"]["atis-multi-label"]  # the combined intents as label lists
+    assert "test_micro_f1" in multi and "test_hamming_loss" in multi and multi["unlearnable_test_rows"] >= 1
 
 
 @pytest.mark.integration
