@@ -234,7 +234,9 @@ def drift_monitoring(
                     uri, name, champion, new_labelled_data, settings.snapshot_dir, settings.root / "retraining"
                 )
                 dataset_path = dataset.path
-                retraining_run = trigger_retraining_task(retraining_deployment, dataset.path, name, dataset.version)
+                retraining_run = trigger_retraining_task(
+                    retraining_deployment, dataset.path, name, dataset.version, problem_type=dataset.problem_type
+                )
                 log_params_task(
                     tracking, {"retraining_flow_run_id": retraining_run, "retraining_dataset": dataset.path}
                 )

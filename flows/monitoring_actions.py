@@ -19,7 +19,7 @@ from prefect.deployments import run_deployment
 from prefect.events import emit_event
 from prefect.exceptions import MissingContextError
 
-from tasks.contracts import DatasetSnapshot, DatasetValidationError
+from tasks.contracts import DatasetSnapshot, DatasetValidationError, ProblemType
 from tasks.monitoring.drift import retry_unless_misconfigured
 from tasks.monitoring.report import DriftReport, drift_metrics
 from tasks.training.ingest import (
@@ -108,6 +108,11 @@ def _params_to_ingest_config(params: dict[str, str], source: str) -> IngestConfi
     return IngestConfig.model_validate(values)
 
 
+def _problem_type(params: dict[str, str]) -> ProblemType:
+    """The training run's problem type (runs from before multi-label support are single-label)."""
+    return "multi_label" if params.get("problem_type") == "multi_label" else "single_label"
+
+
 def training_snapshot(
     tracking_uri: str, name: str, version: int, snapshot_dir: Path
 ) -> tuple[pd.DataFrame, str, list[str]]:
@@ -136,7 +141,7 @@ def training_snapshot(
     for path in candidates:
         if path.is_file():
             frame = pd.read_parquet(path)
-            if data_version and content_version(frame) != data_version:
+            if data_version and content_version(frame, _problem_type(run.data.params)) != data_version:
                 notes.append(f"{path} does not hold data version {data_version}; skipped.")
                 continue
             return frame[SNAPSHOT_COLUMNS], str(path), notes
@@ -179,7 +184,20 @@ def build_retraining_dataset(
             f"new_labelled_data {new_labelled_data!r}: no such file. Give a CSV, TSV, JSONL or Parquet "
             f"file with columns {text_column!r} and {label_column!r}."
         )
-    new = read_source(IngestConfig(source=str(path), text_column=text_column, label_column=label_column))
+    # A multi-label champion: the new rows' labels are lists, or strings split at its training data's delimiter.
+    champion_params = _champion_params(tracking_uri, name, version)
+    problem_type = _problem_type(champion_params)
+    delimiter = champion_params.get("label_delimiter")
+    delimiter = None if delimiter in (None, "None") else delimiter
+    new = read_source(
+        IngestConfig(
+            source=str(path),
+            text_column=text_column,
+            label_column=label_column,
+            problem_type=problem_type,
+            label_delimiter=delimiter,
+        )
+    )
     if new.empty:
         raise DatasetValidationError(f"{path} holds no rows: there is nothing to add to the training data.")
     has_splits = bool(base["split"].notna().any())
@@ -187,8 +205,16 @@ def build_retraining_dataset(
     base = base.assign(origin=origin, row=range(1, len(base) + 1))
     combined = pd.concat([base, new[["text", "label", "split", "origin", "row"]]], ignore_index=True)
     source = f"{origin} + {path}"
-    frame = validate(combined, IngestConfig(source=source))
-    return write_snapshot(frame, target_dir, source=source)
+    frame = validate(combined, IngestConfig(source=source, problem_type=problem_type, label_delimiter=delimiter))
+    return write_snapshot(frame, target_dir, source=source, problem_type=problem_type)
+
+
+def _champion_params(tracking_uri: str, name: str, version: int) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run_id = client.get_model_version(name, str(version)).run_id
+    return dict(client.get_run(run_id).data.params) if run_id else {}
 
 
 def trigger_retraining(
@@ -197,6 +223,7 @@ def trigger_retraining(
     registered_model_name: str,
     data_version: str,
     extra_parameters: dict[str, Any] | None = None,
+    problem_type: ProblemType = "single_label",
 ) -> str:
     """Start a run of the retraining deployment on the combined dataset, without waiting for it. The
     idempotency key is the combined data's version: drift that persists over several monitoring runs with the
@@ -204,7 +231,7 @@ def trigger_retraining(
     flow_run: FlowRun = run_deployment(  # type: ignore[assignment]  # a sync call returns the FlowRun, not a coroutine
         name=deployment,
         parameters={
-            "dataset": {"source": str(dataset_path)},
+            "dataset": {"source": str(dataset_path), "problem_type": problem_type},
             "registered_model_name": registered_model_name,
             **(extra_parameters or {}),
         },

@@ -220,3 +220,21 @@ def test_multi_label_from_training_flow_to_served_answers_batch_scores_and_drift
     report = detect_drift(reference, window, None, thresholds, tmp_path / "drift")
     rates = next(test for test in report.decision.tests if test.name == "label_rates")
     assert rates.ran and rates.drift, report.decision.reason
+
+    # Retraining data for the drifted champion: its training snapshot plus new rows labelled the same way ('|').
+    from flows.monitoring_actions import build_retraining_dataset
+    from flows.settings import Settings
+
+    new = make_multi_label_texts(per_combination=2, seed=5)
+    (tmp_path / "new").mkdir()
+    combined = build_retraining_dataset(
+        servers["mlflow"],
+        name,
+        version.version,
+        str(_csv(tmp_path / "new", new)),
+        Settings().snapshot_dir,
+        tmp_path / "retraining",
+        label_column="labels",
+    )
+    assert combined.problem_type == "multi_label" and combined.num_rows == len(frame) + len(new)
+    assert combined.label_counts["food"] == 40 * 3 + 2 * 3
