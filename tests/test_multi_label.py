@@ -77,6 +77,34 @@ def test_multi_label_ingest_names_the_option_for_strings_and_for_lists_without_i
 
 
 @pytest.mark.unit
+def test_one_indicator_column_per_class_reads_as_label_lists(tmp_path):
+    """The layout of Jigsaw-style data: a 0/1 column per class."""
+    frame = make_multi_label_texts(per_combination=6)
+    table = pd.DataFrame({"comment": frame["text"]})
+    for topic in sorted(TOPICS):
+        table[topic] = frame["labels"].map(lambda labels, topic=topic: int(topic in labels))
+    table["sport"] = table["sport"].map({1: "true", 0: "false"})  # true/false work too
+    path = tmp_path / "indicators.csv"
+    table.to_csv(path, index=False)
+    config = IngestConfig(
+        source=str(path), text_column="comment", label_columns="food, sport,tech", problem_type="multi_label"
+    )
+    snapshot = ingest(config, tmp_path / "s")
+    stored = pd.read_parquet(snapshot.path)
+    assert [list(labels) for labels in stored["label"]] == frame["labels"].tolist()
+    assert snapshot.label_counts == {topic: 18 for topic in sorted(TOPICS)}
+
+    table.loc[3, "tech"] = 2
+    table.to_csv(path, index=False)
+    with pytest.raises(DatasetValidationError, match=r"indicator column 'tech' holds '2' at row\(s\) 4.*0 or 1"):
+        ingest(config, tmp_path / "s")
+    with pytest.raises(DatasetValidationError, match=r"no column 'toxic'.*--label-columns"):
+        ingest(config.model_copy(update={"label_columns": "food,toxic"}), tmp_path / "s")
+    with pytest.raises(DatasetValidationError, match=r"--problem-type"):
+        ingest(config.model_copy(update={"problem_type": "single_label"}), tmp_path / "s")
+
+
+@pytest.mark.unit
 def test_thresholds_are_chosen_per_class_on_a_coarse_grid():
     from tasks.training.fine_tune import choose_thresholds
 
@@ -173,6 +201,14 @@ def test_multi_label_from_training_flow_to_served_answers_batch_scores_and_drift
     scores = score_versions(servers["mlflow"], name, [version.version], pd.read_parquet(test_split))[version.version]
     assert scores.macro_f1 == pytest.approx(metrics["test_macro_f1"], abs=1e-6)
     assert decide(scores, None, GateConfig(), version.version, None).promote
+    # The runtime gate compares the label sets of the ONNX variants with PyTorch's.
+    from tasks.promotion.optimize_runtime import RuntimeGateConfig, export_variants, gate_runtimes
+
+    variants = export_variants(downloaded.model_dir, tmp_path / "variants")
+    gate = gate_runtimes(downloaded.model_dir, variants, test_split, RuntimeGateConfig(), tmp_path / "gate")
+    assert gate.score("pytorch").macro_f1 == pytest.approx(metrics["test_macro_f1"], abs=1e-6)
+    fp32 = gate.score("onnx-fp32")
+    assert fp32.passed and fp32.label_agreement == 1.0, fp32.reason
 
     # A real `bentoml serve` answers every class at or above its threshold, and logs the answers' classes.
     log_dir = tmp_path / "request-log"

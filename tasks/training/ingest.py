@@ -78,6 +78,12 @@ class IngestConfig(BaseModel):
         default=None,
         description="Column holding train/validation/test in a single file. Unset: a column named 'split' is used if present.",
     )
+    label_columns: str | None = Field(
+        default=None,
+        max_length=10_000,
+        description="multi_label: comma-separated names of 0/1 indicator columns, one per class (e.g. "
+        "'toxic,obscene,insult'); a text carries the classes whose column is 1. Used instead of label_column.",
+    )
     hub_config: str | None = Field(default=None, description="Hub dataset configuration name.")
     hub_split: str | None = Field(default=None, description="Hub dataset split to read; unset reads all splits.")
     encoding: str = Field(default="utf-8", description="Text encoding of CSV/TSV/JSONL/.txt files.")
@@ -122,13 +128,42 @@ def _read_text_file(path: Path, config: IngestConfig) -> str:
         return read_text_file(path, _decoding(config))
 
 
+INDICATOR_TRUE = frozenset({"1", "1.0", "true", "yes"})
+INDICATOR_FALSE = frozenset({"0", "0.0", "false", "no", ""})
+
+
+def _indicator_labels(frame: pd.DataFrame, columns: list[str], origin: str) -> pd.Series:
+    """Label lists from 0/1 indicator columns: per row, the names of the columns that hold 1 (or true)."""
+    flags = {}
+    for column in columns:
+        values = frame[column].map(lambda v: "" if pd.isna(v) else str(v).strip().lower())
+        wrong = ~values.isin(INDICATOR_TRUE | INDICATOR_FALSE)
+        if wrong.any():
+            rows = [str(i + 1) for i in np.flatnonzero(wrong.to_numpy())[:5]]
+            raise DatasetValidationError(
+                f"{origin}: indicator column {column!r} holds {frame[column][wrong].iloc[0]!r} at row(s) "
+                f"{', '.join(rows)}: each of {setting('label_columns')} must hold 0 or 1 (true/false)."
+            )
+        flags[column] = values.isin(INDICATOR_TRUE).to_numpy()
+    return pd.Series(
+        [[c for c in columns if flags[c][row]] for row in range(len(frame))], index=frame.index, dtype=object
+    )
+
+
 def _from_table(frame: pd.DataFrame, origin: str, config: IngestConfig, split: str | None) -> pd.DataFrame:
-    missing = [c for c in (config.text_column, config.label_column) if c not in frame.columns]
+    indicators = [c.strip() for c in (config.label_columns or "").split(",") if c.strip()]
+    if indicators and config.problem_type != "multi_label":
+        raise DatasetValidationError(
+            f"{setting('label_columns')} names one 0/1 column per class, which is multi-label data: set "
+            f"{setting('problem_type')} to multi_label."
+        )
+    wanted = [config.text_column, *(indicators or [config.label_column])]
+    missing = [c for c in wanted if c not in frame.columns]
     if missing:
         raise DatasetValidationError(
             f"{origin}: no column {', '.join(repr(c) for c in missing)} (columns found: "
-            f"{', '.join(map(str, frame.columns)) or 'none'}). Set {setting('text_column', 'label_column')} to the "
-            f"right names."
+            f"{', '.join(map(str, frame.columns)) or 'none'}). Set "
+            f"{setting('text_column', 'label_columns' if indicators else 'label_column')} to the right names."
         )
     split_column = config.split_column or ("split" if "split" in frame.columns and split is None else None)
     if config.split_column and config.split_column not in frame.columns:
@@ -139,7 +174,7 @@ def _from_table(frame: pd.DataFrame, origin: str, config: IngestConfig, split: s
     out = pd.DataFrame(
         {
             "text": frame[config.text_column],
-            "label": frame[config.label_column],
+            "label": _indicator_labels(frame, indicators, origin) if indicators else frame[config.label_column],
             "split": frame[split_column] if split_column else split,
         }
     )
