@@ -231,7 +231,11 @@ def trigger_retraining(
     flow_run: FlowRun = run_deployment(  # type: ignore[assignment]  # a sync call returns the FlowRun, not a coroutine
         name=deployment,
         parameters={
-            "dataset": {"source": str(dataset_path), "problem_type": problem_type},
+            # the combined snapshot holds label lists for a multi-label champion: its run must read them as such
+            "dataset": {
+                "source": str(dataset_path),
+                **({"problem_type": problem_type} if problem_type != "single_label" else {}),
+            },
             "registered_model_name": registered_model_name,
             **(extra_parameters or {}),
         },

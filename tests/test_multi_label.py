@@ -172,6 +172,7 @@ def test_multi_label_from_training_flow_to_served_answers_batch_scores_and_drift
         "test_micro_f1",
         "test_macro_f1",
         "test_subset_accuracy",
+        "test_roc_auc_macro",
         "test_hamming_loss",
         "baseline_micro_f1",
         "baseline_hamming_loss",

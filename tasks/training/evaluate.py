@@ -459,6 +459,18 @@ def multi_label_scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, fl
     }
 
 
+def _macro_roc_auc(truth: np.ndarray, probabilities: np.ndarray) -> float:
+    """ROC-AUC per class (threshold-free), averaged over the classes with both positives and negatives in the test."""
+    from sklearn.metrics import roc_auc_score
+
+    scored = [
+        float(roc_auc_score(truth[:, k], probabilities[:, k]))
+        for k in range(truth.shape[1])
+        if 0 < truth[:, k].sum() < len(truth)
+    ]
+    return float(np.mean(scored)) if scored else float("nan")
+
+
 def _multi_label_report(
     metrics: dict[str, float], per_class: pd.DataFrame, long_short: pd.DataFrame, context: dict[str, str]
 ) -> str:
@@ -485,6 +497,8 @@ def _multi_label_report(
         "|---|---:|---:|",
         *[f"| {title} | {metrics['test_' + key]:.4f} | {metrics['baseline_' + key]:.4f} |" for title, key in rows],
         "",
+        f"- ROC-AUC (per class, macro over classes with both outcomes in the test split): "
+        f"{metrics['test_roc_auc_macro']:.4f}",
         f"- Labels per text: {metrics['test_label_cardinality']:.2f} true, {metrics['test_predicted_cardinality']:.2f} "
         f"predicted; texts with no label: {metrics['test_texts_without_labels']:.0f}",
         f"- Latency: {metrics['latency_ms_per_text_batched']:.2f} ms a text in batches",
@@ -549,6 +563,7 @@ def evaluate_multi_label(
         **{f"test_{key}": value for key, value in model_scores.items()},
         **{f"baseline_{key}": value for key, value in baseline_scores.items()},
         "test_accuracy": model_scores["subset_accuracy"],  # what single-label reports call accuracy
+        "test_roc_auc_macro": _macro_roc_auc(truth, probabilities),
         "baseline_accuracy": baseline_scores["subset_accuracy"],
         "test_size": float(len(texts)),
         "test_label_cardinality": float(truth.sum(axis=1).mean()) if len(texts) else 0.0,
