@@ -101,20 +101,17 @@ def dataset_parameters(name: str, args, work: Path):
         source, extra, left_out = name, {}, {}
         if args.max_rows:
             source = str(capped_packaged(name, args.max_rows, work))
-    elif name == "atis":
-        frame = atis_frame(args.shared_data, multi_intent="keep")
+    elif name in ("atis", "atis-multi-label"):
+        # atis keeps the combined `a#b` intents as classes; atis-multi-label splits them into label lists
+        multi_label = name == "atis-multi-label"
+        frame = atis_frame(args.shared_data, multi_intent="split" if multi_label else "keep")
         if frame is None:
             return None, f"skipped: {args.shared_data / 'atis'} (train/dev/test.tsv) is absent"
         left_out = dict(frame.attrs)
-        source = str(write_table(capped(frame, args.max_rows), work / "atis.parquet"))
+        source = str(write_table(capped(frame, args.max_rows), work / f"{name}.parquet"))
         extra = {"split_column": "split", "min_examples_per_class": 2}  # its own split; 2-example intents stay
-    elif name == "atis-multi-label":
-        frame = atis_frame(args.shared_data, multi_intent="split")
-        if frame is None:
-            return None, f"skipped: {args.shared_data / 'atis'} (train/dev/test.tsv) is absent"
-        left_out = dict(frame.attrs)
-        source = str(write_table(capped(frame, args.max_rows), work / "atis-multi-label.parquet"))
-        extra = {"split_column": "split", "min_examples_per_class": 2, "problem_type": "multi_label"}
+        if multi_label:
+            extra["problem_type"] = "multi_label"
     elif name == "sms-spam":
         frame = sms_spam_frame(args.shared_data)
         if frame is None:

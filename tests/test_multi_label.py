@@ -105,14 +105,16 @@ def test_one_indicator_column_per_class_reads_as_label_lists(tmp_path):
 
 
 @pytest.mark.unit
-def test_thresholds_are_chosen_per_class_on_a_coarse_grid():
+def test_thresholds_are_chosen_on_a_coarse_grid_per_class_where_it_has_enough_positives():
     from tasks.training.fine_tune import choose_thresholds
 
-    probabilities = np.array([[0.9, 0.30], [0.8, 0.25], [0.2, 0.32], [0.1, 0.1]])
+    probabilities = np.array([[0.9, 0.30], [0.8, 0.25], [0.5, 0.32], [0.1, 0.1]])
     targets = np.array([[1, 1], [1, 1], [0, 0], [0, 0]])
-    chosen = choose_thresholds(probabilities, targets, ["a", "b"])
-    assert chosen["a"] == 0.5  # every threshold from 0.25 to 0.8 separates: the one nearest 0.5
-    assert 0.1 < chosen["b"] <= 0.25  # b's positives sit low: its threshold follows them
+    # Too few positives for a class's own: the one shared threshold, the best micro-F1 over every text-class cell.
+    assert choose_thresholds(probabilities, targets, ["a", "b"]) == {"a": 0.25, "b": 0.25}
+    own = choose_thresholds(probabilities, targets, ["a", "b"], min_positives=2)
+    assert own["a"] == 0.55  # 0.55 to 0.8 separate a (its negative is at 0.5): the one nearest the shared 0.25
+    assert own["b"] == 0.25  # b's positives sit low: its threshold follows them
     assert choose_thresholds(probabilities, np.zeros((4, 2)), ["a", "b"]) == {"a": 0.5, "b": 0.5}
 
 

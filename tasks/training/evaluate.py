@@ -249,6 +249,20 @@ def improvement_hints(metrics: dict[str, float]) -> list[str]:
     return hints
 
 
+def _class_and_length_tables(per_class: pd.DataFrame, long_short: pd.DataFrame, how_long: str) -> list[str]:
+    """The report's per-class table and its long-vs-short-texts table, as markdown lines."""
+    return [
+        "## Per class",
+        "",
+        per_class.to_markdown(floatfmt=".4f"),
+        "",
+        f"## Long and short texts ({how_long})",
+        "",
+        long_short.to_markdown(floatfmt=".4f"),
+        "",
+    ]
+
+
 def _report(
     metrics: dict[str, float],
     per_class: pd.DataFrame,
@@ -294,14 +308,9 @@ def _report(
         f"the answered texts {metrics['test_accuracy_at_suggested']:.4f} (all texts: {metrics['test_accuracy']:.4f}); "
         "see accuracy_coverage.png. Below it the service answers `unknown` once TEXTCLF_MIN_CONFIDENCE is set.",
         "",
-        "## Per class",
-        "",
-        per_class.to_markdown(floatfmt=".4f"),
-        "",
-        f"## Long and short texts (one window is {max_length} tokens; truncation `{truncation}`)",
-        "",
-        long_short.to_markdown(floatfmt=".4f"),
-        "",
+        *_class_and_length_tables(
+            per_class, long_short, f"one window is {max_length} tokens; truncation `{truncation}`"
+        ),
         "## By text length",
         "",
         slices.to_markdown(floatfmt=".4f"),
@@ -504,14 +513,7 @@ def _multi_label_report(
         f"- Latency: {metrics['latency_ms_per_text_batched']:.2f} ms a text in batches",
         f"- Test texts: {int(metrics['test_size'])}",
         "",
-        "## Per class",
-        "",
-        per_class.to_markdown(floatfmt=".4f"),
-        "",
-        "## Long and short texts",
-        "",
-        long_short.to_markdown(floatfmt=".4f"),
-        "",
+        *_class_and_length_tables(per_class, long_short, "fits one window or not"),
         "## Known limits",
         "",
         "- Scores come from one test split; small classes have wide uncertainty.",
