@@ -104,11 +104,19 @@ def _registers_a_candidate(flow_name: str, load: Callable[[], Any]) -> Callable[
 
         run = MlflowClient(mlflow_uri).get_run(version.run_id)
         experiment_id, metrics = run.info.experiment_id, run.data.metrics
+        multi_label = "test_micro_f1" in metrics
+        baseline = "one-vs-rest TF-IDF + logistic regression" if multi_label else "TF-IDF + logistic regression"
+        micro = (
+            f"  Test micro-F1:    {metrics['test_micro_f1']:.4f} (baseline: {metrics['baseline_micro_f1']:.4f})\n"
+            if multi_label
+            else ""
+        )
         print(
             f"\nDone in {elapsed / 60:.1f} min.\n"
             f"  Registered model: {version.name} version {version.version}, alias @{version.alias}\n"
             f"  Test macro-F1:    {metrics.get('test_macro_f1', float('nan')):.4f} "
-            f"(TF-IDF + logistic regression baseline: {metrics.get('baseline_macro_f1', float('nan')):.4f})\n"
+            f"({baseline} baseline: {metrics.get('baseline_macro_f1', float('nan')):.4f})\n"
+            f"{micro}"
             f"  Load it:          mlflow.pyfunc.load_model('{version.alias_uri}')  (MLFLOW_TRACKING_URI={mlflow_uri})\n"
             f"  MLflow UI:        {mlflow_uri}/#/models/{version.name}\n"
             f"  MLflow run:       {mlflow_uri}/#/experiments/{experiment_id}/runs/{version.run_id}\n"
