@@ -105,6 +105,27 @@ def test_one_indicator_column_per_class_reads_as_label_lists(tmp_path):
 
 
 @pytest.mark.unit
+def test_a_datasets_sequence_of_class_ids_reads_as_label_names(tmp_path):
+    """The layout of multi-label Hugging Face datasets (go_emotions: `labels`, a sequence of ClassLabel ids), from a
+    local datasets folder (no network): the ids become the class names."""
+    import datasets
+
+    frame = make_multi_label_texts(per_combination=6)
+    names = sorted(TOPICS)
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "labels": datasets.Sequence(datasets.ClassLabel(names=names))}
+    )
+    ids = [[names.index(label) for label in labels] for labels in frame["labels"]]
+    (tmp_path / "hub").mkdir()
+    datasets.Dataset.from_dict({"text": frame["text"].tolist(), "labels": ids}, features=features).to_parquet(
+        str(tmp_path / "hub" / "train.parquet")
+    )
+    config = IngestConfig(source=f"hub:{tmp_path / 'hub'}", label_column="labels", problem_type="multi_label")
+    snapshot = ingest(config, tmp_path / "s")
+    assert [list(labels) for labels in pd.read_parquet(snapshot.path)["label"]] == frame["labels"].tolist()
+
+
+@pytest.mark.unit
 def test_thresholds_are_chosen_on_a_coarse_grid_per_class_where_it_has_enough_positives():
     from tasks.training.fine_tune import choose_thresholds
 
