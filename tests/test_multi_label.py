@@ -219,6 +219,11 @@ def test_multi_label_from_training_flow_to_served_answers_batch_scores_and_drift
     assert settings["problem_type"] == "multi_label" and set(settings["thresholds"]) == set(TOPICS)
     expected = classifier.label_sets(classifier.predict_proba(texts))
     assert [list(labels) for labels in predicted["labels"]] == expected
+    # The registered signature declares the answer's classes a list of strings, whatever the examples held.
+    from mlflow.models import get_model_info
+
+    outputs = get_model_info(version.alias_uri).signature.outputs.to_dict()
+    assert {"type": "array", "items": {"type": "string"}, "name": "labels", "required": True} in outputs
 
     # The promotion gate scores label sets: its macro-F1 is the evaluation's, and a first champion is promoted.
     test_split = client.download_artifacts(version.run_id, "evaluation/test_predictions.parquet", str(tmp_path))

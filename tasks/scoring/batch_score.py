@@ -201,7 +201,7 @@ def score_to_parquet(
             blank = np.array([not has_visible_character(t) for t in texts], dtype=bool)
             kept = [t for t, b in zip(texts, blank) if not b]
             probabilities = scorer(kept) if kept else np.zeros((0, len(labels)), dtype=np.float32)
-            sets = label_sets(probabilities) if label_sets is not None and kept else [] if label_sets else None
+            sets = None if label_sets is None else label_sets(probabilities) if kept else []
             table = _prediction_table(
                 chunk, probabilities, blank, labels, model_version, pd.Timestamp.now(tz="UTC"), min_confidence, sets
             )

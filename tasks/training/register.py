@@ -28,6 +28,7 @@ from tasks.tracking import TrackingRef, log_metrics, log_params
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
+    from mlflow.models import ModelSignature
 
 # What a model's environment needs to load and run it (exact versions of this environment).
 # onnxruntime: a model folder fetched with its promoted runtime (runtime.json, onnx/) answers with ONNX Runtime.
@@ -72,10 +73,24 @@ def save_pyfunc_model(model: FineTunedModel, examples: list[str], target: Path) 
         python_model=MlflowTextClassifier(),
         artifacts={"model_dir": str(model.model_dir)},
         code_paths=[str(_code_package(target.parent))],
-        signature=infer_signature(example_input, example_output),
+        signature=_with_label_lists(infer_signature(example_input, example_output)),
         input_example=example_input,
         pip_requirements=[f"{name}=={metadata.version(name)}" for name in requirements],
     )
+
+
+def _with_label_lists(signature: ModelSignature) -> ModelSignature:
+    """A multi-label model's `labels` output column declared a list of strings: inferred from examples that all
+    have no class it would be `Any`."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import DataType
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    outputs = signature.outputs
+    if outputs is None or "labels" not in outputs.input_names():
+        return signature
+    columns = [ColSpec(Array(DataType.string), "labels") if spec.name == "labels" else spec for spec in outputs.inputs]
+    return ModelSignature(inputs=signature.inputs, outputs=Schema(columns))
 
 
 def _existing_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
