@@ -48,6 +48,13 @@ def window_label(label_set: list[str]) -> str:
     return str(label_set[0]) if len(label_set) else NO_LABEL
 
 
+def label_lists(values: pd.Series) -> list[list[str]] | None:
+    """A column of label lists (Parquet gives numpy arrays) as lists; None when it is not one (single-label)."""
+    if not len(values) or values.isna().any() or isinstance(values.iloc[0], str):
+        return None
+    return [[str(c) for c in row] for row in values]
+
+
 def predict_labels(
     model_dir: Path, texts: list[str]
 ) -> tuple[list[str], npt.NDArray[np.floating[Any]], list[list[str]] | None]:
@@ -121,9 +128,7 @@ def measure_window(
     embeddings of at most `max_embedding_texts` of them (a uniform sample)."""
     known = frame["text"].notna().to_numpy()
     lengths = frame["length_chars"].dropna().to_numpy(float)
-    label_sets = None
-    if "labels" in frame.columns and frame["labels"].notna().all() and len(frame):
-        label_sets = [[str(c) for c in row] for row in frame["labels"]]
+    label_sets = label_lists(frame["labels"]) if "labels" in frame.columns else None
     sample = Sample(
         labels=frame["label"].astype(str).to_numpy(),
         label_sets=label_sets,

@@ -209,7 +209,7 @@ def label_rates_test(reference: list[list[str]], window: list[list[str]]) -> tup
     classes = sorted({c for row in reference for c in row} | {c for row in window for c in row})
     if not classes or not reference or not window:
         return 1.0, 0.0, "", 0.0, 0.0
-    best = (1.0, 0.0, "", 0.0, 0.0)
+    change, changed, ref_most, win_most = 0.0, "", 0.0, 0.0
     smallest = 1.0
     for name in classes:
         ref_in = sum(name in row for row in reference)
@@ -217,9 +217,9 @@ def label_rates_test(reference: list[list[str]], window: list[list[str]]) -> tup
         _, p = fisher_exact([[ref_in, len(reference) - ref_in], [win_in, len(window) - win_in]])
         smallest = min(smallest, float(p))
         ref_share, win_share = ref_in / len(reference), win_in / len(window)
-        if abs(win_share - ref_share) > best[1]:
-            best = (1.0, abs(win_share - ref_share), name, ref_share, win_share)
-    return min(1.0, smallest * len(classes)), best[1], best[2], best[3], best[4]
+        if abs(win_share - ref_share) > change:
+            change, changed, ref_most, win_most = abs(win_share - ref_share), name, ref_share, win_share
+    return min(1.0, smallest * len(classes)), change, changed, ref_most, win_most
 
 
 def label_test(

@@ -18,7 +18,7 @@ from tasks.common.atomic import atomic_file
 from tasks.common.text import clean_text
 from tasks.common.text_sources import iter_text_chunks
 from tasks.contracts import ScoringSource
-from tasks.monitoring.features import predict_labels, window_label
+from tasks.monitoring.features import label_lists, predict_labels, window_label
 from tasks.serving.request_log import COLUMNS as REQUEST_LOG_COLUMNS  # the writer's columns, declared once
 
 WINDOW_COLUMNS = ("text", "label", "probability", "length_chars")  # and `labels` for a multi-label champion
@@ -75,13 +75,6 @@ def _window_frame(
     return frame
 
 
-def _label_lists(values: pd.Series) -> list[list[str]] | None:
-    """A column of label lists (Parquet gives numpy arrays) as lists; None when it is not one (single-label)."""
-    if not len(values) or values.isna().any() or isinstance(values.iloc[0], str):
-        return None
-    return [[str(c) for c in row] for row in values]
-
-
 def reference_from_test_split(test_split: Path, model_version: str, target: Path) -> Window:
     """The champion's held-out test split (text, label, predicted, probability) as the reference window: what
     the champion predicted, and how confidently, on in-distribution texts it was not trained on."""
@@ -93,7 +86,7 @@ def reference_from_test_split(test_split: Path, model_version: str, target: Path
             f"test_predictions.parquet. Register models with the training flow, which writes it."
         )
     texts = frame["text"].astype(str)
-    sets = _label_lists(frame["predicted"])
+    sets = label_lists(frame["predicted"])
     window = _window_frame(
         texts.to_numpy(),
         [window_label(s) for s in sets] if sets is not None else frame["predicted"].astype(str).to_numpy(),
@@ -218,7 +211,7 @@ def window_from_request_log_frame(
     if "predicted_label" in served.columns:
         label = served["predicted_label"].where(served["predicted_label"].notna(), label)
     # A multi-label champion's answers: every answered class (a single-label answer's `labels` is [label]).
-    sets = _label_lists(served["labels"]) if multi_label and "labels" in served.columns else None
+    sets = label_lists(served["labels"]) if multi_label and "labels" in served.columns else None
     frame = _window_frame(
         text.to_numpy(),
         [window_label(s) for s in sets] if sets is not None else label.to_numpy(),
